@@ -1,0 +1,131 @@
+"""Python mirror of ebpf/agentprobe.h. tests/test_abi.py keeps the two in step."""
+
+from __future__ import annotations
+
+import ctypes as ct
+
+COMM_LEN = 16
+FILENAME_LEN = 256
+ARG_LEN = 256
+ARGS_LEN = 4096
+MAX_ARGS = 64
+MAX_ARGS_SCAN = 1024
+SOCKADDR_LEN = 112
+MAX_CGROUP_LEVEL = 32
+
+EV_EXEC, EV_CONNECT, EV_GPU, EV_FORK, EV_EXIT = 1, 2, 3, 4, 5
+EV_TYPES = 8
+
+EXEC_EXECVEAT = 1 << 0
+EXEC_ARGS_TRUNC = 1 << 1
+EXEC_ARG_TRUNC = 1 << 2
+EXEC_FILENAME_TRUNC = 1 << 3
+EXEC_ARGV_FAULT = 1 << 4
+
+CONNECT_ADDR_FAULT = 1 << 0
+
+GPU_FIRST_DEVICE = 1 << 0
+GPU_FIRST_CMD = 1 << 1
+GPU_XFER = 1 << 2
+
+GPU_DEV_NVIDIA, GPU_DEV_UVM, GPU_DEV_CAPS = 1, 2, 3
+
+
+class Header(ct.Structure):
+    _fields_ = [
+        ("type", ct.c_uint32),
+        ("pid", ct.c_uint32),
+        ("tid", ct.c_uint32),
+        ("ppid", ct.c_uint32),
+        ("uid", ct.c_uint32),
+        ("gid", ct.c_uint32),
+        ("ktime_ns", ct.c_uint64),
+        ("cgroup_id", ct.c_uint64),
+        ("comm", ct.c_char * COMM_LEN),
+    ]
+
+
+class ExecRecord(ct.Structure):
+    _fields_ = [
+        ("h", Header),
+        ("retval", ct.c_int32),
+        ("flags", ct.c_uint32),
+        ("argc", ct.c_uint32),
+        ("argc_total", ct.c_uint32),
+        ("args_size", ct.c_uint32),
+        ("dirfd", ct.c_int32),
+        ("at_flags", ct.c_uint32),
+        ("_pad", ct.c_uint32),
+        ("filename", ct.c_char * FILENAME_LEN),
+        ("args", ct.c_uint8 * ARGS_LEN),
+    ]
+
+
+class ConnectRecord(ct.Structure):
+    _fields_ = [
+        ("h", Header),
+        ("retval", ct.c_int32),
+        ("fd", ct.c_int32),
+        ("flags", ct.c_uint32),
+        ("addrlen", ct.c_uint32),
+        ("sock_type", ct.c_uint16),
+        ("family", ct.c_uint16),
+        ("_pad", ct.c_uint32),
+        ("addr", ct.c_uint8 * SOCKADDR_LEN),
+    ]
+
+
+class GpuRecord(ct.Structure):
+    _fields_ = [
+        ("h", Header),
+        ("major", ct.c_uint32),
+        ("minor", ct.c_uint32),
+        ("dev_kind", ct.c_uint32),
+        ("flags", ct.c_uint32),
+        ("cmd", ct.c_uint32),
+        ("nr", ct.c_uint32),
+        ("detail", ct.c_uint32),
+        ("fd", ct.c_int32),
+    ]
+
+
+class ForkRecord(ct.Structure):
+    _fields_ = [("h", Header), ("child_pid", ct.c_uint32), ("_pad", ct.c_uint32)]
+
+
+class ExitRecord(ct.Structure):
+    _fields_ = [("h", Header), ("exit_code", ct.c_int32), ("_pad", ct.c_uint32)]
+
+
+class GpuKey(ct.Structure):
+    _fields_ = [
+        ("pid", ct.c_uint32),
+        ("dev", ct.c_uint32),
+        ("nr", ct.c_uint32),
+        ("detail", ct.c_uint32),
+    ]
+
+
+class GpuCount(ct.Structure):
+    _fields_ = [("count", ct.c_uint64), ("first_ns", ct.c_uint64), ("last_ns", ct.c_uint64)]
+
+
+RECORDS: dict[int, type[ct.Structure]] = {
+    EV_EXEC: ExecRecord,
+    EV_CONNECT: ConnectRecord,
+    EV_GPU: GpuRecord,
+    EV_FORK: ForkRecord,
+    EV_EXIT: ExitRecord,
+}
+
+# C struct name -> Python mirror, for the ABI test
+C_STRUCTS: dict[str, type[ct.Structure]] = {
+    "ap_header": Header,
+    "ap_exec_event": ExecRecord,
+    "ap_connect_event": ConnectRecord,
+    "ap_gpu_event": GpuRecord,
+    "ap_fork_event": ForkRecord,
+    "ap_exit_event": ExitRecord,
+    "ap_gpu_key": GpuKey,
+    "ap_gpu_count": GpuCount,
+}

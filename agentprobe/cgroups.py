@@ -1,0 +1,198 @@
+"""cgroup v2 layout, the set of watched agent cgroups, and per-cgroup locks."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import AgentprobeError
+
+DEFAULT_AGENT_CGROUP = "agents"
+
+
+class CgroupError(AgentprobeError):
+    pass
+
+
+def find_v2_mount(mounts: str = "/proc/self/mounts") -> Path:
+    """Mount point of the cgroup v2 hierarchy: /sys/fs/cgroup (pure v2) or
+    /sys/fs/cgroup/unified (hybrid), or wherever the mount table says."""
+    found = []
+    try:
+        with open(mounts) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 3 and parts[2] == "cgroup2":
+                    found.append(parts[1].replace("\\040", " "))
+    except OSError as e:
+        raise CgroupError(f"cannot read {mounts}: {e.strerror}") from None
+    if not found:
+        raise CgroupError("no cgroup v2 hierarchy is mounted (mount -t cgroup2 none /sys/fs/cgroup)")
+    for preferred in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"):
+        if preferred in found:
+            return Path(preferred)
+    return Path(found[0])
+
+
+def find_v1_freezer(mounts: str = "/proc/self/mounts") -> Path | None:
+    """Mount point of the cgroup v1 freezer controller, if there is one."""
+    try:
+        with open(mounts) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 4 and parts[2] == "cgroup" and "freezer" in parts[3].split(","):
+                    return Path(parts[1])
+    except OSError:
+        pass
+    return None
+
+
+def cgroup_id(path: Path) -> int:
+    """The id bpf_get_current_cgroup_id() returns: the directory's inode number."""
+    return os.stat(path).st_ino
+
+
+# container ids in the cgroup path, for the containerd, CRI-O and docker layouts
+_CONTAINER_PATTERNS = [
+    ("cri-containerd", re.compile(r"cri-containerd-([0-9a-f]{64})\.scope")),
+    ("crio", re.compile(r"crio-([0-9a-f]{64})\.scope")),
+    ("docker", re.compile(r"docker-([0-9a-f]{64})\.scope")),
+    ("docker", re.compile(r"/docker/([0-9a-f]{64})(?:/|$)")),
+    ("containerd", re.compile(r"/kubepods[^/]*/(?:[^/]+/)*?([0-9a-f]{64})(?:/|$)")),
+]
+_POD_PATTERN = re.compile(r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})")
+
+
+def container_of(cgroup_path: str) -> dict | None:
+    """Container runtime, id and pod uid parsed from a cgroup path, or None."""
+    for runtime, pattern in _CONTAINER_PATTERNS:
+        m = pattern.search(cgroup_path)
+        if m:
+            out = {"runtime": runtime, "id": m.group(1)}
+            pod = _POD_PATTERN.search(cgroup_path)
+            if pod:
+                out["pod_uid"] = pod.group(1).replace("_", "-")
+            return out
+    return None
+
+
+@dataclass
+class WatchedCgroup:
+    id: int
+    path: str  # relative to the v2 mount, starting with "/"
+    level: int
+
+
+@dataclass
+class CgroupSet:
+    """Watched cgroups given by path and glob, re-scanned to pick up new ones."""
+
+    root: Path
+    paths: list[str] = field(default_factory=list)
+    globs: list[str] = field(default_factory=list)
+    _names: dict[int, str] = field(default_factory=dict)
+
+    def resolve(self, spec: str) -> Path:
+        p = Path(spec)
+        if p.is_absolute():
+            try:
+                p.resolve().relative_to(self.root)
+            except ValueError:
+                raise CgroupError(f"cgroup {spec} is not under the cgroup v2 mount {self.root}") from None
+            return p.resolve()
+        return (self.root / spec).resolve()
+
+    def relative(self, path: Path) -> str:
+        rel = str(path.relative_to(self.root))
+        return "/" if rel == "." else "/" + rel
+
+    def check(self) -> None:
+        """Every --cgroup must exist now and must not be the root."""
+        for spec in self.paths:
+            p = self.resolve(spec)
+            if not (p / "cgroup.procs").exists():
+                raise CgroupError(f"cgroup {spec} does not exist ({p})")
+            if p == self.root:
+                raise CgroupError("refusing to watch the root cgroup: choose the agents' cgroup")
+
+    def scan(self) -> dict[int, WatchedCgroup]:
+        """Watched cgroups by id. Globs match paths relative to the mount; `**` spans levels."""
+        out: dict[int, WatchedCgroup] = {}
+        dirs = [self.resolve(s) for s in self.paths]
+        for pattern in self.globs:
+            dirs.extend(self._glob(pattern))
+        for d in dirs:
+            if d == self.root:
+                continue
+            try:
+                cid = cgroup_id(d)
+            except OSError:
+                continue
+            rel = self.relative(d)
+            out[cid] = WatchedCgroup(cid, rel, rel.count("/"))
+            self._names[cid] = rel
+        return out
+
+    def _glob(self, pattern: str) -> list[Path]:
+        regex = glob_regex(pattern)
+        found = []
+        for dirpath, dirnames, _ in os.walk(self.root):
+            for d in dirnames:
+                rel = os.path.relpath(os.path.join(dirpath, d), self.root)
+                if regex.fullmatch(rel):
+                    found.append(Path(dirpath) / d)
+        return found
+
+    def name_of(self, cid: int, watched: dict[int, WatchedCgroup]) -> str | None:
+        """Path of a cgroup id inside the watched subtrees (cached; walks them on a miss)."""
+        name = self._names.get(cid)
+        if name is not None:
+            return name
+        for w in watched.values():
+            top = self.root / w.path.lstrip("/")
+            for dirpath, dirnames, _ in os.walk(top):
+                for d in dirnames:
+                    full = Path(dirpath) / d
+                    try:
+                        self._names[full.stat().st_ino] = self.relative(full)
+                    except OSError:
+                        continue
+        if len(self._names) > 100_000:
+            self._names.clear()
+        return self._names.get(cid)
+
+
+def glob_regex(pattern: str) -> re.Pattern:
+    """A cgroup glob as a regex over relative paths: `*` and `?` stay within one
+    level, `**` spans any number of levels (also none)."""
+    out = []
+    for part in pattern.strip("/").split("/"):
+        if part == "**":
+            out.append("(?:[^/]+/)*")
+            continue
+        piece = "".join(
+            "[^/]*" if c == "*" else "[^/]" if c == "?" else re.escape(c) for c in part
+        )
+        out.append(piece + "/")
+    return re.compile("".join(out).rstrip("/"))
+
+
+class CgroupLock:
+    """An exclusive flock on the cgroup directory: one watcher per cgroup."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise CgroupError(f"another agentprobe watcher already watches {path}") from None
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

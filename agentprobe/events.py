@@ -1,0 +1,279 @@
+"""Typed events decoded from the kernel's raw records.
+
+Pure Python: no BCC import, so decoding is tested without a kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import errno
+import ipaddress
+import socket
+import struct
+from dataclasses import dataclass, field
+
+from . import abi
+
+EINPROGRESS = errno.EINPROGRESS
+
+SOCK_TYPES = {1: "stream", 2: "dgram", 3: "raw", 4: "rdm", 5: "seqpacket", 6: "dccp", 10: "packet"}
+
+
+def _text(raw: bytes) -> str:
+    """Kernel strings are bytes: undecodable bytes are kept visible as \\xNN escapes."""
+    return raw.decode("utf-8", errors="backslashreplace")
+
+
+@dataclass
+class Process:
+    """What the kernel knows about the task that caused an event."""
+
+    pid: int
+    tid: int
+    ppid: int
+    uid: int
+    gid: int
+    comm: str
+
+
+@dataclass
+class Event:
+    type: str
+    ktime_ns: int
+    cgroup_id: int
+    proc: Process
+
+    def fields(self) -> dict:
+        """Type-specific fields of the stream record."""
+        return {}
+
+
+@dataclass
+class ExecEvent(Event):
+    filename: str = ""
+    argv: list[str] = field(default_factory=list)
+    argc_total: int = 0
+    retval: int = 0
+    execveat: bool = False
+    dirfd: int = -100
+    at_flags: int = 0
+    args_truncated: bool = False
+    arg_truncated: bool = False
+    filename_truncated: bool = False
+    argv_fault: bool = False
+
+    @property
+    def failed(self) -> bool:
+        return self.retval < 0
+
+    def fields(self) -> dict:
+        out = {
+            "filename": self.filename,
+            "argv": self.argv,
+            "argc": self.argc_total,
+            "retval": self.retval,
+            "failed": self.failed,
+            "truncated": {
+                "args": self.args_truncated,
+                "arg": self.arg_truncated,
+                "filename": self.filename_truncated,
+                "fault": self.argv_fault,
+            },
+        }
+        if self.failed:
+            out["error"] = errno.errorcode.get(-self.retval, str(-self.retval))
+        if self.execveat:
+            out["execveat"] = {"dirfd": self.dirfd, "flags": self.at_flags}
+        return out
+
+
+@dataclass
+class ConnectEvent(Event):
+    family: str = "unknown"
+    family_num: int = 0
+    address: str | None = None
+    port: int | None = None
+    v4mapped: bool = False
+    unix_path: str | None = None
+    abstract: bool = False
+    sock_type: str = "unknown"
+    fd: int = -1
+    retval: int = 0
+    addr_fault: bool = False
+
+    @property
+    def result(self) -> str:
+        if self.retval == 0:
+            return "ok"
+        if self.retval == -EINPROGRESS:
+            return "in_progress"
+        return "error"
+
+    def fields(self) -> dict:
+        out = {
+            "family": self.family,
+            "sock_type": self.sock_type,
+            "fd": self.fd,
+            "retval": self.retval,
+            "result": self.result,
+        }
+        if self.result == "error":
+            out["error"] = errno.errorcode.get(-self.retval, str(-self.retval))
+        if self.family in ("inet", "inet6"):
+            out["address"] = self.address
+            out["port"] = self.port
+            if self.v4mapped:
+                out["v4mapped"] = True
+        elif self.family == "unix":
+            out["path"] = self.unix_path
+            out["abstract"] = self.abstract
+        else:
+            out["family_num"] = self.family_num
+        if self.addr_fault:
+            out["addr_fault"] = True
+        return out
+
+
+@dataclass
+class GpuEvent(Event):
+    major: int = 0
+    minor: int = 0
+    device_kind: str = "nvidia"
+    cmd: int = 0
+    nr: int = 0
+    detail: int = 0
+    fd: int = -1
+    first_device: bool = False
+    first_cmd: bool = False
+    xfer: bool = False
+
+    def fields(self) -> dict:
+        return {
+            "kind": "first_use",
+            "device": {"major": self.major, "minor": self.minor, "kind": self.device_kind},
+            "cmd": self.cmd,
+            "nr": self.nr,
+            "detail": self.detail,
+            "fd": self.fd,
+            "first_device": self.first_device,
+            "xfer": self.xfer,
+        }
+
+
+@dataclass
+class ForkEvent(Event):
+    child_pid: int = 0
+
+    def fields(self) -> dict:
+        return {"child_pid": self.child_pid}
+
+
+@dataclass
+class ExitEvent(Event):
+    exit_code: int = 0
+
+    def fields(self) -> dict:
+        status = self.exit_code
+        out: dict = {"status": status}
+        if status & 0x7F:
+            out["signal"] = status & 0x7F
+        else:
+            out["code"] = (status >> 8) & 0xFF
+        return out
+
+
+GPU_DEVICE_KINDS = {abi.GPU_DEV_NVIDIA: "nvidia", abi.GPU_DEV_UVM: "nvidia-uvm", abi.GPU_DEV_CAPS: "nvidia-caps"}
+
+
+class DecodeError(ValueError):
+    pass
+
+
+def _process(h: abi.Header) -> Process:
+    return Process(h.pid, h.tid, h.ppid, h.uid, h.gid, _text(h.comm))
+
+
+def _base(h: abi.Header, type_: str) -> dict:
+    return {"type": type_, "ktime_ns": h.ktime_ns, "cgroup_id": h.cgroup_id, "proc": _process(h)}
+
+
+def split_args(raw: bytes, argc: int) -> list[str]:
+    parts = raw.split(b"\0")
+    return [_text(p) for p in parts[:argc]]
+
+
+def decode_sockaddr(family: int, raw: bytes, addrlen: int) -> dict:
+    """Decode a raw sockaddr as passed to connect(2)."""
+    if family == socket.AF_INET and len(raw) >= 8:
+        port = struct.unpack_from("!H", raw, 2)[0]
+        return {"family": "inet", "address": socket.inet_ntop(socket.AF_INET, raw[4:8]), "port": port}
+    if family == socket.AF_INET6 and len(raw) >= 24:
+        port = struct.unpack_from("!H", raw, 2)[0]
+        ip = ipaddress.IPv6Address(raw[8:24])
+        if ip.ipv4_mapped is not None:
+            return {"family": "inet6", "address": str(ip.ipv4_mapped), "port": port, "v4mapped": True}
+        return {"family": "inet6", "address": str(ip), "port": port}
+    if family == socket.AF_UNIX:
+        path = raw[2 : max(2, min(addrlen, len(raw)))]
+        if path[:1] == b"\0":
+            return {"family": "unix", "unix_path": "@" + _text(path[1:]), "abstract": True}
+        return {"family": "unix", "unix_path": _text(path.split(b"\0", 1)[0]), "abstract": False}
+    return {"family": "unknown"}
+
+
+def decode(data: bytes) -> Event:
+    """Turn one raw kernel record into a typed event."""
+    if len(data) < ct.sizeof(abi.Header):
+        raise DecodeError(f"record of {len(data)} bytes is shorter than the header")
+    rtype = struct.unpack_from("<I", data, 0)[0]
+    cls = abi.RECORDS.get(rtype)
+    if cls is None:
+        raise DecodeError(f"unknown record type {rtype}")
+    if len(data) < ct.sizeof(cls):
+        raise DecodeError(f"record type {rtype}: {len(data)} bytes, expected {ct.sizeof(cls)}")
+    r = cls.from_buffer_copy(data[: ct.sizeof(cls)])
+    h = r.h
+    if rtype == abi.EV_EXEC:
+        return ExecEvent(
+            **_base(h, "exec"),
+            filename=_text(r.filename),
+            argv=split_args(bytes(r.args)[: r.args_size], r.argc),
+            argc_total=r.argc_total,
+            retval=r.retval,
+            execveat=bool(r.flags & abi.EXEC_EXECVEAT),
+            dirfd=r.dirfd,
+            at_flags=r.at_flags,
+            args_truncated=bool(r.flags & abi.EXEC_ARGS_TRUNC),
+            arg_truncated=bool(r.flags & abi.EXEC_ARG_TRUNC),
+            filename_truncated=bool(r.flags & abi.EXEC_FILENAME_TRUNC),
+            argv_fault=bool(r.flags & abi.EXEC_ARGV_FAULT),
+        )
+    if rtype == abi.EV_CONNECT:
+        addr = decode_sockaddr(r.family, bytes(r.addr), r.addrlen)
+        addr.setdefault("family", "unknown")
+        return ConnectEvent(
+            **_base(h, "connect"),
+            family_num=r.family,
+            sock_type=SOCK_TYPES.get(r.sock_type, "unknown"),
+            fd=r.fd,
+            retval=r.retval,
+            addr_fault=bool(r.flags & abi.CONNECT_ADDR_FAULT),
+            **addr,
+        )
+    if rtype == abi.EV_GPU:
+        return GpuEvent(
+            **_base(h, "gpu"),
+            major=r.major,
+            minor=r.minor,
+            device_kind=GPU_DEVICE_KINDS.get(r.dev_kind, "unknown"),
+            cmd=r.cmd,
+            nr=r.nr,
+            detail=r.detail,
+            fd=r.fd,
+            first_device=bool(r.flags & abi.GPU_FIRST_DEVICE),
+            first_cmd=bool(r.flags & abi.GPU_FIRST_CMD),
+            xfer=bool(r.flags & abi.GPU_XFER),
+        )
+    if rtype == abi.EV_FORK:
+        return ForkEvent(**_base(h, "fork"), child_pid=r.child_pid)
+    return ExitEvent(**_base(h, "exit"), exit_code=r.exit_code)

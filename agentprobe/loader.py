@@ -1,0 +1,260 @@
+"""Loads the eBPF programs through BCC and owns their maps.
+
+The only module that imports BCC. Everything downstream receives raw records
+(bytes) and plain values.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import os
+import platform
+import re
+import sys
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Iterable
+
+from . import abi
+from .btf import kernel_offsets
+from .cgroups import WatchedCgroup
+from .errors import AgentprobeError
+
+DIST_PACKAGES = "/usr/lib/python3/dist-packages"
+NVIDIA_MAJOR = 195
+
+
+class LoaderError(AgentprobeError):
+    exit_code = 3
+
+
+def ebpf_dir() -> Path:
+    """Directory of the C sources: installed as agentprobe/ebpf, or ebpf/ in a checkout."""
+    try:
+        installed = Path(str(resources.files("agentprobe.ebpf")))
+        if (installed / "agentprobe.bpf.c").exists():
+            return installed
+    except (ModuleNotFoundError, TypeError):
+        pass
+    here = Path(__file__).resolve().parent.parent / "ebpf"
+    if (here / "agentprobe.bpf.c").exists():
+        return here
+    raise LoaderError("eBPF sources not found (reinstall agentprobe)")
+
+
+_INCLUDE = re.compile(r'^#include "([a-z_]+\.bpf\.[ch])"\s*$', re.M)
+
+
+def program_text() -> str:
+    """agentprobe.bpf.c with its per-concern files inlined: BCC rewrites map
+    calls and generates tracepoint argument structs only in the main text."""
+    root = ebpf_dir()
+
+    def inline(m: re.Match) -> str:
+        return _INCLUDE.sub(inline, (root / m.group(1)).read_text())
+
+    return _INCLUDE.sub(inline, (root / "agentprobe.bpf.c").read_text())
+
+
+def import_bcc():
+    """BCC's Python binding comes from the distribution (python3-bpfcc), not PyPI."""
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        if os.path.isdir(DIST_PACKAGES) and DIST_PACKAGES not in sys.path:
+            sys.path.append(DIST_PACKAGES)
+        try:
+            import bcc  # noqa: F401,F811
+        except ImportError:
+            raise LoaderError(
+                "BCC is not installed: apt-get install python3-bpfcc (Fedora: python3-bcc)"
+            ) from None
+    import bcc
+
+    if not hasattr(bcc, "BPF"):
+        raise LoaderError("the 'bcc' Python module is not BCC (PyPI's bcc is unrelated): "
+                          "pip uninstall bcc; apt-get install python3-bpfcc")
+    return bcc
+
+
+def ensure_tracefs() -> None:
+    """BCC attaches tracepoints through tracefs; fresh machines have it unmounted."""
+    import subprocess
+
+    for fstype, target in (("debugfs", "/sys/kernel/debug"), ("tracefs", "/sys/kernel/tracing")):
+        if os.path.ismount(target):
+            continue
+        r = subprocess.run(["mount", "-t", fstype, "none", target], capture_output=True, text=True)
+        if r.returncode != 0 and fstype == "tracefs":
+            raise LoaderError(f"cannot mount tracefs on {target}: {r.stderr.strip()}")
+
+
+def gpu_majors(proc_devices: str = "/proc/devices") -> dict[int, int]:
+    """Char-device majors of the NVIDIA driver: 195 is fixed, UVM and caps are dynamic."""
+    majors = {NVIDIA_MAJOR: abi.GPU_DEV_NVIDIA}
+    names = {"nvidia-uvm": abi.GPU_DEV_UVM, "nvidia-caps": abi.GPU_DEV_CAPS,
+             "nvidia-frontend": abi.GPU_DEV_NVIDIA, "nvidia": abi.GPU_DEV_NVIDIA}
+    try:
+        with open(proc_devices) as f:
+            in_char = False
+            for line in f:
+                line = line.strip()
+                if line.startswith("Character devices"):
+                    in_char = True
+                elif line.startswith("Block devices"):
+                    in_char = False
+                elif in_char and line:
+                    num, _, name = line.partition(" ")
+                    if name.strip() in names and num.isdigit():
+                        majors[int(num)] = names[name.strip()]
+    except OSError:
+        pass
+    return majors
+
+
+@dataclass
+class LoaderOptions:
+    buffer: str = "auto"  # auto | ringbuf | perf
+    ringbuf_pages: int = 1024  # 4 MiB
+    perf_pages: int = 256  # per CPU
+    extra_gpu_majors: tuple[int, ...] = ()
+
+
+class ProbeSet:
+    """The compiled programs, attached; call close() on every exit path."""
+
+    def __init__(self, options: LoaderOptions, on_record: Callable[[bytes], None]) -> None:
+        self.options = options
+        self._on_record = on_record
+        self.bcc = import_bcc()
+        ensure_tracefs()
+        self.offsets = kernel_offsets()
+        self.buffer = ""
+        self._bpf = None
+        self._gpu_last: dict[tuple, int] = {}
+        try:
+            self._load()
+        except BaseException:
+            self.close()
+            raise
+
+    def _cflags(self, ringbuf: bool) -> list[str]:
+        flags = [f"-I{ebpf_dir()}", "-Wno-macro-redefined"]
+        flags += [f"-D{k}={v}" for k, v in self.offsets.items()]
+        if ringbuf:
+            flags += ["-DAP_USE_RINGBUF", f"-DAP_RINGBUF_PAGES={self.options.ringbuf_pages}"]
+        return flags
+
+    def _compile(self, ringbuf: bool):
+        return self.bcc.BPF(text=program_text(), cflags=self._cflags(ringbuf))
+
+    def _load(self) -> None:
+        want = self.options.buffer
+        if want not in ("auto", "ringbuf", "perf"):
+            raise LoaderError(f"unknown buffer type {want!r} (auto, ringbuf or perf)")
+        ringbuf_ok = want in ("auto", "ringbuf") and _kernel_at_least(5, 8)
+        if want == "ringbuf" and not ringbuf_ok:
+            raise LoaderError("the BPF ring buffer needs Linux 5.8 or newer: use --buffer perf")
+        try:
+            self._bpf = self._compile(ringbuf_ok)
+        except Exception as e:  # BCC raises bare Exception on compile/attach errors
+            if ringbuf_ok and want == "auto" and "ringbuf" in str(e).lower():
+                self._bpf = self._compile(False)
+                ringbuf_ok = False
+            else:
+                raise LoaderError(f"cannot load the eBPF programs: {e}") from None
+        self.buffer = "ringbuf" if ringbuf_ok else "perf"
+        b = self._bpf
+        majors = b["gpu_majors"]
+        all_majors = dict(gpu_majors())
+        for m in self.options.extra_gpu_majors:
+            all_majors.setdefault(m, abi.GPU_DEV_NVIDIA)
+        for major, kind in all_majors.items():
+            majors[ct.c_uint32(major)] = ct.c_uint32(kind)
+        self.gpu_majors = all_majors
+        cb = self._callback
+        if ringbuf_ok:
+            b["events"].open_ring_buffer(cb)
+        else:
+            b["events"].open_perf_buffer(cb, page_cnt=self.options.perf_pages)
+
+    def _callback(self, *args) -> int:
+        # ring buffer: (ctx, data, size); perf buffer: (cpu, data, size)
+        _, data, size = args
+        self._on_record(ct.string_at(data, size))
+        return 0
+
+    # ---- watched cgroups ----
+    def set_watched(self, cgroups: Iterable[WatchedCgroup]) -> None:
+        b = self._bpf
+        table = b["watched"]
+        wanted = {c.id: c for c in cgroups}
+        for k in list(table.keys()):
+            if k.value not in wanted:
+                del table[k]
+        mask = 0
+        for c in wanted.values():
+            table[ct.c_uint64(c.id)] = ct.c_uint8(1)
+            if c.level < abi.MAX_CGROUP_LEVEL:
+                mask |= 1 << c.level
+        b["watched_levels"][ct.c_int(0)] = ct.c_uint64(mask)
+
+    # ---- polling ----
+    def poll(self, timeout_ms: int) -> None:
+        if self.buffer == "ringbuf":
+            self._bpf.ring_buffer_poll(timeout_ms)
+        else:
+            self._bpf.perf_buffer_poll(timeout_ms)
+
+    def lost_counts(self) -> dict[int, int]:
+        """Records the kernel could not write, by record type, since load."""
+        table = self._bpf["lost"]
+        return {t: int(table.sum(ct.c_int(t)).value) for t in range(abi.EV_TYPES)}
+
+    def gpu_counts(self) -> list[tuple[abi.GpuKey, int, int, int]]:
+        """(key, new ioctls since last call, first_ns, last_ns) for keys that moved."""
+        out = []
+        seen = set()
+        for k, v in self._bpf["gpu_counts"].items():
+            ident = (k.pid, k.dev, k.nr, k.detail)
+            seen.add(ident)
+            delta = v.count - self._gpu_last.get(ident, 0)
+            if delta > 0:
+                self._gpu_last[ident] = v.count
+                out.append((abi.GpuKey(*ident), delta, v.first_ns, v.last_ns))
+        for ident in set(self._gpu_last) - seen:
+            del self._gpu_last[ident]
+        return out
+
+    def forget_process(self, pid: int) -> None:
+        """Drop in-kernel GPU state of an exited process."""
+        table = self._bpf["gpu_counts"]
+        for k in [k for k in table.keys() if k.pid == pid]:
+            try:
+                del table[k]
+            except KeyError:
+                pass
+        seen = self._bpf["gpu_seen"]
+        for k in [k for k in seen.keys() if (k.value >> 32) == pid]:
+            try:
+                del seen[k]
+            except KeyError:
+                pass
+        for ident in [i for i in self._gpu_last if i[0] == pid]:
+            del self._gpu_last[ident]
+
+    def close(self) -> None:
+        if self._bpf is not None:
+            try:
+                self._bpf.cleanup()
+            finally:
+                self._bpf = None
+
+
+def _kernel_at_least(major: int, minor: int) -> bool:
+    try:
+        parts = platform.release().split(".")
+        return (int(parts[0]), int(parts[1].split("-")[0])) >= (major, minor)
+    except (ValueError, IndexError):
+        return True

@@ -1,0 +1,137 @@
+/* agentprobe.h - the contract between the eBPF programs and user space.
+ *
+ * Every record the kernel side emits starts with struct ap_header. The Python
+ * mirror lives in agentprobe/abi.py; tests/test_abi.py compiles this header
+ * with the host compiler and checks that sizes and offsets agree, so the two
+ * sides cannot drift apart silently.
+ *
+ * Only fixed-width types are used so the header compiles both under BCC and
+ * with a plain C compiler in the ABI test.
+ */
+#ifndef AGENTPROBE_H
+#define AGENTPROBE_H
+
+#ifndef __KERNEL__
+#include <stdint.h>
+typedef uint8_t __u8;
+typedef uint16_t __u16;
+typedef uint32_t __u32;
+typedef int32_t __s32;
+typedef uint64_t __u64;
+#endif
+
+/* ---- size limits (documented in docs/events.md) ---- */
+#define AP_COMM_LEN 16
+#define AP_FILENAME_LEN 256   /* exec filename, bytes incl. NUL */
+#define AP_ARG_LEN 256        /* one argv element, bytes incl. NUL */
+#define AP_ARGS_LEN 4096      /* all argv elements copied, bytes */
+#define AP_MAX_ARGS 64        /* argv elements copied at most */
+#define AP_MAX_ARGS_SCAN 1024 /* argv elements counted at most */
+#define AP_SOCKADDR_LEN 112   /* raw sockaddr bytes kept (fits sockaddr_un) */
+#define AP_MAX_CGROUP_LEVEL 32
+
+/* ---- record types ---- */
+#define AP_EV_EXEC 1
+#define AP_EV_CONNECT 2
+#define AP_EV_GPU 3
+#define AP_EV_FORK 4
+#define AP_EV_EXIT 5
+#define AP_EV_TYPES 8 /* size of the per-type loss counter array */
+
+/* ---- exec flags ---- */
+#define AP_EXEC_EXECVEAT (1u << 0)      /* came from execveat(2) */
+#define AP_EXEC_ARGS_TRUNC (1u << 1)    /* more argv elements than copied */
+#define AP_EXEC_ARG_TRUNC (1u << 2)     /* at least one element cut at AP_ARG_LEN */
+#define AP_EXEC_FILENAME_TRUNC (1u << 3)
+#define AP_EXEC_ARGV_FAULT (1u << 4)    /* argv could not be read completely */
+
+/* ---- connect flags ---- */
+#define AP_CONNECT_ADDR_FAULT (1u << 0) /* sockaddr could not be read */
+
+/* ---- gpu flags ---- */
+#define AP_GPU_FIRST_DEVICE (1u << 0)   /* first ioctl of this process on this device */
+#define AP_GPU_FIRST_CMD (1u << 1)      /* first ioctl of this process with this command */
+#define AP_GPU_XFER (1u << 2)           /* command came wrapped in NV_ESC_IOCTL_XFER_CMD */
+
+/* ---- kinds of GPU device majors (value of the gpu_majors map) ---- */
+#define AP_GPU_DEV_NVIDIA 1 /* major 195: /dev/nvidiaN, nvidiactl, nvidia-modeset */
+#define AP_GPU_DEV_UVM 2    /* dynamic major "nvidia-uvm" */
+#define AP_GPU_DEV_CAPS 3   /* dynamic major "nvidia-caps" */
+
+struct ap_header {
+	__u32 type;
+	__u32 pid;      /* tgid */
+	__u32 tid;
+	__u32 ppid;     /* tgid of real_parent */
+	__u32 uid;
+	__u32 gid;
+	__u64 ktime_ns; /* bpf_ktime_get_ns() at the syscall's entry */
+	__u64 cgroup_id;/* cgroup v2 id (inode number) of the task */
+	char comm[AP_COMM_LEN];
+};
+
+struct ap_exec_event {
+	struct ap_header h;
+	__s32 retval;   /* 0 or -errno from sys_exit_execve(at) */
+	__u32 flags;
+	__u32 argc;     /* argv elements copied into args */
+	__u32 argc_total; /* argv elements seen (<= AP_MAX_ARGS_SCAN) */
+	__u32 args_size;/* bytes used in args: NUL-separated elements */
+	__s32 dirfd;    /* execveat dirfd */
+	__u32 at_flags; /* execveat flags */
+	__u32 _pad;
+	char filename[AP_FILENAME_LEN];
+	char args[AP_ARGS_LEN];
+};
+
+struct ap_connect_event {
+	struct ap_header h;
+	__s32 retval;   /* 0, -EINPROGRESS (non-blocking) or -errno */
+	__s32 fd;
+	__u32 flags;
+	__u32 addrlen;  /* as passed to connect(2) */
+	__u16 sock_type;/* SOCK_STREAM, SOCK_DGRAM, ... (0 if unknown) */
+	__u16 family;   /* first field of the sockaddr */
+	__u32 _pad;
+	__u8 addr[AP_SOCKADDR_LEN]; /* raw sockaddr as the process passed it */
+};
+
+struct ap_gpu_event {
+	struct ap_header h;
+	__u32 major;
+	__u32 minor;
+	__u32 dev_kind; /* AP_GPU_DEV_* */
+	__u32 flags;
+	__u32 cmd;      /* raw ioctl request */
+	__u32 nr;       /* driver command: _IOC_NR, the wrapped one for XFER, raw for UVM */
+	__u32 detail;   /* RM_ALLOC: hClass, RM_CONTROL: control cmd, else 0 */
+	__s32 fd;
+};
+
+struct ap_fork_event {
+	struct ap_header h;  /* the parent */
+	__u32 child_pid;
+	__u32 _pad;
+};
+
+struct ap_exit_event {
+	struct ap_header h;
+	__s32 exit_code;     /* raw wait status: code << 8 | signal */
+	__u32 _pad;
+};
+
+/* key and value of the in-kernel GPU ioctl aggregation (gpu_counts map) */
+struct ap_gpu_key {
+	__u32 pid;
+	__u32 dev;      /* kernel dev_t: major << 20 | minor */
+	__u32 nr;
+	__u32 detail;
+};
+
+struct ap_gpu_count {
+	__u64 count;
+	__u64 first_ns;
+	__u64 last_ns;
+};
+
+#endif /* AGENTPROBE_H */

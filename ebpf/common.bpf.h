@@ -1,0 +1,135 @@
+/* common.bpf.h - maps and helpers shared by every agentprobe program.
+ *
+ * Knobs arrive as -D flags from agentprobe/loader.py:
+ *   AP_USE_RINGBUF      use BPF_RINGBUF_OUTPUT (5.8+), else BPF_PERF_OUTPUT
+ *   AP_RINGBUF_PAGES    ring buffer size in pages (power of two)
+ *   AP_OFF_<STRUCT>_<FIELD>  byte offsets taken from the running kernel's BTF;
+ *                       the installed headers may not match the kernel, so no
+ *                       kernel struct is ever dereferenced through them.
+ */
+#ifndef AGENTPROBE_COMMON_BPF_H
+#define AGENTPROBE_COMMON_BPF_H
+
+#include "agentprobe.h"
+
+#ifndef AP_RINGBUF_PAGES
+#define AP_RINGBUF_PAGES 256
+#endif
+#ifndef AP_MAX_WATCHED
+#define AP_MAX_WATCHED 4096
+#endif
+#ifndef AP_MAX_PENDING
+#define AP_MAX_PENDING 10240
+#endif
+#ifndef AP_MAX_GPU_KEYS
+#define AP_MAX_GPU_KEYS 65536
+#endif
+
+/* cgroup v2 ids of watched cgroups; their whole subtrees are in scope */
+BPF_HASH(watched, u64, u8, AP_MAX_WATCHED);
+/* [0]: bit L set when some watched cgroup sits at level L */
+BPF_ARRAY(watched_levels, u64, 1);
+/* events that could not be written, per record type */
+BPF_PERCPU_ARRAY(lost, u64, AP_EV_TYPES);
+/* one scratch record per CPU: records are larger than the 512-byte stack */
+BPF_PERCPU_ARRAY(scratch, struct ap_exec_event, 1);
+
+#ifdef AP_USE_RINGBUF
+BPF_RINGBUF_OUTPUT(events, AP_RINGBUF_PAGES);
+#else
+BPF_PERF_OUTPUT(events);
+#endif
+
+static __always_inline void ap_count_lost(u32 type)
+{
+	u64 *n = lost.lookup(&type);
+	if (n)
+		(*n)++;
+}
+
+/* Write one record; a failed write is counted, never silent. */
+static __always_inline void ap_submit(void *ctx, void *rec, u32 size, u32 type)
+{
+#ifdef AP_USE_RINGBUF
+	if (events.ringbuf_output(rec, size, 0) != 0)
+		ap_count_lost(type);
+#else
+	if (events.perf_submit(ctx, rec, size) != 0)
+		ap_count_lost(type);
+#endif
+}
+
+/* Is the current task inside a watched cgroup subtree? This is the first thing
+ * every probe does: for tasks outside it costs one array lookup plus one
+ * ancestor lookup per level that holds a watched cgroup. */
+static __always_inline int ap_in_scope(void)
+{
+	u32 zero = 0;
+	u64 *levels = watched_levels.lookup(&zero);
+	if (!levels || *levels == 0)
+		return 0;
+	u64 mask = *levels;
+	for (int level = 0; level < AP_MAX_CGROUP_LEVEL; level++) {
+		if (!(mask & (1ULL << level)))
+			continue;
+		u64 id = bpf_get_current_ancestor_cgroup_id(level);
+		if (id && watched.lookup(&id))
+			return 1;
+	}
+	return 0;
+}
+
+static __always_inline u64 ap_read_ptr(const void *base, u64 off)
+{
+	u64 v = 0;
+	bpf_probe_read_kernel(&v, sizeof(v), (const char *)base + off);
+	return v;
+}
+
+static __always_inline u32 ap_read_u32(const void *base, u64 off)
+{
+	u32 v = 0;
+	bpf_probe_read_kernel(&v, sizeof(v), (const char *)base + off);
+	return v;
+}
+
+static __always_inline void ap_fill_header(struct ap_header *h, u32 type)
+{
+	u64 pid_tgid = bpf_get_current_pid_tgid();
+	u64 uid_gid = bpf_get_current_uid_gid();
+	void *task = (void *)bpf_get_current_task();
+	void *parent = (void *)ap_read_ptr(task, AP_OFF_TASK_STRUCT_REAL_PARENT);
+
+	h->type = type;
+	h->pid = pid_tgid >> 32;
+	h->tid = (u32)pid_tgid;
+	h->ppid = parent ? ap_read_u32(parent, AP_OFF_TASK_STRUCT_TGID) : 0;
+	h->uid = (u32)uid_gid;
+	h->gid = uid_gid >> 32;
+	h->ktime_ns = bpf_ktime_get_ns();
+	h->cgroup_id = bpf_get_current_cgroup_id();
+	bpf_get_current_comm(&h->comm, sizeof(h->comm));
+}
+
+/* struct file * of descriptor fd of the current task, or 0. */
+static __always_inline void *ap_fd_file(int fd)
+{
+	if (fd < 0)
+		return 0;
+	void *task = (void *)bpf_get_current_task();
+	void *files = (void *)ap_read_ptr(task, AP_OFF_TASK_STRUCT_FILES);
+	if (!files)
+		return 0;
+	void *fdt = (void *)ap_read_ptr(files, AP_OFF_FILES_STRUCT_FDT);
+	if (!fdt)
+		return 0;
+	u32 max_fds = ap_read_u32(fdt, AP_OFF_FDTABLE_MAX_FDS);
+	if ((u32)fd >= max_fds)
+		return 0;
+	void *fdarr = (void *)ap_read_ptr(fdt, AP_OFF_FDTABLE_FD);
+	if (!fdarr)
+		return 0;
+	return (void *)ap_read_ptr(fdarr, (u64)fd * sizeof(void *));
+}
+
+#endif /* AGENTPROBE_COMMON_BPF_H */

@@ -1,0 +1,122 @@
+/* exec.bpf.c - execve(2) and execveat(2) with argv and result.
+ *
+ * sys_enter stashes filename and argv per thread, sys_exit completes the
+ * record with the return value, so failed execs are reported as such.
+ */
+
+BPF_HASH(exec_pending, u32, struct ap_exec_event, AP_MAX_PENDING);
+
+/* Copy up to AP_MAX_ARGS elements; returns 1 when argv goes on beyond them. */
+static __always_inline int ap_copy_argv(struct ap_exec_event *e,
+					const char *const *argv)
+{
+	/* the write offset lives in the record, not in a register: re-reading it
+	 * each round keeps the verifier's state small enough to prune */
+	for (u32 i = 0; i < AP_MAX_ARGS; i++) {
+		const char *p = 0;
+		if (bpf_probe_read_user(&p, sizeof(p), &argv[i]) != 0) {
+			e->flags |= AP_EXEC_ARGV_FAULT;
+			return 0;
+		}
+		if (!p)
+			return 0;
+		u32 off = e->args_size;
+		if (off > AP_ARGS_LEN - AP_ARG_LEN)
+			return 1;
+		long n = bpf_probe_read_user_str(&e->args[off], AP_ARG_LEN, p);
+		if (n < 0) {
+			e->flags |= AP_EXEC_ARGV_FAULT;
+			return 0;
+		}
+		if (n == AP_ARG_LEN)
+			e->flags |= AP_EXEC_ARG_TRUNC;
+		e->args_size = off + (u32)n;
+		e->argc = i + 1;
+		e->argc_total = i + 1;
+	}
+	return 1;
+}
+
+/* Count the elements that were not copied, up to AP_MAX_ARGS_SCAN. The start
+ * index is re-read from the record so the verifier checks this loop once. */
+static __always_inline void ap_count_rest(struct ap_exec_event *e,
+					  const char *const *argv)
+{
+	u32 start = e->argc;
+	u32 n = 0;
+
+	for (u32 j = 0; j < AP_MAX_ARGS_SCAN; j++) {
+		const char *p = 0;
+		if (bpf_probe_read_user(&p, sizeof(p), &argv[start + j]) != 0 || !p)
+			break;
+		n++;
+	}
+	if (n) {
+		e->flags |= AP_EXEC_ARGS_TRUNC;
+		e->argc_total = start + n;
+	}
+}
+
+static __always_inline int ap_exec_enter(const char *filename,
+					 const char *const *argv, int dirfd,
+					 u32 at_flags, u32 flags)
+{
+	if (!ap_in_scope())
+		return 0;
+	u32 zero = 0;
+	struct ap_exec_event *e = scratch.lookup(&zero);
+	if (!e)
+		return 0;
+	ap_fill_header(&e->h, AP_EV_EXEC);
+	e->retval = 0;
+	e->flags = flags;
+	e->argc = 0;
+	e->argc_total = 0;
+	e->args_size = 0;
+	e->dirfd = dirfd;
+	e->at_flags = at_flags;
+	long n = bpf_probe_read_user_str(e->filename, sizeof(e->filename), filename);
+	if (n == sizeof(e->filename))
+		e->flags |= AP_EXEC_FILENAME_TRUNC;
+	if (ap_copy_argv(e, argv))
+		ap_count_rest(e, argv);
+	u32 tid = e->h.tid;
+	if (exec_pending.update(&tid, e) != 0)
+		ap_count_lost(AP_EV_EXEC);
+	return 0;
+}
+
+static __always_inline int ap_exec_exit(void *ctx, long ret)
+{
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	struct ap_exec_event *e = exec_pending.lookup(&tid);
+	if (!e)
+		return 0;
+	e->retval = ret;
+	/* after a successful exec the task carries its new name */
+	bpf_get_current_comm(&e->h.comm, sizeof(e->h.comm));
+	ap_submit(ctx, e, sizeof(*e), AP_EV_EXEC);
+	exec_pending.delete(&tid);
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_execve)
+{
+	return ap_exec_enter(args->filename, args->argv, -100, 0, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_execve)
+{
+	return ap_exec_exit(args, args->ret);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_execveat)
+{
+	return ap_exec_enter(args->filename, args->argv, args->fd, args->flags,
+			     AP_EXEC_EXECVEAT);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_execveat)
+{
+	return ap_exec_exit(args, args->ret);
+}

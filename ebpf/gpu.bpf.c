@@ -1,0 +1,97 @@
+/* gpu.bpf.c - NVIDIA driver ioctls, aggregated in the kernel.
+ *
+ * The device is recognised by the char-device major of the fd's inode (read
+ * through BTF offsets), never by a path. Every ioctl bumps a counter keyed by
+ * (process, device, command, detail); only the first use of a device and the
+ * first use of each command by a process become records. User space reads
+ * the counters periodically.
+ */
+
+#define AP_NV_ESC_IOCTL_XFER_CMD 211
+#define AP_NV_ESC_RM_CONTROL 0x2A
+#define AP_NV_ESC_RM_ALLOC 0x2B
+
+/* major -> AP_GPU_DEV_*, filled from /proc/devices by user space */
+BPF_HASH(gpu_majors, u32, u32, 16);
+BPF_TABLE("lru_hash", struct ap_gpu_key, struct ap_gpu_count, gpu_counts, AP_MAX_GPU_KEYS);
+/* (pid, dev) pairs already reported */
+BPF_TABLE("lru_hash", u64, u8, gpu_seen, AP_MAX_GPU_KEYS);
+
+TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
+{
+	if (!ap_in_scope())
+		return 0;
+	void *file = ap_fd_file(args->fd);
+	if (!file)
+		return 0;
+	void *inode = (void *)ap_read_ptr(file, AP_OFF_FILE_F_INODE);
+	if (!inode)
+		return 0;
+	u32 rdev = ap_read_u32(inode, AP_OFF_INODE_I_RDEV);
+	u32 major = rdev >> 20;
+	u32 *kind = gpu_majors.lookup(&major);
+	if (!kind)
+		return 0;
+
+	u32 cmd = args->cmd;
+	u32 flags = 0;
+	struct ap_gpu_key key = {};
+	key.pid = bpf_get_current_pid_tgid() >> 32;
+	key.dev = rdev;
+	if (*kind == AP_GPU_DEV_NVIDIA) {
+		/* the driver looks only at _IOC_NR and _IOC_SIZE */
+		u64 argp = args->arg;
+		key.nr = cmd & 0xff;
+		if (key.nr == AP_NV_ESC_IOCTL_XFER_CMD) {
+			u32 inner = 0;
+			bpf_probe_read_user(&inner, sizeof(inner), (void *)argp);
+			u64 inner_ptr = 0;
+			bpf_probe_read_user(&inner_ptr, sizeof(inner_ptr), (char *)argp + 8);
+			key.nr = inner & 0xff;
+			argp = inner_ptr;
+			flags |= AP_GPU_XFER;
+		}
+		if (key.nr == AP_NV_ESC_RM_ALLOC)
+			bpf_probe_read_user(&key.detail, 4, (char *)argp + 12);
+		else if (key.nr == AP_NV_ESC_RM_CONTROL)
+			bpf_probe_read_user(&key.detail, 4, (char *)argp + 8);
+	} else {
+		/* UVM and caps use raw command numbers */
+		key.nr = cmd;
+	}
+
+	u64 now = bpf_ktime_get_ns();
+	struct ap_gpu_count *c = gpu_counts.lookup(&key);
+	if (c) {
+		__sync_fetch_and_add(&c->count, 1);
+		c->last_ns = now;
+		return 0;
+	}
+	struct ap_gpu_count init = {.count = 1, .first_ns = now, .last_ns = now};
+	gpu_counts.update(&key, &init);
+	flags |= AP_GPU_FIRST_CMD;
+
+	u64 seen_key = ((u64)key.pid << 32) | rdev;
+	if (!gpu_seen.lookup(&seen_key)) {
+		u8 one = 1;
+		gpu_seen.update(&seen_key, &one);
+		flags |= AP_GPU_FIRST_DEVICE;
+	}
+
+	u32 zero = 0;
+	struct ap_gpu_event *e = (struct ap_gpu_event *)scratch.lookup(&zero);
+	if (!e)
+		return 0;
+	ap_fill_header(&e->h, AP_EV_GPU);
+	e->h.ktime_ns = now;
+	e->major = major;
+	e->minor = rdev & 0xfffff;
+	e->dev_kind = *kind;
+	e->flags = flags;
+	e->cmd = cmd;
+	e->nr = key.nr;
+	e->detail = key.detail;
+	e->fd = args->fd;
+	ap_submit(args, e, sizeof(*e), AP_EV_GPU);
+	return 0;
+}

@@ -1,0 +1,46 @@
+/* proc.bpf.c - process creation and exit, for the user-space process tree.
+ *
+ * sched:* raw tracepoints do not put syscalls on the slow path. Threads are
+ * skipped: a fork record is a new process, an exit record the end of the
+ * whole thread group.
+ */
+
+RAW_TRACEPOINT_PROBE(sched_process_fork)
+{
+	if (!ap_in_scope())
+		return 0;
+	void *parent = (void *)ctx->args[0];
+	void *child = (void *)ctx->args[1];
+	u32 child_tgid = ap_read_u32(child, AP_OFF_TASK_STRUCT_TGID);
+	if (child_tgid == ap_read_u32(parent, AP_OFF_TASK_STRUCT_TGID))
+		return 0; /* a new thread */
+	u32 zero = 0;
+	struct ap_fork_event *e = (struct ap_fork_event *)scratch.lookup(&zero);
+	if (!e)
+		return 0;
+	ap_fill_header(&e->h, AP_EV_FORK);
+	e->child_pid = child_tgid;
+	e->_pad = 0;
+	ap_submit(ctx, e, sizeof(*e), AP_EV_FORK);
+	return 0;
+}
+
+RAW_TRACEPOINT_PROBE(sched_process_exit)
+{
+	if (!ap_in_scope())
+		return 0;
+	void *task = (void *)bpf_get_current_task();
+	void *signal = (void *)ap_read_ptr(task, AP_OFF_TASK_STRUCT_SIGNAL);
+	/* signal->live reaches 0 when the last thread of the group exits */
+	if (signal && ap_read_u32(signal, AP_OFF_SIGNAL_STRUCT_LIVE) != 0)
+		return 0;
+	u32 zero = 0;
+	struct ap_exit_event *e = (struct ap_exit_event *)scratch.lookup(&zero);
+	if (!e)
+		return 0;
+	ap_fill_header(&e->h, AP_EV_EXIT);
+	e->exit_code = ap_read_u32(task, AP_OFF_TASK_STRUCT_EXIT_CODE);
+	e->_pad = 0;
+	ap_submit(ctx, e, sizeof(*e), AP_EV_EXIT);
+	return 0;
+}
