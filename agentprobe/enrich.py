@@ -1,0 +1,295 @@
+"""Enricher: typed kernel events -> stream records with process context.
+
+Keeps a process tree of the watched cgroups from fork/exec/exit events (so the
+parent chain of a short-lived process is still known after it exited) and adds
+exe path, command line, user, sha256 of the executable (cached by inode) and
+the container parsed from the cgroup path. A process that is gone before it
+could be looked at still yields its record with what the kernel gave.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pwd
+import socket
+import stat
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .cgroups import container_of
+from .events import Event, ExecEvent, ExitEvent, ForkEvent, Process
+
+SCHEMA_VERSION = 1
+MAX_ANCESTORS = 16
+MAX_TREE = 65536
+HASH_LIMIT = 512 * 1024 * 1024  # bytes; larger executables are not hashed
+
+
+@dataclass
+class ProcInfo:
+    pid: int
+    ppid: int = 0
+    comm: str = ""
+    exe: str | None = None
+    cmdline: list[str] | None = None
+    uid: int | None = None
+    sha256: str | None = None
+    exited: bool = False
+    children: set[int] = field(default_factory=set)
+
+
+class ProcessTree:
+    """Processes of the watched cgroups and their ancestors, bounded in size."""
+
+    def __init__(self, max_size: int = MAX_TREE) -> None:
+        self._procs: OrderedDict[int, ProcInfo] = OrderedDict()
+        self.max_size = max_size
+
+    def get(self, pid: int) -> ProcInfo | None:
+        return self._procs.get(pid)
+
+    def __contains__(self, pid: int) -> bool:
+        return pid in self._procs
+
+    def __len__(self) -> int:
+        return len(self._procs)
+
+    def add(self, info: ProcInfo) -> ProcInfo:
+        old = self._procs.get(info.pid)
+        if old is not None:
+            info.children = old.children
+        self._procs[info.pid] = info
+        self._procs.move_to_end(info.pid)
+        parent = self._procs.get(info.ppid)
+        if parent is not None:
+            parent.children.add(info.pid)
+        self._trim()
+        return info
+
+    def fork(self, parent: ProcInfo, child_pid: int) -> ProcInfo:
+        child = ProcInfo(child_pid, parent.pid, parent.comm, parent.exe, parent.cmdline, parent.uid,
+                         parent.sha256)
+        return self.add(child)
+
+    def exit(self, pid: int) -> None:
+        """Mark exited; the entry stays while live descendants may still name it as ancestor."""
+        info = self._procs.get(pid)
+        if info is None:
+            return
+        info.exited = True
+        self._release(info)
+
+    def _release(self, info: ProcInfo) -> None:
+        if info.exited and not info.children:
+            self._procs.pop(info.pid, None)
+            parent = self._procs.get(info.ppid)
+            if parent is not None:
+                parent.children.discard(info.pid)
+                self._release(parent)
+
+    def ancestors(self, pid: int, limit: int = MAX_ANCESTORS) -> list[ProcInfo]:
+        out = []
+        seen = {pid}
+        info = self._procs.get(pid)
+        while info is not None and len(out) < limit:
+            parent = self._procs.get(info.ppid)
+            if parent is None or parent.pid in seen:
+                break
+            out.append(parent)
+            seen.add(parent.pid)
+            info = parent
+        return out
+
+    def _trim(self) -> None:
+        while len(self._procs) > self.max_size:
+            self._procs.popitem(last=False)
+
+
+class ExeHasher:
+    """sha256 of executables, cached by (dev, inode, mtime, size)."""
+
+    def __init__(self, max_entries: int = 4096) -> None:
+        self._cache: OrderedDict[tuple, str | None] = OrderedDict()
+        self.max_entries = max_entries
+
+    def of_pid(self, pid: int) -> str | None:
+        # /proc/PID/exe opens the image the process runs, even if deleted or a memfd
+        return self._hash_path(f"/proc/{pid}/exe")
+
+    def of_path(self, path: str) -> str | None:
+        return self._hash_path(path)
+
+    def _hash_path(self, path: str) -> str | None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size > HASH_LIMIT:
+                return None
+            key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+            h = hashlib.sha256()
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            digest = h.hexdigest()
+            self._cache[key] = digest
+            if len(self._cache) > self.max_entries:
+                self._cache.popitem(last=False)
+            return digest
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+
+
+def _read_cmdline(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    if not raw:
+        return None
+    return [p.decode("utf-8", "backslashreplace") for p in raw.rstrip(b"\0").split(b"\0")]
+
+
+def _read_exe(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+
+
+def _read_status(pid: int) -> tuple[int, int, str] | None:
+    """(ppid, uid, comm) from /proc/PID/status."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            fields = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+        return int(fields["PPid"]), int(fields["Uid"].split()[0]), fields["Name"]
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+class Enricher:
+    """Turns typed events into stream records (dicts)."""
+
+    def __init__(self, cgroup_name: Callable[[int], str | None], clock_offset_ns: int,
+                 node: str | None = None) -> None:
+        self.tree = ProcessTree()
+        self.hasher = ExeHasher()
+        self._cgroup_name = cgroup_name
+        self._clock_offset_ns = clock_offset_ns
+        self.node = node or socket.gethostname()
+        self._users: dict[int, str | None] = {}
+
+    # ---- helpers ----
+    def user_name(self, uid: int | None) -> str | None:
+        if uid is None:
+            return None
+        if uid not in self._users:
+            try:
+                self._users[uid] = pwd.getpwuid(uid).pw_name
+            except KeyError:
+                self._users[uid] = None
+        return self._users[uid]
+
+    def discover(self, pid: int) -> ProcInfo | None:
+        """Add a process already running (and its ancestors) from /proc."""
+        chain = []
+        while pid > 0 and pid not in self.tree and len(chain) < MAX_ANCESTORS:
+            status = _read_status(pid)
+            if status is None:
+                break
+            ppid, uid, comm = status
+            exe = _read_exe(pid)
+            chain.append(ProcInfo(pid, ppid, comm, exe, _read_cmdline(pid), uid))
+            pid = ppid
+        for info in reversed(chain):
+            self.tree.add(info)
+        return self.tree.get(chain[0].pid) if chain else None
+
+    def _proc_info(self, ev: Event) -> ProcInfo:
+        p = ev.proc
+        info = self.tree.get(p.pid)
+        if info is None:
+            info = self.discover(p.pid) or self.tree.add(ProcInfo(p.pid, p.ppid, p.comm, uid=p.uid))
+        if info.sha256 is None and info.exe is not None and not info.exited:
+            info.sha256 = self.hasher.of_pid(p.pid)
+        return info
+
+    # ---- main entry ----
+    def record(self, ev: Event) -> dict:
+        p = ev.proc
+        if isinstance(ev, ExecEvent) and not ev.failed:
+            exe = _read_exe(p.pid)
+            if exe is None and ev.filename.startswith("/"):
+                exe = ev.filename
+            sha = self.hasher.of_pid(p.pid) if exe is not None else None
+            if sha is None and exe is not None:
+                sha = self.hasher.of_path(exe)
+            info = self.tree.add(ProcInfo(p.pid, p.ppid, p.comm, exe, list(ev.argv), p.uid, sha))
+        elif isinstance(ev, ForkEvent):
+            parent = self._proc_info(ev)
+            self.tree.fork(parent, ev.child_pid)
+            info = parent
+        else:
+            info = self._proc_info(ev)
+            info.comm = p.comm or info.comm
+
+        rec = self._header(ev)
+        rec["proc"] = self._proc_dict(ev, info)
+        rec.update(ev.fields())
+        if isinstance(ev, ExitEvent):
+            self.tree.exit(p.pid)
+        return rec
+
+    def synthetic(self, type_: str, pid: int, cgroup_id: int, ktime_ns: int, fields: dict) -> dict:
+        """A record made in user space about a known process (e.g. periodic GPU counts)."""
+        info = self.tree.get(pid) or ProcInfo(pid)
+        p = Process(pid, pid, info.ppid, info.uid if info.uid is not None else -1, -1, info.comm)
+        ev = Event(type_, ktime_ns, cgroup_id, p)
+        rec = self._header(ev)
+        rec["proc"] = self._proc_dict(ev, info)
+        rec.update(fields)
+        return rec
+
+    def _header(self, ev: Event) -> dict:
+        path = self._cgroup_name(ev.cgroup_id) if ev.cgroup_id else None
+        rec = {
+            "v": SCHEMA_VERSION,
+            "type": ev.type,
+            "ts": ev.ktime_ns + self._clock_offset_ns,
+            "ktime": ev.ktime_ns,
+            "node": self.node,
+            "cgroup": {"id": ev.cgroup_id, "path": path},
+        }
+        container = container_of(path) if path else None
+        if container:
+            rec["container"] = container
+        return rec
+
+    def _proc_dict(self, ev: Event, info: ProcInfo) -> dict:
+        p = ev.proc
+        return {
+            "pid": p.pid,
+            "tid": p.tid,
+            "ppid": p.ppid,
+            "uid": p.uid,
+            "gid": p.gid,
+            "comm": p.comm,
+            "exe": info.exe,
+            "cmdline": info.cmdline,
+            "user": self.user_name(p.uid),
+            "sha256": info.sha256,
+            "ancestors": [
+                {"pid": a.pid, "comm": a.comm, "exe": a.exe} for a in self.tree.ancestors(p.pid)
+            ],
+        }
+

@@ -1,0 +1,259 @@
+"""Where the msgpack stream goes: stdout, a file, or unix/TCP sockets that
+readers connect to. No sink imports BCC; none blocks the watcher.
+
+Flushing: every sink is flushed after each batch of records read from the
+kernel (at most every poll interval, 100 ms) and when the watcher stops.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+import sys
+from pathlib import Path
+
+from .errors import AgentprobeError
+
+CLIENT_BUFFER_LIMIT = 8 * 1024 * 1024  # bytes queued for one slow reader before it is dropped
+FILE_BUFFER_LIMIT = 64 * 1024 * 1024  # bytes held while a file cannot be written (disk full)
+
+
+class SinkError(AgentprobeError):
+    pass
+
+
+class Sink:
+    """One output. `dropped` counts records that could not be delivered."""
+
+    name = "sink"
+
+    def __init__(self) -> None:
+        self.dropped = 0
+        self.written = 0
+
+    def write(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        pass
+
+    def service(self) -> None:
+        """Non-blocking housekeeping (accept readers, drain queues); called each loop."""
+
+    def close(self) -> None:
+        pass
+
+
+class StdoutSink(Sink):
+    name = "-"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._out = sys.stdout.buffer
+
+    def write(self, data: bytes) -> None:
+        try:
+            self._out.write(data)
+            self.written += 1
+        except (BrokenPipeError, ValueError):
+            self.dropped += 1
+
+    def flush(self) -> None:
+        try:
+            self._out.flush()
+        except (BrokenPipeError, ValueError):
+            pass
+
+
+class FileSink(Sink):
+    """Appends to a file; records that cannot be written (disk full) are held in
+    bounded memory and retried, then counted as dropped."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.name = path
+        self.path = path
+        self._pending = bytearray()
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        except OSError as e:
+            raise SinkError(f"cannot write output {path}: {e.strerror}") from None
+
+    def write(self, data: bytes) -> None:
+        if len(self._pending) + len(data) > FILE_BUFFER_LIMIT:
+            self.dropped += 1
+            return
+        self._pending += data
+        self.written += 1
+
+    def flush(self) -> None:
+        while self._pending:
+            try:
+                n = os.write(self._fd, self._pending)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
+                    return  # kept and retried at the next flush
+                raise
+            del self._pending[:n]
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            if self._pending:
+                self.dropped += 1
+            os.close(self._fd)
+
+
+class _Client:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray()
+
+
+class ServerSink(Sink):
+    """Serves the live stream to any number of readers on a unix or TCP socket.
+    Each reader first gets the watcher's `start` record; a reader that falls
+    more than CLIENT_BUFFER_LIMIT behind is disconnected and counted."""
+
+    def __init__(self, spec: str, start_record: bytes | None = None) -> None:
+        super().__init__()
+        self.name = spec
+        self._clients: list[_Client] = []
+        self.start_record = start_record
+        self.readers_dropped = 0
+        self._unix_path: str | None = None
+        try:
+            if spec.startswith("unix:"):
+                path = spec[5:]
+                self._remove_stale_socket(path)
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self._sock.bind(path)
+                os.chmod(path, 0o600)
+                self._unix_path = path
+            else:
+                host, _, port = spec[4:].rpartition(":")
+                host = host.strip("[]")
+                family = socket.AF_INET6 if ":" in host else socket.AF_INET
+                self._sock = socket.socket(family, socket.SOCK_STREAM)
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                self._sock.bind((host, int(port)))
+            self._sock.listen(16)
+            self._sock.setblocking(False)
+        except (OSError, ValueError) as e:
+            raise SinkError(f"cannot serve output {spec}: {getattr(e, 'strerror', None) or e}") from None
+
+    @staticmethod
+    def _remove_stale_socket(path: str) -> None:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise SinkError(f"cannot serve output unix:{path}: exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # nobody listens: a leftover of a previous run
+            return
+        finally:
+            probe.close()
+        raise SinkError(f"cannot serve output unix:{path}: another process is serving it")
+
+    @property
+    def address(self):
+        return self._sock.getsockname()
+
+    def service(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            conn.setblocking(False)
+            client = _Client(conn)
+            if self.start_record:
+                client.buf += self.start_record
+            self._clients.append(client)
+        self.flush()
+
+    def write(self, data: bytes) -> None:
+        self.written += 1
+        for c in self._clients:
+            if len(c.buf) + len(data) > CLIENT_BUFFER_LIMIT:
+                self._drop(c)
+                self.dropped += 1
+            else:
+                c.buf += data
+
+    def _drop(self, c: _Client) -> None:
+        self.readers_dropped += 1
+        c.buf.clear()
+        c.sock.close()
+
+    def flush(self) -> None:
+        alive = []
+        for c in self._clients:
+            if c.sock.fileno() < 0:
+                continue
+            try:
+                while c.buf:
+                    n = c.sock.send(c.buf)
+                    del c.buf[:n]
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                c.sock.close()
+                continue
+            alive.append(c)
+        self._clients = alive
+
+    def close(self) -> None:
+        self.flush()
+        for c in self._clients:
+            c.sock.close()
+        self._clients = []
+        self._sock.close()
+        if self._unix_path:
+            try:
+                os.unlink(self._unix_path)
+            except OSError:
+                pass
+
+
+def check_output(spec: str) -> None:
+    """Fail early, before anything is loaded, for an output that cannot work."""
+    if spec == "-" or spec.startswith(("unix:", "tcp:")):
+        if spec.startswith("tcp:"):
+            host, _, port = spec[4:].rpartition(":")
+            if not host or not port.isdigit():
+                raise SinkError(f"bad output {spec}: expected tcp:HOST:PORT")
+        if spec.startswith("unix:"):
+            parent = Path(spec[5:]).parent
+            if not parent.is_dir() or not os.access(parent, os.W_OK):
+                raise SinkError(f"cannot serve output {spec}: {parent} is not a writable directory")
+        return
+    p = Path(spec)
+    if p.is_dir():
+        raise SinkError(f"cannot write output {spec}: is a directory")
+    if p.exists():
+        if not os.access(p, os.W_OK):
+            raise SinkError(f"cannot write output {spec}: permission denied")
+        return
+    parent = p.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK) or not parent.is_dir():
+        raise SinkError(f"cannot write output {spec}: {parent} is not writable")
+
+
+def open_sink(spec: str) -> Sink:
+    if spec == "-":
+        return StdoutSink()
+    if spec.startswith(("unix:", "tcp:")):
+        return ServerSink(spec)
+    return FileSink(spec)

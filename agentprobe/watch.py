@@ -1,0 +1,406 @@
+"""agentprobe watch: kernel -> decoder -> enricher -> stages (rules, responder) -> sinks.
+
+The watcher owns the loop and the clean-up: whatever happens (an error at
+start, SIGINT, SIGTERM), probes are detached, locks released and every sink
+flushed and closed, with a `stop` record last.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import signal
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from . import __version__, abi
+from .cgroups import DEFAULT_AGENT_CGROUP, CgroupError, CgroupLock, CgroupSet, WatchedCgroup, find_v2_mount
+from .enrich import Enricher
+from .errors import AgentprobeError
+from .events import DecodeError, decode
+from .sinks import Sink, check_output, open_sink
+from .stream import encode
+
+EV_NAMES = {abi.EV_EXEC: "exec", abi.EV_CONNECT: "connect", abi.EV_GPU: "gpu", abi.EV_FORK: "fork",
+            abi.EV_EXIT: "exit"}
+
+# exit codes, documented in `agentprobe watch --help`
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_KERNEL = 3
+EXIT_PERMISSION = 4
+EXIT_BUSY = 5
+
+
+class PermissionProblem(AgentprobeError):
+    exit_code = EXIT_PERMISSION
+
+
+class Stage(Protocol):
+    """A step after enrichment (rule engine, responder): sees every record and
+    returns new records (alerts, responses) that are emitted and passed on."""
+
+    def process(self, record: dict) -> list[dict]: ...
+
+
+@dataclass
+class WatchOptions:
+    cgroups: list[str] = field(default_factory=list)
+    cgroup_globs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    buffer: str = "auto"
+    rescan_interval: float = 2.0
+    gpu_interval: float = 2.0
+    lost_interval: float = 1.0
+    poll_ms: int = 100
+    extra_gpu_majors: tuple[int, ...] = ()
+    create_default: bool = True
+    duration: float | None = None  # stop after this many seconds (tests, demos)
+
+
+@dataclass
+class Summary:
+    events: Counter = field(default_factory=Counter)
+    lost_kernel: Counter = field(default_factory=Counter)
+    lost_output: int = 0
+    decode_errors: int = 0
+    reason: str = ""
+
+    @property
+    def events_total(self) -> int:
+        return sum(self.events.values())
+
+    @property
+    def lost_total(self) -> int:
+        return sum(self.lost_kernel.values()) + self.lost_output + self.decode_errors
+
+
+def check_privileges() -> None:
+    if os.geteuid() == 0:
+        return
+    try:
+        with open("/proc/self/status") as f:
+            cap_eff = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
+    except (OSError, StopIteration, ValueError):
+        cap_eff = 0
+    need = {"CAP_SYS_ADMIN": 21, "CAP_BPF": 39, "CAP_PERFMON": 38}
+    if cap_eff & (1 << 21):
+        return
+    missing = [n for n, bit in need.items() if not cap_eff & (1 << bit)]
+    if missing:
+        raise PermissionProblem(f"agentprobe watch needs root (missing {', '.join(missing)}): run it with sudo")
+
+
+def check_btf() -> None:
+    if not Path("/sys/kernel/btf/vmlinux").exists():
+        raise AgentprobeError("the kernel has no BTF (/sys/kernel/btf/vmlinux): a kernel built with "
+                              "CONFIG_DEBUG_INFO_BTF=y is required", EXIT_KERNEL)
+
+
+class Watcher:
+    def __init__(self, options: WatchOptions, stages: list[Stage] | None = None,
+                 on_record: Callable[[dict], None] | None = None, err=None) -> None:
+        self.options = options
+        self.stages = stages or []
+        self.on_record = on_record
+        self.err = err or sys.stderr
+        self.summary = Summary()
+        self.sinks: list[Sink] = []
+        self.watched: dict[int, WatchedCgroup] = {}
+        self._locks: dict[int, CgroupLock] = {}
+        self._stop = False
+        self._seq = 0
+        self._probes = None
+        self._gpu_pids: dict[int, int] = {}  # pid -> cgroup id, processes with in-kernel GPU state
+        self._lost_seen: Counter = Counter()
+        self._output_dropped = 0
+        self.root: Path | None = None
+        self.cgroup_set: CgroupSet | None = None
+        self.enricher: Enricher | None = None
+        self.created_default: Path | None = None
+
+    # ---- set-up ----
+    def prepare(self) -> None:
+        """Every check that can fail, before anything is attached or written."""
+        check_privileges()
+        check_btf()
+        from .loader import import_bcc
+
+        import_bcc()
+        self.root = find_v2_mount()
+        opts = self.options
+        paths = list(opts.cgroups)
+        if not paths and not opts.cgroup_globs:
+            default = self.root / DEFAULT_AGENT_CGROUP
+            if not default.exists() and opts.create_default:
+                default.mkdir()
+                self.created_default = default
+            paths = [str(default)]
+        self.cgroup_set = CgroupSet(self.root, paths, list(opts.cgroup_globs))
+        self.cgroup_set.check()
+        for spec in opts.outputs:
+            check_output(spec)
+        self.watched = self.cgroup_set.scan()
+        for cg in self.watched.values():
+            self._lock(cg, explicit=True)
+
+    def _lock(self, cg: WatchedCgroup, explicit: bool) -> bool:
+        if cg.id in self._locks:
+            return True
+        try:
+            self._locks[cg.id] = CgroupLock(self.root / cg.path.lstrip("/"))
+            return True
+        except CgroupError as e:
+            if explicit:
+                raise AgentprobeError(str(e), EXIT_BUSY) from None
+            print(f"agentprobe: skipping {cg.path}: {e}", file=self.err)
+            return False
+        except OSError:
+            return False
+
+    def start(self) -> None:
+        from .loader import LoaderOptions, ProbeSet
+
+        self._clock_offset = time.time_ns() - time.monotonic_ns()
+        self.enricher = Enricher(self._cgroup_name, self._clock_offset)
+        self._probes = ProbeSet(
+            LoaderOptions(buffer=self.options.buffer, extra_gpu_majors=self.options.extra_gpu_majors),
+            self._on_raw,
+        )
+        try:
+            for spec in self.options.outputs:
+                self.sinks.append(open_sink(spec))
+        except AgentprobeError:
+            self._probes.close()
+            self._probes = None
+            raise
+        self._probes.set_watched(self.watched.values())
+        self._discover_running()
+        start = self._start_record()
+        for s in self.sinks:
+            if hasattr(s, "start_record"):
+                s.start_record = encode(start)
+        self.emit(start)
+        self.flush()
+
+    def _start_record(self) -> dict:
+        return self._meta("start", {
+            "version": __version__,
+            "pid": os.getpid(),
+            "argv": sys.argv,
+            "kernel": platform.release(),
+            "buffer": self._probes.buffer,
+            "cgroup_root": str(self.root),
+            "cgroups": [{"id": c.id, "path": c.path} for c in self.watched.values()],
+            "globs": self.options.cgroup_globs,
+            "gpu_majors": {str(k): v for k, v in self._probes.gpu_majors.items()},
+            "limits": {"argv_args": abi.MAX_ARGS, "argv_bytes": abi.ARGS_LEN, "arg_bytes": abi.ARG_LEN,
+                       "filename_bytes": abi.FILENAME_LEN, "argc_counted": abi.MAX_ARGS_SCAN},
+        })
+
+    def _discover_running(self) -> None:
+        """Processes already in the watched cgroups join the process tree."""
+        for cg in self.watched.values():
+            procs = self.root / cg.path.lstrip("/") / "cgroup.procs"
+            try:
+                pids = [int(p) for p in procs.read_text().split()]
+            except OSError:
+                continue
+            for pid in pids:
+                self.enricher.discover(pid)
+
+    def _meta(self, type_: str, fields: dict) -> dict:
+        now = time.monotonic_ns()
+        rec = {"v": 1, "type": type_, "ts": now + self._clock_offset, "ktime": now,
+               "node": self.enricher.node if self.enricher else platform.node()}
+        rec.update(fields)
+        return rec
+
+    def _cgroup_name(self, cid: int) -> str | None:
+        return self.cgroup_set.name_of(cid, self.watched)
+
+    # ---- the loop ----
+    def _on_raw(self, data: bytes) -> None:
+        try:
+            ev = decode(data)
+        except DecodeError:
+            self.summary.decode_errors += 1
+            return
+        try:
+            rec = self.enricher.record(ev)
+        except Exception as e:  # one bad record must not stop the watcher
+            self.summary.decode_errors += 1
+            print(f"agentprobe: could not enrich a {ev.type} record: {e}", file=self.err)
+            return
+        if ev.type == "gpu":
+            self._gpu_pids[ev.proc.pid] = ev.cgroup_id
+        self.emit(rec)
+        if ev.type == "exit" and ev.proc.pid in self._gpu_pids:
+            self._flush_gpu_counts()
+            self._probes.forget_process(ev.proc.pid)
+            del self._gpu_pids[ev.proc.pid]
+
+    def emit(self, rec: dict, from_stage: int = 0) -> None:
+        rec["seq"] = self._seq
+        self._seq += 1
+        self.summary.events[rec["type"]] += 1
+        data = encode(rec)
+        for s in self.sinks:
+            s.write(data)
+        if self.on_record:
+            self.on_record(rec)
+        for i in range(from_stage, len(self.stages)):
+            for out in self.stages[i].process(rec):
+                self.emit(out, i + 1)
+
+    def flush(self) -> None:
+        for s in self.sinks:
+            try:
+                s.service()
+                s.flush()
+            except OSError as e:
+                print(f"agentprobe: output {s.name}: {e}", file=self.err)
+
+    def stop(self, *_args) -> None:
+        self._stop = True
+
+    def run(self) -> Summary:
+        old = {sig: signal.signal(sig, self.stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        deadline = time.monotonic() + self.options.duration if self.options.duration else None
+        now = time.monotonic()
+        next_rescan = now + self.options.rescan_interval
+        next_lost = now + self.options.lost_interval
+        next_gpu = now + self.options.gpu_interval
+        try:
+            while not self._stop:
+                self._probes.poll(self.options.poll_ms)
+                now = time.monotonic()
+                if now >= next_lost:
+                    self._check_losses()
+                    next_lost = now + self.options.lost_interval
+                if now >= next_rescan:
+                    self.rescan()
+                    next_rescan = now + self.options.rescan_interval
+                if now >= next_gpu:
+                    self._flush_gpu_counts()
+                    next_gpu = now + self.options.gpu_interval
+                self.flush()
+                if deadline and now >= deadline:
+                    self.summary.reason = "duration"
+                    break
+            if not self.summary.reason:
+                self.summary.reason = "signal"
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+        return self.summary
+
+    def drain(self) -> None:
+        """Read what the kernel still holds (used before stopping)."""
+        if self._probes is not None:
+            self._probes.poll(0)
+            self._flush_gpu_counts()
+            self._check_losses()
+
+    def rescan(self) -> None:
+        found = self.cgroup_set.scan()
+        for cid in set(found) - set(self.watched):
+            if not self._lock(found[cid], explicit=False):
+                del found[cid]
+        changed = set(found) != set(self.watched)
+        gone = set(self.watched) - set(found)
+        added = set(found) - set(self.watched)
+        if changed:
+            self._probes.set_watched(found.values())
+        for cid in gone:
+            lock = self._locks.pop(cid, None)
+            if lock:
+                lock.close()
+            self.emit(self._meta("cgroup", {"change": "gone", "cgroup": {"id": cid,
+                                                                          "path": self.watched[cid].path}}))
+            for st in self.stages:
+                forget = getattr(st, "forget_cgroup", None)
+                if forget:
+                    forget(cid)
+        for cid in added:
+            self.emit(self._meta("cgroup", {"change": "watched", "cgroup": {"id": cid,
+                                                                             "path": found[cid].path}}))
+        self.watched = found
+        if added:
+            self._discover_running()
+
+    def _check_losses(self) -> None:
+        counts = self._probes.lost_counts()
+        delta = {EV_NAMES.get(t, str(t)): n - self._lost_seen[t] for t, n in counts.items()
+                 if n > self._lost_seen[t]}
+        for t, n in counts.items():
+            self._lost_seen[t] = n
+        if delta:
+            for k, v in delta.items():
+                self.summary.lost_kernel[k] += v
+            self.emit(self._meta("lost", {"source": "kernel", "counts": delta, "total": sum(delta.values())}))
+        dropped = sum(s.dropped for s in self.sinks)
+        if dropped > self._output_dropped:
+            n = dropped - self._output_dropped
+            self._output_dropped = dropped
+            self.summary.lost_output = dropped
+            self.emit(self._meta("lost", {"source": "output", "counts": {s.name: s.dropped for s in self.sinks},
+                                          "total": n}))
+
+    def _flush_gpu_counts(self) -> None:
+        if self._probes is None:
+            return
+        grouped: dict[tuple[int, int], list] = {}
+        for key, delta, first_ns, last_ns in self._probes.gpu_counts():
+            grouped.setdefault((key.pid, key.dev), []).append((key, delta, first_ns, last_ns))
+        for (pid, dev), items in grouped.items():
+            first = min(i[2] for i in items)
+            last = max(i[3] for i in items)
+            kinds = self._probes.gpu_majors
+            major = dev >> 20
+            from .events import GPU_DEVICE_KINDS
+
+            rec = self.enricher.synthetic("gpu", pid, self._gpu_pids.get(pid, 0), last, {
+                "kind": "counts",
+                "device": {"major": major, "minor": dev & 0xFFFFF,
+                           "kind": GPU_DEVICE_KINDS.get(kinds.get(major, 0), "unknown")},
+                "counts": [{"nr": k.nr, "detail": k.detail, "count": d} for k, d, _, _ in items],
+                "total": sum(i[1] for i in items),
+                "interval_ns": max(0, last - first),
+            })
+            self.emit(rec)
+
+    # ---- tear-down ----
+    def close(self, error: str | None = None) -> None:
+        if self._probes is not None:
+            try:
+                self.drain()
+            except Exception:
+                pass
+            stop = self._meta("stop", {
+                "reason": error or self.summary.reason or "stopped",
+                "events": dict(self.summary.events),
+                "events_total": self.summary.events_total + 1,
+                "lost": dict(self.summary.lost_kernel),
+                "lost_output": self.summary.lost_output,
+                "decode_errors": self.summary.decode_errors,
+                "lost_total": self.summary.lost_total,
+            })
+            self.emit(stop)
+            self._probes.close()
+            self._probes = None
+        for s in self.sinks:
+            try:
+                s.close()
+            except OSError as e:
+                print(f"agentprobe: output {s.name}: {e}", file=self.err)
+        self.sinks = []
+        for lock in self._locks.values():
+            lock.close()
+        self._locks = {}
