@@ -166,7 +166,7 @@ class ProbeSet:
                 raise LoaderError(f"cannot load the eBPF programs: {e}") from None
         self.buffer = "ringbuf" if ringbuf_ok else "perf"
         b = self._bpf
-        majors = b["gpu_majors"]
+        majors = b[b"gpu_majors"]
         all_majors = dict(gpu_majors())
         for m in self.options.extra_gpu_majors:
             all_majors.setdefault(m, abi.GPU_DEV_NVIDIA)
@@ -175,9 +175,9 @@ class ProbeSet:
         self.gpu_majors = all_majors
         cb = self._callback
         if ringbuf_ok:
-            b["events"].open_ring_buffer(cb)
+            b[b"events"].open_ring_buffer(cb)
         else:
-            b["events"].open_perf_buffer(cb, page_cnt=self.options.perf_pages)
+            b[b"events"].open_perf_buffer(cb, page_cnt=self.options.perf_pages)
 
     def _callback(self, *args) -> int:
         # ring buffer: (ctx, data, size); perf buffer: (cpu, data, size)
@@ -188,7 +188,7 @@ class ProbeSet:
     # ---- watched cgroups ----
     def set_watched(self, cgroups: Iterable[WatchedCgroup]) -> None:
         b = self._bpf
-        table = b["watched"]
+        table = b[b"watched"]
         wanted = {c.id: c for c in cgroups}
         for k in list(table.keys()):
             if k.value not in wanted:
@@ -198,7 +198,7 @@ class ProbeSet:
             table[ct.c_uint64(c.id)] = ct.c_uint8(1)
             if c.level < abi.MAX_CGROUP_LEVEL:
                 mask |= 1 << c.level
-        b["watched_levels"][ct.c_int(0)] = ct.c_uint64(mask)
+        b[b"watched_levels"][ct.c_int(0)] = ct.c_uint64(mask)
 
     # ---- polling ----
     def poll(self, timeout_ms: int) -> None:
@@ -209,14 +209,14 @@ class ProbeSet:
 
     def lost_counts(self) -> dict[int, int]:
         """Records the kernel could not write, by record type, since load."""
-        table = self._bpf["lost"]
+        table = self._bpf[b"lost"]
         return {t: int(table.sum(ct.c_int(t)).value) for t in range(abi.EV_TYPES)}
 
     def gpu_counts(self) -> list[tuple[abi.GpuKey, int, int, int]]:
         """(key, new ioctls since last call, first_ns, last_ns) for keys that moved."""
         out = []
         seen = set()
-        for k, v in self._bpf["gpu_counts"].items():
+        for k, v in self._bpf[b"gpu_counts"].items():
             ident = (k.pid, k.dev, k.nr, k.detail)
             seen.add(ident)
             delta = v.count - self._gpu_last.get(ident, 0)
@@ -229,13 +229,13 @@ class ProbeSet:
 
     def forget_process(self, pid: int) -> None:
         """Drop in-kernel GPU state of an exited process."""
-        table = self._bpf["gpu_counts"]
+        table = self._bpf[b"gpu_counts"]
         for k in [k for k in table.keys() if k.pid == pid]:
             try:
                 del table[k]
             except KeyError:
                 pass
-        seen = self._bpf["gpu_seen"]
+        seen = self._bpf[b"gpu_seen"]
         for k in [k for k in seen.keys() if (k.value >> 32) == pid]:
             try:
                 del seen[k]

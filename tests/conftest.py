@@ -1,0 +1,137 @@
+"""Shared fixtures. Kernel tests need root, BCC and BTF: where those are missing
+they skip, except when AGENTPROBE_REQUIRE_KERNEL=1 (set by .ci/run), where
+they fail: in CI an eBPF test that skips is a failure."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from agentprobe.cgroups import cgroup_id, find_v2_mount
+
+REQUIRE_KERNEL = os.environ.get("AGENTPROBE_REQUIRE_KERNEL") == "1"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def kernel_unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "kernel tests need root"
+    if not Path("/sys/kernel/btf/vmlinux").exists():
+        return "kernel has no BTF"
+    try:
+        from agentprobe.loader import import_bcc
+
+        import_bcc()
+    except Exception as e:  # noqa: BLE001
+        return f"BCC unavailable: {e}"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = kernel_unavailable()
+    if reason is None:
+        return
+    for item in items:
+        if "kernel" in item.keywords:
+            if REQUIRE_KERNEL:
+                item.user_properties.append(("kernel_missing", reason))
+            else:
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def pytest_runtest_setup(item):
+    for name, reason in item.user_properties:
+        if name == "kernel_missing":
+            pytest.fail(f"required kernel test cannot run: {reason}", pytrace=False)
+
+
+class Cgroup:
+    """A throw-away cgroup v2 directory; removal kills what is left inside."""
+
+    def __init__(self, root: Path, rel: str) -> None:
+        self.root = root
+        self.path = root / rel
+        self.path.mkdir(parents=True)
+        self.rel = "/" + rel
+        self.id = cgroup_id(self.path)
+
+    def child(self, name: str) -> Cgroup:
+        return Cgroup(self.root, f"{self.rel.lstrip('/')}/{name}")
+
+    def enter(self) -> None:
+        """preexec_fn: move the calling (child) process into this cgroup."""
+        with open(self.path / "cgroup.procs", "w") as f:
+            f.write(str(os.getpid()))
+
+    def run(self, argv, **kw) -> subprocess.CompletedProcess:
+        kw.setdefault("capture_output", True)
+        kw.setdefault("timeout", 30)
+        return subprocess.run(argv, preexec_fn=self.enter, **kw)
+
+    def popen(self, argv, **kw) -> subprocess.Popen:
+        return subprocess.Popen(argv, preexec_fn=self.enter, **kw)
+
+    def remove(self) -> None:
+        remove_cgroup_tree(self.path)
+
+
+def remove_cgroup_tree(path: Path) -> None:
+    if not path.exists():
+        return
+    for sub in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        _remove_one(sub)
+    _remove_one(path)
+
+
+def _remove_one(path: Path) -> None:
+    import time
+
+    for name, value in (("cgroup.freeze", "0"), ("cgroup.kill", "1")):
+        try:
+            (path / name).write_text(value)
+        except OSError:
+            pass
+    for _ in range(200):
+        try:
+            path.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.01)
+    path.rmdir()
+
+
+@pytest.fixture
+def cgroup_root() -> Path:
+    return find_v2_mount()
+
+
+@pytest.fixture
+def agent_cgroup(cgroup_root):
+    cg = Cgroup(cgroup_root, f"agentprobe-test-{uuid.uuid4().hex[:8]}")
+    try:
+        yield cg
+    finally:
+        cg.remove()
+
+
+@pytest.fixture
+def outside_cgroup(cgroup_root):
+    """A cgroup that is not watched, for the 'nothing from outside' checks."""
+    cg = Cgroup(cgroup_root, f"agentprobe-outside-{uuid.uuid4().hex[:8]}")
+    try:
+        yield cg
+    finally:
+        cg.remove()
+
+
+@pytest.fixture
+def agentprobe_cmd() -> list[str]:
+    exe = shutil.which("agentprobe")
+    return [exe] if exe else ["python3", "-m", "agentprobe.cli"]

@@ -1,0 +1,376 @@
+"""The real eBPF programs on the real kernel, with real processes in a test cgroup."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import textwrap
+import threading
+
+import pytest
+
+from agentprobe import abi
+from agentprobe.events import ConnectEvent, ExecEvent, ExitEvent, ForkEvent, GpuEvent
+
+pytestmark = pytest.mark.kernel
+
+PY = "/usr/bin/python3"
+
+
+@pytest.fixture(scope="module")
+def capture():
+    from kernelutil import Capture
+
+    cap = Capture()
+    try:
+        yield cap
+    finally:
+        cap.close()
+
+
+@pytest.fixture
+def watched(capture, agent_cgroup):
+    capture.watch(agent_cgroup)
+    yield agent_cgroup
+    capture.watch()
+
+
+def py(code: str) -> list[str]:
+    return [PY, "-c", textwrap.dedent(code)]
+
+
+def execs(evs, filename=None):
+    return [e for e in evs if isinstance(e, ExecEvent) and (filename is None or e.filename == filename)]
+
+
+# ---------------------------------------------------------------- exec
+def test_exec_exact_argv_and_identity(capture, watched):
+    p = watched.popen(["/bin/echo", "hello", "a b", "--flag=x", ""], stdout=subprocess.DEVNULL)
+    p.wait(10)
+    evs = capture.wait(lambda e: isinstance(e, ExecEvent) and e.filename == "/bin/echo")
+    (ev,) = execs(evs, "/bin/echo")
+    assert ev.argv == ["/bin/echo", "hello", "a b", "--flag=x", ""]
+    assert ev.argc_total == 5 and not ev.args_truncated and not ev.arg_truncated
+    assert ev.retval == 0 and not ev.failed
+    assert ev.proc.pid == p.pid and ev.proc.tid == p.pid
+    assert ev.proc.ppid == os.getpid()
+    assert ev.proc.uid == 0 and ev.proc.comm == "echo"
+    assert ev.cgroup_id == watched.id
+
+
+def test_failed_exec_is_marked(capture, watched):
+    watched.run(py("""
+        import os
+        try:
+            os.execv("/nonexistent/agentprobe-miner", ["agentprobe-miner", "-o", "pool"])
+        except OSError:
+            pass
+    """))
+    evs = capture.wait(lambda e: isinstance(e, ExecEvent) and e.failed)
+    (ev,) = execs(evs, "/nonexistent/agentprobe-miner")
+    assert ev.retval == -2 and ev.failed
+    assert ev.argv == ["agentprobe-miner", "-o", "pool"]
+    assert ev.fields()["error"] == "ENOENT"
+
+
+def test_execveat_fexecve(capture, watched):
+    # glibc's fexecve() is execveat(fd, "", argv, envp, AT_EMPTY_PATH)
+    watched.run(py("""
+        import os
+        fd = os.open("/bin/true", os.O_RDONLY)
+        os.execve(fd, ["renamed-true", "--x"], {})
+    """))
+    evs = capture.wait(lambda e: isinstance(e, ExecEvent) and e.execveat)
+    (ev,) = [e for e in execs(evs) if e.execveat]
+    assert ev.argv == ["renamed-true", "--x"]
+    assert ev.filename == "" and ev.at_flags & 0x1000  # AT_EMPTY_PATH
+    assert ev.retval == 0 and ev.proc.comm == "true"
+
+
+def test_argv_limits_are_flagged(capture, watched):
+    many = [f"a{i}" for i in range(100)]
+    watched.run(["/bin/true", *many])
+    long_arg = "x" * 1000
+    watched.run(["/bin/true", long_arg, "tail"])
+    evs = execs(capture.settle(0.5), "/bin/true")
+    first, second = evs
+    assert first.argc_total == 101
+    assert len(first.argv) == abi.MAX_ARGS and first.argv[:3] == ["/bin/true", "a0", "a1"]
+    assert first.args_truncated
+    assert second.argv[1] == "x" * (abi.ARG_LEN - 1) and second.argv[2] == "tail"
+    assert second.arg_truncated and not second.args_truncated
+
+
+# ---------------------------------------------------------------- connect
+@pytest.fixture
+def tcp_servers():
+    """Listening sockets that accept and close every connection (in a thread)."""
+    socks = []
+
+    def serve(s):
+        while True:
+            try:
+                conn, _ = s.accept()
+            except OSError:
+                return
+            conn.close()
+
+    def listen(family, addr):
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.bind(addr)
+        s.listen(64)
+        socks.append(s)
+        threading.Thread(target=serve, args=(s,), daemon=True).start()
+        return s.getsockname()[1]
+
+    yield listen
+    for s in socks:
+        s.shutdown(socket.SHUT_RDWR)
+        s.close()
+
+
+def connects(evs):
+    return [e for e in evs if isinstance(e, ConnectEvent)]
+
+
+def test_connect_ipv4_ipv6_mapped_exact(capture, watched, tcp_servers):
+    p4 = tcp_servers(socket.AF_INET, ("127.0.0.1", 0))
+    p6 = tcp_servers(socket.AF_INET6, ("::1", 0))
+    watched.run(py(f"""
+        import socket
+        socket.create_connection(("127.0.0.1", {p4})).close()
+        s = socket.socket(socket.AF_INET6); s.connect(("::1", {p6})); s.close()
+        s = socket.socket(socket.AF_INET6); s.connect(("::ffff:127.0.0.1", {p4})); s.close()
+    """))
+    evs = connects(capture.wait(lambda e: isinstance(e, ConnectEvent) and e.v4mapped))
+    assert [(e.family, e.address, e.port, e.v4mapped, e.result) for e in evs] == [
+        ("inet", "127.0.0.1", p4, False, "ok"),
+        ("inet6", "::1", p6, False, "ok"),
+        ("inet6", "127.0.0.1", p4, True, "ok"),
+    ]
+    assert all(e.sock_type == "stream" and e.cgroup_id == watched.id for e in evs)
+
+
+def test_connect_refused_and_udp(capture, watched):
+    watched.run(py("""
+        import socket
+        s = socket.socket(); s.connect_ex(("127.0.0.1", 1)); s.close()
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.connect(("127.0.0.1", 53)); u.close()
+    """))
+    evs = connects(capture.wait(lambda e: isinstance(e, ConnectEvent) and e.sock_type == "dgram"))
+    assert [(e.address, e.port, e.sock_type, e.result, e.retval) for e in evs] == [
+        ("127.0.0.1", 1, "stream", "error", -111),
+        ("127.0.0.1", 53, "dgram", "ok", 0),
+    ]
+
+
+def test_connect_unix_path_and_abstract(capture, watched, tmp_path):
+    path = str(tmp_path / "agent.sock")
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(path)
+    srv.listen(2)
+    try:
+        watched.run(py(f"""
+            import socket
+            socket.socket(socket.AF_UNIX).connect({path!r})
+            socket.socket(socket.AF_UNIX).connect_ex("\\0agentprobe-abstract")
+        """))
+        evs = connects(capture.wait(lambda e: isinstance(e, ConnectEvent) and e.abstract))
+    finally:
+        srv.close()
+    assert [(e.family, e.unix_path, e.abstract, e.result) for e in evs] == [
+        ("unix", path, False, "ok"),
+        ("unix", "@agentprobe-abstract", True, "error"),
+    ]
+
+
+@pytest.fixture
+def blackhole_net():
+    """A veth into a namespace of our own; 203.0.113.77 on it never answers."""
+    ns = f"apt{os.getpid() % 100000}"
+    cmds = [
+        ["ip", "netns", "add", ns],
+        ["ip", "link", "add", f"{ns}a", "type", "veth", "peer", "name", f"{ns}b"],
+        ["ip", "link", "set", f"{ns}b", "netns", ns],
+        ["ip", "addr", "add", "203.0.113.1/24", "dev", f"{ns}a"],
+        ["ip", "link", "set", f"{ns}a", "up"],
+        ["ip", "-n", ns, "addr", "add", "203.0.113.2/24", "dev", f"{ns}b"],
+        ["ip", "-n", ns, "link", "set", f"{ns}b", "up"],
+    ]
+    try:
+        for c in cmds:
+            subprocess.run(c, check=True, capture_output=True)
+        yield "203.0.113.77"
+    finally:
+        subprocess.run(["ip", "link", "del", f"{ns}a"], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_nonblocking_connect_in_progress(capture, watched, blackhole_net):
+    watched.run(py(f"""
+        import socket
+        s = socket.socket(); s.setblocking(False)
+        print(s.connect_ex(({blackhole_net!r}, 2222)))
+        s.close()
+    """))
+    evs = connects(capture.wait(lambda e: isinstance(e, ConnectEvent)))
+    assert [(e.address, e.port, e.result, e.retval) for e in evs] == [(blackhole_net, 2222, "in_progress", -115)]
+
+
+# ---------------------------------------------------------------- GPU
+@pytest.fixture
+def nvidia_nodes(tmp_path):
+    ctl = tmp_path / "nvidiactl"
+    gpu0 = tmp_path / "nvidia0"
+    os.mknod(ctl, 0o600 | 0o020000, os.makedev(195, 255))
+    os.mknod(gpu0, 0o600 | 0o020000, os.makedev(195, 0))
+    yield ctl, gpu0
+    # tmp_path is removed by pytest; the nodes go with it
+
+
+GPU_SCRIPT = """
+import fcntl, os, struct, ctypes
+def iowr(nr, size):
+    return (3 << 30) | (size << 16) | (ord("F") << 8) | nr
+def call(fd, req, buf):
+    try:
+        fcntl.ioctl(fd, req, buf)
+    except OSError:
+        pass  # O_PATH fd: EBADF after the tracepoint saw it
+ctl = os.open({ctl!r}, os.O_PATH)
+gpu = os.open({gpu!r}, os.O_PATH)
+for _ in range(3):
+    call(ctl, iowr(210, 64), bytearray(64))            # CHECK_VERSION_STR
+alloc = bytearray(struct.pack("<IIII", 1, 2, 3, 0x41)) + bytearray(48)
+call(ctl, iowr(0x2B, len(alloc)), alloc)            # RM_ALLOC root client
+inner = ctypes.create_string_buffer(struct.pack("<IIII", 1, 2, 3, 0x2080) + bytes(48))
+xfer = bytearray(struct.pack("<IIQ", 0x2B, 64, ctypes.addressof(inner)))
+call(gpu, iowr(211, len(xfer)), xfer)               # IOCTL_XFER_CMD wrapping RM_ALLOC subdevice
+null = os.open("/dev/null", os.O_RDONLY)
+call(null, iowr(210, 64), bytearray(64))            # not a GPU: nothing
+"""
+
+
+def test_gpu_ioctls_first_use_and_counts(capture, watched, nvidia_nodes):
+    ctl, gpu0 = nvidia_nodes
+    p = watched.popen([PY, "-c", GPU_SCRIPT.format(ctl=str(ctl), gpu=str(gpu0))])
+    assert p.wait(20) == 0
+    evs = [e for e in capture.wait(lambda e: isinstance(e, GpuEvent) and e.xfer) if isinstance(e, GpuEvent)]
+    got = [(e.major, e.minor, e.nr, e.detail, e.first_device, e.xfer) for e in evs]
+    assert got == [
+        (195, 255, 210, 0, True, False),
+        (195, 255, 0x2B, 0x41, False, False),
+        (195, 0, 0x2B, 0x2080, True, True),
+    ]
+    assert all(e.proc.pid == p.pid and e.device_kind == "nvidia" for e in evs)
+    counts = {(k.pid, k.dev >> 20, k.dev & 0xFFFFF, k.nr, k.detail): n for k, n, _, _ in capture.probes.gpu_counts()}
+    assert counts == {
+        (p.pid, 195, 255, 210, 0): 3,
+        (p.pid, 195, 255, 0x2B, 0x41): 1,
+        (p.pid, 195, 0, 0x2B, 0x2080): 1,
+    }
+    capture.probes.forget_process(p.pid)
+    assert capture.probes.gpu_counts() == []
+
+
+# ---------------------------------------------------------------- process tree
+def test_fork_exec_exit_tree(capture, watched):
+    p = watched.popen(["/bin/sh", "-c", "/bin/true x; exit 3"])
+    assert p.wait(10) == 3
+    evs = capture.wait(lambda e: isinstance(e, ExitEvent) and e.proc.pid == p.pid)
+    forks = [e for e in evs if isinstance(e, ForkEvent)]
+    (true_exec,) = execs(evs, "/bin/true")
+    assert [(f.proc.pid, f.child_pid) for f in forks] == [(p.pid, true_exec.proc.pid)]
+    assert true_exec.proc.ppid == p.pid
+    exits = {e.proc.pid: e.fields() for e in evs if isinstance(e, ExitEvent)}
+    assert exits == {true_exec.proc.pid: {"status": 0, "code": 0}, p.pid: {"status": 3 << 8, "code": 3}}
+
+
+def test_threads_are_not_processes(capture, watched):
+    watched.run(py("""
+        import threading
+        t = threading.Thread(target=lambda: None); t.start(); t.join()
+    """))
+    evs = capture.settle(0.5)
+    assert [e for e in evs if isinstance(e, ForkEvent)] == []
+    assert len([e for e in evs if isinstance(e, ExitEvent)]) == 1
+
+
+def test_nested_cgroup_is_in_scope(capture, watched):
+    inner = watched.child("episode-1")
+    inner.run(["/bin/echo", "nested"])
+    evs = capture.wait(lambda e: isinstance(e, ExecEvent))
+    (ev,) = execs(evs, "/bin/echo")
+    assert ev.cgroup_id == inner.id and ev.argv == ["/bin/echo", "nested"]
+
+
+# ---------------------------------------------------------------- nothing from outside
+def test_nothing_from_outside(capture, watched, outside_cgroup, tcp_servers, nvidia_nodes):
+    port = tcp_servers(socket.AF_INET, ("127.0.0.1", 0))
+    ctl, gpu0 = nvidia_nodes
+    outside_cgroup.run(["/bin/echo", "outside"])
+    outside_cgroup.run(py(f"import socket; socket.create_connection(('127.0.0.1', {port})).close()"))
+    outside_cgroup.run([PY, "-c", GPU_SCRIPT.format(ctl=str(ctl), gpu=str(gpu0))])
+    subprocess.run(["/bin/true"])  # the test's own cgroup
+    socket.create_connection(("127.0.0.1", port)).close()
+    assert capture.settle(0.5) == []
+    # and the same actions inside are seen
+    watched.run(["/bin/echo", "inside"])
+    assert execs(capture.wait(lambda e: isinstance(e, ExecEvent)), "/bin/echo")[0].argv == ["/bin/echo", "inside"]
+
+
+def test_unwatching_stops_events(capture, agent_cgroup):
+    capture.watch(agent_cgroup)
+    capture.watch()  # empty set
+    agent_cgroup.run(["/bin/echo", "x"])
+    assert capture.settle(0.3) == []
+
+
+# ---------------------------------------------------------------- buffers and losses
+def test_perf_buffer_fallback(agent_cgroup):
+    from kernelutil import Capture
+
+    cap = Capture(buffer="perf")
+    try:
+        assert cap.probes.buffer == "perf"
+        cap.watch(agent_cgroup)
+        agent_cgroup.run(["/bin/echo", "perf", "buffer"])
+        (ev,) = execs(cap.wait(lambda e: isinstance(e, ExecEvent)), "/bin/echo")
+        assert ev.argv == ["/bin/echo", "perf", "buffer"]
+    finally:
+        cap.close()
+
+
+def test_losses_are_counted_not_silent(agent_cgroup):
+    """A one-page ring buffer cannot hold an exec record: every one is counted as lost."""
+    from kernelutil import Capture
+
+    cap = Capture(buffer="ringbuf", ringbuf_pages=1)
+    try:
+        cap.watch(agent_cgroup)
+        for _ in range(3):
+            agent_cgroup.run(["/bin/true"])
+        evs = cap.settle(0.3)
+        assert execs(evs) == []
+        lost = cap.probes.lost_counts()
+        assert lost[abi.EV_EXEC] == 3
+        assert sum(1 for e in evs if isinstance(e, ExitEvent)) == 3  # small records still fit
+    finally:
+        cap.close()
+
+
+def test_many_threads_connecting_concurrently(capture, watched, tcp_servers):
+    port = tcp_servers(socket.AF_INET, ("127.0.0.1", 0))
+    watched.run(py(f"""
+        import socket, threading
+        def go():
+            for _ in range(20):
+                socket.create_connection(("127.0.0.1", {port})).close()
+        ts = [threading.Thread(target=go) for _ in range(8)]
+        [t.start() for t in ts]; [t.join() for t in ts]
+    """))
+    evs = capture.settle(0.5)
+    cs = connects(evs)
+    assert len(cs) == 160 and all(c.port == port and c.result == "ok" for c in cs)
+    assert len({c.proc.tid for c in cs}) == 8
