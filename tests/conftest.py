@@ -5,7 +5,7 @@ they fail: in CI an eBPF test that skips is a failure."""
 from __future__ import annotations
 
 import os
-import shutil
+import sys
 import subprocess
 import uuid
 from pathlib import Path
@@ -133,5 +133,5 @@ def outside_cgroup(cgroup_root):
 
 @pytest.fixture
 def agentprobe_cmd() -> list[str]:
-    exe = shutil.which("agentprobe")
-    return [exe] if exe else ["python3", "-m", "agentprobe.cli"]
+    """The CLI of the agentprobe under test, run by the interpreter running the tests."""
+    return [sys.executable, "-m", "agentprobe"]

@@ -1,0 +1,113 @@
+"""Enrichment: process tree, exe hashing, records for processes that are gone."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+
+from agentprobe.enrich import Enricher, ExeHasher, ProcessTree, ProcInfo
+from agentprobe.events import ConnectEvent, ExecEvent, ExitEvent, ForkEvent, Process
+
+
+def proc(pid, ppid, comm="sh", uid=0):
+    return Process(pid, pid, ppid, uid, 0, comm)
+
+
+def enricher():
+    return Enricher(lambda cid: {5: "/agents/kubepods/docker-" + "a" * 64 + ".scope"}.get(cid), 1000, node="n1")
+
+
+def test_tree_ancestors_and_release():
+    t = ProcessTree()
+    t.add(ProcInfo(100, 1, "agent"))
+    t.fork(t.get(100), 200)
+    t.fork(t.get(200), 300)
+    assert [a.pid for a in t.ancestors(300)] == [200, 100]
+    t.exit(200)  # has a live child: kept as ancestor
+    assert [a.pid for a in t.ancestors(300)] == [200, 100]
+    t.exit(300)  # last one of its branch: both go
+    assert 300 not in t and 200 not in t and 100 in t
+
+
+def test_tree_is_bounded():
+    t = ProcessTree(max_size=10)
+    for pid in range(100, 150):
+        t.add(ProcInfo(pid, 1))
+    assert len(t) == 10 and 149 in t and 100 not in t
+
+
+def test_tree_survives_parent_cycles():
+    t = ProcessTree()
+    t.add(ProcInfo(10, 11))
+    t.add(ProcInfo(11, 10))
+    assert [a.pid for a in t.ancestors(10)] == [11]
+
+
+def test_exe_hasher_caches_by_inode(tmp_path):
+    f = tmp_path / "tool"
+    f.write_bytes(b"#!/bin/sh\necho hi\n")
+    h = ExeHasher()
+    assert h.of_path(str(f)) == hashlib.sha256(f.read_bytes()).hexdigest()
+    f.write_bytes(b"changed")
+    os.utime(f, ns=(1, 1))  # new mtime: a new cache key
+    assert h.of_path(str(f)) == hashlib.sha256(b"changed").hexdigest()
+    assert h.of_path(str(tmp_path / "missing")) is None
+
+
+def test_hash_of_a_running_copy_matches_original(tmp_path):
+    """A renamed copy of a binary has the original's sha256, read through /proc/PID/exe."""
+    copy = tmp_path / "not-ssh"
+    shutil.copy("/bin/sleep", copy)
+    p = subprocess.Popen([str(copy), "5"])
+    try:
+        assert ExeHasher().of_pid(p.pid) == hashlib.sha256(open("/bin/sleep", "rb").read()).hexdigest()
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_record_for_a_live_process():
+    e = enricher()
+    me = os.getpid()
+    ev = ConnectEvent("connect", 5000, 5, proc(me, os.getppid(), "pytest"), family="inet",
+                      address="127.0.0.1", port=80, sock_type="stream", retval=0)
+    rec = e.record(ev)
+    assert rec["v"] == 1 and rec["type"] == "connect" and rec["ts"] == 6000 and rec["ktime"] == 5000
+    assert rec["node"] == "n1"
+    assert rec["cgroup"] == {"id": 5, "path": "/agents/kubepods/docker-" + "a" * 64 + ".scope"}
+    assert rec["container"] == {"runtime": "docker", "id": "a" * 64}
+    assert rec["proc"]["exe"] == os.path.realpath(sys.executable)
+    with open("/proc/self/cmdline", "rb") as f:
+        assert rec["proc"]["cmdline"] == [a.decode() for a in f.read().rstrip(b"\0").split(b"\0")]
+    assert rec["proc"]["sha256"] == hashlib.sha256(open(sys.executable, "rb").read()).hexdigest()
+    assert rec["proc"]["ancestors"][0]["pid"] == os.getppid()
+    assert (rec["address"], rec["port"], rec["result"]) == ("127.0.0.1", 80, "ok")
+
+
+def test_record_for_a_process_that_is_gone():
+    e = enricher()
+    p = subprocess.Popen(["/bin/true"])
+    p.wait()
+    ev = ExecEvent("exec", 1, 9, proc(p.pid, 1, "true"), filename="/bin/true", argv=["true", "-x"], argc_total=2)
+    rec = e.record(ev)
+    assert rec["proc"]["pid"] == p.pid and rec["proc"]["comm"] == "true"
+    assert rec["proc"]["exe"] == "/bin/true"  # from the kernel's filename
+    assert rec["argv"] == ["true", "-x"] and rec["cgroup"] == {"id": 9, "path": None}
+
+
+def test_fork_exec_exit_build_parent_chain():
+    e = enricher()
+    gone = 4_000_000  # no such pid: everything comes from the events
+    e.tree.add(ProcInfo(gone, 1, "agent", "/usr/bin/python3"))
+    e.record(ForkEvent("fork", 1, 5, proc(gone, 1, "agent"), child_pid=gone + 1))
+    e.record(ExecEvent("exec", 2, 5, proc(gone + 1, gone, "bash"), filename="/bin/bash", argv=["bash"]))
+    e.record(ForkEvent("fork", 3, 5, proc(gone + 1, gone, "bash"), child_pid=gone + 2))
+    rec = e.record(ExecEvent("exec", 4, 5, proc(gone + 2, gone + 1, "ssh"), filename="/usr/bin/ssh",
+                             argv=["ssh", "-R", "9000:localhost:22", "x"]))
+    assert [(a["pid"], a["comm"]) for a in rec["proc"]["ancestors"]] == [(gone + 1, "bash"), (gone, "agent")]
+    assert rec["proc"]["cmdline"] == ["ssh", "-R", "9000:localhost:22", "x"]
+    e.record(ExitEvent("exit", 5, 5, proc(gone + 2, gone + 1, "ssh")))
+    assert gone + 2 not in e.tree
