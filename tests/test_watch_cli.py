@@ -1,0 +1,209 @@
+"""`agentprobe watch` end to end: a real watcher process, real probes, real agents."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from agentprobe.stream import read_records
+
+pytestmark = pytest.mark.kernel
+
+
+def bpf_prog_ids() -> set[int]:
+    out = subprocess.run(["bpftool", "prog", "list"], capture_output=True, text=True, check=True).stdout
+    return {int(line.split(":")[0]) for line in out.splitlines() if line and line[0].isdigit()}
+
+
+def run_cli(agentprobe_cmd, *args, user=None, timeout=120):
+    cmd = [*agentprobe_cmd, "watch", "--no-view", "--duration", "1", *args]
+    if user:
+        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", "--inh-caps=-all", *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def one_error_line(r) -> str:
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    return lines[0]
+
+
+def test_watch_records_to_file_and_stops_cleanly(agent_cgroup, tmp_path):
+    from watcher import WatcherProcess
+
+    out = tmp_path / "stream.msgpack"
+    before = bpf_prog_ids()
+    w = WatcherProcess(["--cgroup", str(agent_cgroup.path), "-o", str(out)])
+    agent_cgroup.run(["/bin/echo", "from", "the agent"])
+    time.sleep(0.5)
+    rc, stdout, stderr = w.stop(signal.SIGINT)
+    assert rc == 0, stderr
+    recs = list(read_records(str(out)))
+    assert recs[0]["type"] == "start" and recs[-1]["type"] == "stop"
+    assert recs[0]["cgroups"] == [{"id": agent_cgroup.id, "path": agent_cgroup.rel}]
+    assert [r["seq"] for r in recs] == list(range(len(recs)))
+    (ex,) = [r for r in recs if r["type"] == "exec"]
+    assert ex["argv"] == ["/bin/echo", "from", "the agent"]
+    assert ex["cgroup"] == {"id": agent_cgroup.id, "path": agent_cgroup.rel}
+    assert ex["proc"]["exe"] == os.path.realpath("/bin/echo") and ex["proc"]["sha256"]
+    assert recs[-1]["reason"] == "signal" and recs[-1]["lost_total"] == 0
+    # the live view showed it, the summary counted it
+    assert "EXEC" in stdout and "/bin/echo from 'the agent'" in stdout
+    assert "agentprobe: stopped (signal):" in stderr and "exec 1" in stderr
+    assert bpf_prog_ids() == before  # nothing left attached
+
+
+def test_sigterm_and_stdout_stream(agent_cgroup):
+    from watcher import WatcherProcess
+
+    w = WatcherProcess(["--cgroup", str(agent_cgroup.path), "-o", "-", "--no-view"])
+    agent_cgroup.run(["/bin/true", "sigterm"])
+    time.sleep(0.5)
+    w.proc.send_signal(signal.SIGTERM)
+    data, err = w.proc.communicate(timeout=30)
+    assert w.proc.returncode == 0, err
+    recs = list(read_records(data))
+    assert [r["type"] for r in recs][0] == "start" and recs[-1]["type"] == "stop"
+    assert [r["argv"] for r in recs if r["type"] == "exec"] == [["/bin/true", "sigterm"]]
+
+
+def test_unix_socket_readers_get_the_live_stream(agent_cgroup, tmp_path):
+    from watcher import WatcherProcess
+
+    sock = tmp_path / "ap.sock"
+    w = WatcherProcess(["--cgroup", str(agent_cgroup.path), "-o", f"unix:{sock}", "--buffer", "perf"])
+    got = []
+
+    def reader():
+        for r in read_records(f"unix:{sock}"):
+            got.append(r)
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    time.sleep(0.5)
+    agent_cgroup.run(["/bin/echo", "over", "unix"])
+    time.sleep(0.8)
+    rc, _, err = w.stop()
+    t.join(10)
+    assert rc == 0, err
+    assert got[0]["type"] == "start" and got[0]["buffer"] == "perf"
+    assert [r["argv"] for r in got if r["type"] == "exec"] == [["/bin/echo", "over", "unix"]]
+    assert got[-1]["type"] == "stop"
+    assert not sock.exists()
+
+
+def test_tcp_output_on_loopback(agent_cgroup):
+    from watcher import WatcherProcess
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    w = WatcherProcess(["--cgroup", str(agent_cgroup.path), "-o", f"tcp:127.0.0.1:{port}"])
+    try:
+        conn = socket.create_connection(("127.0.0.1", port))
+        time.sleep(0.3)
+        agent_cgroup.run(["/bin/echo", "over", "tcp"])
+        time.sleep(0.8)
+    finally:
+        rc, _, err = w.stop()
+    recs = list(read_records(conn.makefile("rb")))
+    assert rc == 0, err
+    assert [r["argv"] for r in recs if r["type"] == "exec"] == [["/bin/echo", "over", "tcp"]]
+
+
+def test_glob_picks_up_cgroups_created_later(cgroup_root, agent_cgroup, tmp_path):
+    from watcher import WatcherProcess
+
+    out = tmp_path / "s.msgpack"
+    w = WatcherProcess(["--cgroup-glob", f"{agent_cgroup.rel.lstrip('/')}/ep-*", "--rescan", "0.2", "-o", str(out)])
+    try:
+        ep = agent_cgroup.child("ep-7")
+        time.sleep(1.0)
+        ep.run(["/bin/echo", "late", "episode"])
+        time.sleep(0.5)
+        agent_cgroup.child("other").run(["/bin/echo", "not", "matched"])
+        time.sleep(0.5)
+    finally:
+        rc, _, err = w.stop()
+    assert rc == 0, err
+    recs = list(read_records(str(out)))
+    assert [r["argv"] for r in recs if r["type"] == "exec"] == [["/bin/echo", "late", "episode"]]
+    assert [(r["change"], r["cgroup"]["path"]) for r in recs if r["type"] == "cgroup"] == [
+        ("watched", f"{agent_cgroup.rel}/ep-7")]
+
+
+def test_default_agent_cgroup_is_created(cgroup_root, agentprobe_cmd, tmp_path):
+    default = cgroup_root / "agents"
+    existed = default.exists()
+    r = run_cli(agentprobe_cmd, "-o", str(tmp_path / "s.msgpack"))
+    try:
+        assert r.returncode == 0, r.stderr
+        assert f"agentprobe: watching {default};" in r.stderr
+        if not existed:
+            assert f"created default agent cgroup {default}" in r.stderr
+    finally:
+        if not existed and default.exists():
+            default.rmdir()
+
+
+# ---------------------------------------------------------------- bad input
+def test_missing_cgroup(agentprobe_cmd, cgroup_root, tmp_path):
+    before = bpf_prog_ids()
+    r = run_cli(agentprobe_cmd, "--cgroup", "no/such/agents", "-o", str(tmp_path / "s"))
+    assert r.returncode == 1
+    assert one_error_line(r) == f"agentprobe: cgroup no/such/agents does not exist ({cgroup_root}/no/such/agents)"
+    assert not (tmp_path / "s").exists() and bpf_prog_ids() == before
+
+
+def test_unwritable_output(agentprobe_cmd, agent_cgroup, tmp_path):
+    r = run_cli(agentprobe_cmd, "--cgroup", str(agent_cgroup.path), "-o", str(tmp_path))
+    assert r.returncode == 1
+    assert one_error_line(r) == f"agentprobe: cannot write output {tmp_path}: is a directory"
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "none", str(ro)], check=True)
+    try:
+        r = run_cli(agentprobe_cmd, "--cgroup", str(agent_cgroup.path), "-o", str(ro / "s.msgpack"))
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
+    assert r.returncode == 1
+    assert one_error_line(r).startswith(f"agentprobe: cannot write output {ro / 's.msgpack'}")
+
+
+def test_second_watcher_on_same_cgroup(agent_cgroup, agentprobe_cmd, tmp_path):
+    from watcher import WatcherProcess
+
+    w = WatcherProcess(["--cgroup", str(agent_cgroup.path), "-o", str(tmp_path / "a")])
+    try:
+        r = run_cli(agentprobe_cmd, "--cgroup", str(agent_cgroup.path), "-o", str(tmp_path / "b"))
+    finally:
+        rc, _, _ = w.stop()
+    assert r.returncode == 5
+    assert one_error_line(r) == f"agentprobe: another agentprobe watcher already watches {agent_cgroup.path}"
+    assert not (tmp_path / "b").exists() and rc == 0
+
+
+def test_not_root(agentprobe_cmd, agent_cgroup, tmp_path):
+    r = run_cli(agentprobe_cmd, "--cgroup", str(agent_cgroup.path), "-o", "-", user="65534")
+    assert r.returncode == 4, r.stderr
+    assert one_error_line(r).startswith("agentprobe: agentprobe watch needs root")
+
+
+def test_no_bcc(agentprobe_cmd, agent_cgroup, tmp_path):
+    """Without the distribution's BCC binding the watcher says so in one line."""
+    code = ("import sys; sys.modules['bcc'] = None; "
+            "import agentprobe.loader as l; l.DIST_PACKAGES = '/nonexistent'; "
+            "sys.path[:] = [p for p in sys.path if 'dist-packages' not in p]; "
+            "from agentprobe.cli import main; main()")
+    r = subprocess.run([sys.executable, "-c", code, "watch", "--no-view", "--cgroup", str(agent_cgroup.path),
+                        "-o", str(tmp_path / "s")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 3
+    assert one_error_line(r) == "agentprobe: BCC is not installed: apt-get install python3-bpfcc (Fedora: python3-bcc)"
