@@ -61,7 +61,7 @@ class Btf:
         self._parse(data, hdr_len + type_off, hdr_len + type_off + type_len)
 
     @classmethod
-    def from_file(cls, path: Path = VMLINUX_BTF) -> "Btf":
+    def from_file(cls, path: Path = VMLINUX_BTF) -> Btf:
         try:
             return cls(path.read_bytes())
         except FileNotFoundError:
@@ -110,7 +110,7 @@ class Btf:
     def _find(self, type_id: int, name: str) -> int | None:
         """Bit offset of member `name` in the struct/union, looking into anonymous members."""
         members = self._types[type_id][3] or []
-        for m_name, m_type, bit_off in members:
+        for m_name, _m_type, bit_off in members:
             if m_name and self._name(m_name) == name:
                 return bit_off
         for m_name, m_type, bit_off in members:

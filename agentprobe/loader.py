@@ -147,7 +147,7 @@ class ProbeSet:
         return flags
 
     def _compile(self, ringbuf: bool):
-        return self.bcc.BPF(text=program_text(), cflags=self._cflags(ringbuf))
+        return self.bcc.BPF(text=program_text().encode(), cflags=self._cflags(ringbuf))
 
     def _load(self) -> None:
         want = self.options.buffer

@@ -5,8 +5,8 @@ they fail: in CI an eBPF test that skips is a failure."""
 from __future__ import annotations
 
 import os
-import sys
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -135,3 +135,16 @@ def outside_cgroup(cgroup_root):
 def agentprobe_cmd() -> list[str]:
     """The CLI of the agentprobe under test, run by the interpreter running the tests."""
     return [sys.executable, "-m", "agentprobe"]
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    skipped = terminalreporter.stats.get("skipped", [])
+    if REQUIRE_KERNEL and skipped:
+        terminalreporter.write_line(f"AGENTPROBE_REQUIRE_KERNEL=1: {len(skipped)} test(s) skipped; "
+                                    "in CI every test must run", red=True)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if REQUIRE_KERNEL and reporter and reporter.stats.get("skipped"):
+        session.exitstatus = 1

@@ -81,4 +81,5 @@ def test_read_cli_on_truncated_stream(agentprobe_cmd):
 def test_read_cli_missing_file(agentprobe_cmd, tmp_path):
     r = subprocess.run([*agentprobe_cmd, "read", str(tmp_path / "nope")], capture_output=True, text=True)
     assert r.returncode == 1
-    assert r.stderr.strip().splitlines()[-1] == f"agentprobe: cannot read {tmp_path / 'nope'}: No such file or directory"
+    missing = tmp_path / "nope"
+    assert r.stderr.strip().splitlines()[-1] == f"agentprobe: cannot read {missing}: No such file or directory"
