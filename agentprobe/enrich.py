@@ -18,6 +18,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
+import psutil
+
 from .cgroups import container_of
 from .events import Event, ExecEvent, ExitEvent, ForkEvent, Process
 
@@ -168,12 +170,12 @@ def _read_exe(pid: int) -> str | None:
 
 
 def _read_status(pid: int) -> tuple[int, int, str] | None:
-    """(ppid, uid, comm) from /proc/PID/status."""
+    """(ppid, uid, comm) of a running process."""
     try:
-        with open(f"/proc/{pid}/status") as f:
-            fields = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
-        return int(fields["PPid"]), int(fields["Uid"].split()[0]), fields["Name"]
-    except (OSError, KeyError, ValueError):
+        p = psutil.Process(pid)
+        with p.oneshot():
+            return p.ppid(), p.uids().real, p.name()
+    except (psutil.Error, OSError):
         return None
 
 

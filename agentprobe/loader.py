@@ -12,7 +12,6 @@ import platform
 import re
 import sys
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -31,15 +30,10 @@ class LoaderError(AgentprobeError):
 
 def ebpf_dir() -> Path:
     """Directory of the C sources: installed as agentprobe/ebpf, or ebpf/ in a checkout."""
-    try:
-        installed = Path(str(resources.files("agentprobe.ebpf")))
-        if (installed / "agentprobe.bpf.c").exists():
-            return installed
-    except (ModuleNotFoundError, TypeError):
-        pass
-    here = Path(__file__).resolve().parent.parent / "ebpf"
-    if (here / "agentprobe.bpf.c").exists():
-        return here
+    pkg = Path(__file__).resolve().parent
+    for candidate in (pkg / "ebpf", pkg.parent / "ebpf"):
+        if (candidate / "agentprobe.bpf.c").exists():
+            return candidate
     raise LoaderError("eBPF sources not found (reinstall agentprobe)")
 
 

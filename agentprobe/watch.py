@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from . import __version__, abi
+from . import __version__, abi, btf
 from .cgroups import DEFAULT_AGENT_CGROUP, CgroupError, CgroupLock, CgroupSet, WatchedCgroup, find_v2_mount
 from .enrich import Enricher
 from .errors import AgentprobeError
@@ -98,8 +98,8 @@ def check_privileges() -> None:
 
 
 def check_btf() -> None:
-    if not Path("/sys/kernel/btf/vmlinux").exists():
-        raise AgentprobeError("the kernel has no BTF (/sys/kernel/btf/vmlinux): a kernel built with "
+    if not btf.VMLINUX_BTF.exists():
+        raise AgentprobeError(f"the kernel has no BTF ({btf.VMLINUX_BTF}): a kernel built with "
                               "CONFIG_DEBUG_INFO_BTF=y is required", EXIT_KERNEL)
 
 
