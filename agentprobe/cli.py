@@ -68,15 +68,26 @@ def main() -> None:
                    "/proc/devices are always used).")
 @click.option("--rescan", type=float, default=2.0, show_default=True, metavar="SECONDS",
               help="How often cgroup globs are re-scanned.")
-def watch(cgroups, globs, outputs, buffer, no_view, duration, gpu_interval, gpu_majors, rescan) -> None:
-    """Trace exec, connect and NVIDIA ioctls of agent processes and stream them as msgpack."""
+@click.option("--rules", "rule_files", multiple=True, metavar="FILE", type=click.Path(dir_okay=False),
+              help="Rule file that adds to or overrides the default rules by name. Repeatable.")
+@click.option("--no-default-rules", is_flag=True, help="Use only the --rules files.")
+@click.option("--dry-run", is_flag=True, help="Alert, but only report the freeze/kill a rule would do.")
+@click.option("--no-cut-network", is_flag=True,
+              help="Freeze without destroying the frozen processes' TCP connections.")
+@click.option("--status-dir", default="/run/agentprobe", show_default=True, metavar="DIR",
+              help="Where the watcher keeps its state for `agentprobe status`.")
+def watch(cgroups, globs, outputs, buffer, no_view, duration, gpu_interval, gpu_majors, rescan,
+          rule_files, no_default_rules, dry_run, no_cut_network, status_dir) -> None:
+    """Trace exec, connect and NVIDIA ioctls of agent processes, apply the detection
+    rules, freeze agent cgroups that misbehave, and stream everything as msgpack."""
     from . import view
+    from .responder import CgroupFreezer, Responder
     from .watch import Watcher, WatchOptions
 
     outputs = list(outputs) or [DEFAULT_OUTPUT]
     opts = WatchOptions(cgroups=list(cgroups), cgroup_globs=list(globs), outputs=outputs, buffer=buffer,
                         duration=duration, gpu_interval=gpu_interval, extra_gpu_majors=tuple(gpu_majors),
-                        rescan_interval=rescan)
+                        rescan_interval=rescan, status_dir=status_dir)
     term = sys.stderr if "-" in outputs else sys.stdout
 
     def show(rec: dict) -> None:
@@ -88,7 +99,14 @@ def watch(cgroups, globs, outputs, buffer, no_view, duration, gpu_interval, gpu_
     watcher = Watcher(opts, on_record=None if no_view else show)
     error = None
     try:
+        rules_stage = _rule_stage(rule_files, not no_default_rules)
         watcher.prepare()
+        from .cgroups import find_v1_freezer
+
+        responder = Responder(CgroupFreezer(watcher.root, find_v1_freezer()), watcher.watched_paths,
+                              dry_run=dry_run, cut_network=not no_cut_network,
+                              clock_offset_ns=watcher.clock_offset_ns)
+        watcher.stages = [s for s in (rules_stage, responder) if s is not None]
         if watcher.created_default:
             click.echo(f"agentprobe: created default agent cgroup {watcher.created_default}", err=True)
         if not no_view:
@@ -108,6 +126,84 @@ def watch(cgroups, globs, outputs, buffer, no_view, duration, gpu_interval, gpu_
     click.echo(f"agentprobe: stopped ({s.reason}): {s.events_total} records ({by_type}); "
                f"lost: {sum(s.lost_kernel.values())} in kernel, {s.lost_output} in outputs, "
                f"{s.decode_errors} undecodable", err=True)
+
+
+def _rule_stage(rule_files, with_defaults: bool):
+    """The rule engine as a watcher stage; None until the rules package is present."""
+    try:
+        from .rules import build_engine
+    except ImportError:
+        if rule_files:
+            raise AgentprobeError("this agentprobe has no rule engine") from None
+        return None
+    return build_engine(list(rule_files), with_defaults=with_defaults)
+
+
+@main.command()
+@click.argument("cgroup")
+def thaw(cgroup) -> None:
+    """Thaw a frozen agent CGROUP (absolute, or relative to the cgroup v2 mount)."""
+    from .cgroups import CgroupSet, find_v1_freezer, find_v2_mount
+    from .responder import CgroupFreezer
+
+    try:
+        root = find_v2_mount()
+        cs = CgroupSet(root)
+        path = cs.resolve(cgroup)
+        rel = cs.relative(path)
+        if rel == "/":
+            raise AgentprobeError("refusing to thaw the root cgroup")
+        if not path.is_dir():
+            raise AgentprobeError(f"cgroup {cgroup} does not exist ({path})")
+        out = CgroupFreezer(root, find_v1_freezer()).thaw(rel)
+        if out.outcome != "thawed":
+            raise AgentprobeError(f"cannot thaw {path}: {out.error}")
+    except AgentprobeError as e:
+        _fail(e)
+    click.echo(f"agentprobe: thawed {path}")
+
+
+@main.command()
+@click.option("--status-dir", default="/run/agentprobe", show_default=True, metavar="DIR")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(status_dir, as_json) -> None:
+    """Running watchers, the cgroups they watch, and which are frozen and why."""
+    import datetime as dt
+    from pathlib import Path
+
+    from .cgroups import find_v1_freezer
+    from .responder import CgroupFreezer
+
+    watchers = []
+    for f in sorted(Path(status_dir).glob("watcher-*.json")):
+        try:
+            st = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        alive = Path(f"/proc/{st.get('pid')}").exists()
+        freezer = CgroupFreezer(Path(st.get("cgroup_root", "/sys/fs/cgroup")), find_v1_freezer())
+        cgroups = []
+        paths = [w["path"] for w in st.get("watched", [])] + list(st.get("frozen", {}))
+        for p in dict.fromkeys(paths):
+            exists = (freezer.v2_root / p.lstrip("/")).is_dir()
+            cgroups.append({"path": p, "exists": exists, "frozen": exists and freezer.is_frozen(p),
+                            "why": st.get("frozen", {}).get(p)})
+        watchers.append({"pid": st.get("pid"), "running": alive, "started": st.get("started"),
+                         "outputs": st.get("outputs"), "cgroups": cgroups})
+    if as_json:
+        click.echo(json.dumps(watchers, indent=2))
+        return
+    if not watchers:
+        click.echo("agentprobe: no watcher is running")
+        sys.exit(1)
+    for w in watchers:
+        started = dt.datetime.fromtimestamp((w["started"] or 0) / 1e9).strftime("%Y-%m-%d %H:%M:%S")
+        state = "running" if w["running"] else "NOT RUNNING (stale status)"
+        click.echo(f"watcher pid {w['pid']} {state}, since {started}, stream -> {', '.join(w['outputs'] or [])}")
+        for c in w["cgroups"]:
+            flag = "FROZEN" if c["frozen"] else ("gone" if not c["exists"] else "watching")
+            why = f"  (rule {c['why']['rule']})" if c["why"] else ""
+            click.echo(f"  {flag:<9} {c['path']}{why}")
 
 
 def _json_default(o):

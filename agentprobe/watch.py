@@ -7,6 +7,7 @@ flushed and closed, with a `stop` record last.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import signal
@@ -62,6 +63,7 @@ class WatchOptions:
     extra_gpu_majors: tuple[int, ...] = ()
     create_default: bool = True
     duration: float | None = None  # stop after this many seconds (tests, demos)
+    status_dir: str = "/run/agentprobe"
 
 
 @dataclass
@@ -124,6 +126,10 @@ class Watcher:
         self.cgroup_set: CgroupSet | None = None
         self.enricher: Enricher | None = None
         self.created_default: Path | None = None
+        self.clock_offset_ns = time.time_ns() - time.monotonic_ns()
+        self._clock_offset = self.clock_offset_ns
+        self._started = 0
+        self._frozen: dict[str, dict] = {}
 
     # ---- set-up ----
     def prepare(self) -> None:
@@ -167,7 +173,6 @@ class Watcher:
     def start(self) -> None:
         from .loader import LoaderOptions, ProbeSet
 
-        self._clock_offset = time.time_ns() - time.monotonic_ns()
         self.enricher = Enricher(self._cgroup_name, self._clock_offset)
         self._probes = ProbeSet(
             LoaderOptions(buffer=self.options.buffer, extra_gpu_majors=self.options.extra_gpu_majors),
@@ -186,8 +191,10 @@ class Watcher:
         for s in self.sinks:
             if hasattr(s, "start_record"):
                 s.start_record = encode(start)
+        self._started = start["ts"]
         self.emit(start)
         self.flush()
+        self.write_status()
 
     def _start_record(self) -> dict:
         return self._meta("start", {
@@ -258,6 +265,11 @@ class Watcher:
         for i in range(from_stage, len(self.stages)):
             for out in self.stages[i].process(rec):
                 self.emit(out, i + 1)
+        if rec["type"] == "response" and rec.get("outcome") == "frozen":
+            frozen = dict(self._frozen)
+            frozen[rec["cgroup"]["path"]] = {"rule": rec.get("rule"), "ts": rec.get("ts"),
+                                             "alert_seq": rec.get("alert_seq")}
+            self.write_status(frozen)
 
     def flush(self) -> None:
         for s in self.sinks:
@@ -334,6 +346,8 @@ class Watcher:
         self.watched = found
         if added:
             self._discover_running()
+        if changed:
+            self.write_status()
 
     def _check_losses(self) -> None:
         counts = self._probes.lost_counts()
@@ -376,6 +390,39 @@ class Watcher:
             })
             self.emit(rec)
 
+    # ---- status for `agentprobe status` ----
+    def watched_paths(self) -> list[str]:
+        return [c.path for c in self.watched.values()]
+
+    def write_status(self, frozen: dict | None = None) -> None:
+        if frozen is not None:
+            self._frozen = frozen
+        d = Path(self.options.status_dir)
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            path = d / f"watcher-{os.getpid()}.json"
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({
+                "pid": os.getpid(),
+                "started": self._started,
+                "cgroup_root": str(self.root),
+                "watched": [{"id": c.id, "path": c.path} for c in self.watched.values()],
+                "frozen": self._frozen,
+                "outputs": self.options.outputs,
+            }))
+            tmp.replace(path)
+            self._status_path = path
+        except OSError:
+            pass  # status is a convenience; the stream is the record
+
+    def _remove_status(self) -> None:
+        path = getattr(self, "_status_path", None)
+        if path is not None:
+            try:
+                path.unlink()
+            except OSError:
+                pass
+
     # ---- tear-down ----
     def close(self, error: str | None = None) -> None:
         if self._probes is not None:
@@ -404,3 +451,4 @@ class Watcher:
         for lock in self._locks.values():
             lock.close()
         self._locks = {}
+        self._remove_status()

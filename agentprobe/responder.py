@@ -1,0 +1,308 @@
+"""Responder: turns alerts whose rule says `freeze` or `kill` into actions on
+the agent's cgroup, confirmed and reported as `response` records.
+
+Freeze writes cgroup v2 `cgroup.freeze` and waits for `frozen 1` in
+`cgroup.events` (poll(2) wakes on its change); where only the v1 freezer
+exists, `freezer.state`. Kill uses `cgroup.kill` (5.14+) or SIGKILL to every
+member. With `cut_network`, the frozen processes' TCP connections are
+destroyed (sock_diag, through `ss -K`), so a tunnel is dead while the
+processes stay frozen for inspection.
+
+Safety: only cgroups inside a watched subtree are ever touched; never the
+root cgroup, never one that holds the watcher itself.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import AgentprobeError
+
+CONFIRM_TIMEOUT_S = 5.0
+
+
+class ResponseError(AgentprobeError):
+    pass
+
+
+@dataclass
+class Outcome:
+    outcome: str  # frozen, already_frozen, killed, dry_run, refused, failed
+    error: str | None = None
+    confirmed_ns: int | None = None  # CLOCK_MONOTONIC when the freeze was confirmed
+    sockets_cut: int = 0
+
+
+def own_cgroup_v2() -> str:
+    try:
+        with open("/proc/self/cgroup") as f:
+            for line in f:
+                if line.startswith("0::"):
+                    return line[3:].strip()
+    except OSError:
+        pass
+    return "/"
+
+
+def _inside(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+class CgroupFreezer:
+    """Freeze, thaw and kill cgroups by their path relative to the v2 mount."""
+
+    def __init__(self, v2_root: Path, v1_freezer: Path | None = None) -> None:
+        self.v2_root = v2_root
+        self.v1_freezer = v1_freezer
+
+    def _dir(self, rel: str) -> Path:
+        return self.v2_root / rel.lstrip("/")
+
+    def check_target(self, rel: str, watched_paths: list[str]) -> None:
+        if rel in ("", "/"):
+            raise ResponseError("refusing to act on the root cgroup")
+        if not any(_inside(rel, w) for w in watched_paths):
+            raise ResponseError(f"refusing to act on {rel}: not inside a watched cgroup")
+        if _inside(own_cgroup_v2(), rel):
+            raise ResponseError(f"refusing to act on {rel}: the watcher itself runs in it")
+
+    def is_frozen(self, rel: str) -> bool:
+        d = self._dir(rel)
+        events = d / "cgroup.events"
+        if events.exists():
+            return "frozen 1" in events.read_text().splitlines()
+        if self.v1_freezer:
+            state = self.v1_freezer / rel.lstrip("/") / "freezer.state"
+            return state.exists() and state.read_text().strip() == "FROZEN"
+        return False
+
+    def freeze(self, rel: str, timeout: float = CONFIRM_TIMEOUT_S) -> Outcome:
+        d = self._dir(rel)
+        if not d.is_dir():
+            return Outcome("failed", f"cgroup {rel} no longer exists")
+        if (d / "cgroup.freeze").exists():
+            return self._v2_set(d, "1", "frozen 1", timeout, "frozen")
+        if self.v1_freezer and (self.v1_freezer / rel.lstrip("/") / "freezer.state").exists():
+            return self._v1_set(self.v1_freezer / rel.lstrip("/"), "FROZEN", timeout, "frozen")
+        return Outcome("failed", "no cgroup freezer (cgroup v2 cgroup.freeze needs Linux 5.2+)")
+
+    def thaw(self, rel: str, timeout: float = CONFIRM_TIMEOUT_S) -> Outcome:
+        d = self._dir(rel)
+        if not d.is_dir():
+            return Outcome("failed", f"cgroup {rel} does not exist")
+        if (d / "cgroup.freeze").exists():
+            return self._v2_set(d, "0", "frozen 0", timeout, "thawed")
+        if self.v1_freezer and (self.v1_freezer / rel.lstrip("/") / "freezer.state").exists():
+            return self._v1_set(self.v1_freezer / rel.lstrip("/"), "THAWED", timeout, "thawed")
+        return Outcome("failed", "no cgroup freezer")
+
+    def _v2_set(self, d: Path, value: str, want: str, timeout: float, done: str) -> Outcome:
+        events = d / "cgroup.events"
+        try:
+            fd = os.open(events, os.O_RDONLY)
+        except OSError as e:
+            return Outcome("failed", f"{events}: {e.strerror}")
+        try:
+            try:
+                (d / "cgroup.freeze").write_text(value)
+            except OSError as e:
+                return Outcome("failed", f"{d}/cgroup.freeze: {e.strerror}")
+            poller = select.poll()
+            poller.register(fd, select.POLLPRI | select.POLLERR)
+            deadline = time.monotonic() + timeout
+            while True:
+                os.lseek(fd, 0, os.SEEK_SET)
+                try:
+                    text = os.read(fd, 4096).decode()
+                except OSError as e:
+                    return Outcome("failed", f"{events}: {e.strerror}")
+                if want in text.splitlines():
+                    return Outcome(done, confirmed_ns=time.monotonic_ns())
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return Outcome("failed", f"not confirmed in {timeout:.0f} s ({events} says {text.split()})")
+                poller.poll(min(left, 0.05) * 1000)
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _v1_set(d: Path, value: str, timeout: float, done: str) -> Outcome:
+        state = d / "freezer.state"
+        try:
+            state.write_text(value)
+        except OSError as e:
+            return Outcome("failed", f"{state}: {e.strerror}")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if state.read_text().strip() == value:
+                return Outcome(done, confirmed_ns=time.monotonic_ns())
+            time.sleep(0.001)
+        return Outcome("failed", f"{state} did not reach {value}")
+
+    def pids(self, rel: str) -> list[int]:
+        out = []
+        for procs in self._dir(rel).rglob("cgroup.procs"):
+            try:
+                out += [int(p) for p in procs.read_text().split()]
+            except OSError:
+                continue
+        return out
+
+    def kill(self, rel: str) -> Outcome:
+        d = self._dir(rel)
+        if not d.is_dir():
+            return Outcome("failed", f"cgroup {rel} no longer exists")
+        try:
+            if (d / "cgroup.kill").exists():
+                (d / "cgroup.kill").write_text("1")
+            else:
+                for pid in self.pids(rel):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+        except OSError as e:
+            return Outcome("failed", f"kill {rel}: {e.strerror}")
+        return Outcome("killed", confirmed_ns=time.monotonic_ns())
+
+    def cut_tcp(self, rel: str) -> int:
+        """Destroy the TCP sockets held by the cgroup's processes; returns how many."""
+        inodes_by_ns: dict[str, tuple[int, set[str]]] = {}
+        for pid in self.pids(rel):
+            try:
+                netns = os.readlink(f"/proc/{pid}/ns/net")
+                fds = os.listdir(f"/proc/{pid}/fd")
+            except OSError:
+                continue
+            entry = inodes_by_ns.setdefault(netns, (pid, set()))
+            for fd in fds:
+                try:
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if target.startswith("socket:["):
+                    entry[1].add(target[8:-1])
+        cut = 0
+        for pid, inodes in inodes_by_ns.values():
+            for tup in _tcp_tuples(pid, inodes):
+                src, sport, dst, dport = tup
+                cmd = ["nsenter", "-n", "-t", str(pid), "ss", "-K", "-t", "-n",
+                       "src", src, "sport", "=", str(sport), "dst", dst, "dport", "=", str(dport)]
+                r = subprocess.run(cmd, capture_output=True, text=True)
+                if r.returncode == 0 and len(r.stdout.strip().splitlines()) > 1:
+                    cut += 1
+        return cut
+
+
+def _tcp_tuples(pid: int, inodes: set[str]) -> list[tuple[str, int, str, int]]:
+    import ipaddress
+
+    out = []
+    for name, v6 in (("tcp", False), ("tcp6", True)):
+        try:
+            lines = Path(f"/proc/{pid}/net/{name}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if len(f) < 10 or f[9] not in inodes or f[3] == "0A":  # 0A: LISTEN
+                continue
+            (la, lp), (ra, rp) = (x.split(":") for x in (f[1], f[2]))
+            out.append((_addr(la, v6, ipaddress), int(lp, 16), _addr(ra, v6, ipaddress), int(rp, 16)))
+    return out
+
+
+def _addr(hexaddr: str, v6: bool, ipaddress) -> str:
+    raw = bytes.fromhex(hexaddr)
+    if not v6:
+        return str(ipaddress.IPv4Address(raw[::-1]))
+    words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+    ip = ipaddress.IPv6Address(words)
+    return str(ip.ipv4_mapped) if ip.ipv4_mapped else f"[{ip}]"
+
+
+class Responder:
+    """Pipeline stage: acts on alerts, emits `response` records."""
+
+    def __init__(self, freezer: CgroupFreezer, watched_paths, dry_run: bool = False,
+                 cut_network: bool = True, clock_offset_ns: int = 0) -> None:
+        self.freezer = freezer
+        self._watched_paths = watched_paths  # callable -> list[str]
+        self.dry_run = dry_run
+        self.cut_network = cut_network
+        self.clock_offset_ns = clock_offset_ns
+        self.frozen: dict[str, dict] = {}  # cgroup path -> {rule, alert_seq, ts}
+
+    def target_of(self, cgroup_path: str) -> str:
+        """The agent unit to act on: the child of the watched cgroup that holds the
+        process (an episode's cgroup), or the watched cgroup itself."""
+        best = None
+        for w in self._watched_paths():
+            if _inside(cgroup_path, w) and (best is None or len(w) > len(best)):
+                best = w
+        if best is None or cgroup_path == best:
+            return cgroup_path
+        rest = cgroup_path[len(best.rstrip("/")) + 1:].split("/")
+        return best.rstrip("/") + "/" + rest[0]
+
+    def process(self, record: dict) -> list[dict]:
+        if record.get("type") != "alert" or record.get("action") not in ("freeze", "kill"):
+            return []
+        action = record["action"]
+        path = (record.get("cgroup") or {}).get("path")
+        if not path:
+            return [self._response(record, action, None, Outcome("failed", "cgroup of the alert is unknown"))]
+        target = self.target_of(path)
+        try:
+            self.freezer.check_target(target, self._watched_paths())
+        except ResponseError as e:
+            return [self._response(record, action, target, Outcome("refused", str(e)))]
+        if self.dry_run:
+            return [self._response(record, action, target, Outcome("dry_run"))]
+        if action == "freeze":
+            if target in self.frozen and self.freezer.is_frozen(target):
+                return [self._response(record, action, target, Outcome("already_frozen"))]
+            out = self.freezer.freeze(target)
+            if out.outcome == "frozen":
+                self.frozen[target] = {"rule": record.get("rule"), "alert_seq": record.get("seq"),
+                                       "ts": record.get("ts")}
+                if self.cut_network:
+                    try:
+                        out.sockets_cut = self.freezer.cut_tcp(target)
+                    except OSError as e:
+                        out.error = f"cutting connections failed: {e}"
+        else:
+            out = self.freezer.kill(target)
+        return [self._response(record, action, target, out)]
+
+    def _response(self, alert: dict, action: str, target: str | None, out: Outcome) -> dict:
+        now = time.monotonic_ns()
+        rec = {
+            "v": 1, "type": "response", "ts": now + self.clock_offset_ns, "ktime": now,
+            "node": alert.get("node"), "action": action, "outcome": out.outcome,
+            "rule": alert.get("rule"), "alert_seq": alert.get("seq"),
+            "cgroup": {"path": target, "id": _cgroup_id(self.freezer, target)},
+            "trigger_ktime": alert.get("ktime"),
+        }
+        if out.confirmed_ns is not None and alert.get("ktime"):
+            rec["latency_ms"] = (out.confirmed_ns - alert["ktime"]) / 1e6
+        if out.error:
+            rec["error"] = out.error
+        if action == "freeze" and out.outcome == "frozen":
+            rec["sockets_cut"] = out.sockets_cut
+        return rec
+
+
+def _cgroup_id(freezer: CgroupFreezer, rel: str | None) -> int | None:
+    if not rel:
+        return None
+    try:
+        return os.stat(freezer._dir(rel)).st_ino
+    except OSError:
+        return None
