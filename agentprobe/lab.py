@@ -1,4 +1,4 @@
-"""A throw-away 'internet' for tests: a network namespace reached over a veth
+"""A throw-away "internet" for tests and the demo: a network namespace reached over a veth
 pair, with a real sshd (key auth) and a fake mining pool that speaks stratum.
 
 Only addresses inside the namespace (198.51.100.0/24, a documentation range)
