@@ -12,8 +12,9 @@ MAX_ARGS = 64
 MAX_ARGS_SCAN = 1024
 SOCKADDR_LEN = 112
 MAX_CGROUP_LEVEL = 32
+PAYLOAD_LEN = 64
 
-EV_EXEC, EV_CONNECT, EV_GPU, EV_FORK, EV_EXIT = 1, 2, 3, 4, 5
+EV_EXEC, EV_CONNECT, EV_GPU, EV_FORK, EV_EXIT, EV_PAYLOAD = 1, 2, 3, 4, 5, 6
 EV_TYPES = 8
 
 EXEC_EXECVEAT = 1 << 0
@@ -97,6 +98,34 @@ class ExitRecord(ct.Structure):
     _fields_ = [("h", Header), ("exit_code", ct.c_int32), ("_pad", ct.c_uint32)]
 
 
+class PayloadRecord(ct.Structure):
+    _fields_ = [
+        ("h", Header),
+        ("cookie", ct.c_uint64),
+        ("len", ct.c_uint32),
+        ("captured", ct.c_uint32),
+        ("family", ct.c_uint16),
+        ("protocol", ct.c_uint8),
+        ("_pad1", ct.c_uint8),
+        ("sport", ct.c_uint16),
+        ("dport", ct.c_uint16),
+        ("saddr", ct.c_uint8 * 16),
+        ("daddr", ct.c_uint8 * 16),
+        ("data", ct.c_uint8 * PAYLOAD_LEN),
+    ]
+
+
+class SockOwner(ct.Structure):
+    _fields_ = [
+        ("pid", ct.c_uint32),
+        ("tid", ct.c_uint32),
+        ("uid", ct.c_uint32),
+        ("gid", ct.c_uint32),
+        ("cgroup_id", ct.c_uint64),
+        ("comm", ct.c_char * COMM_LEN),
+    ]
+
+
 class GpuKey(ct.Structure):
     _fields_ = [
         ("pid", ct.c_uint32),
@@ -116,6 +145,7 @@ RECORDS: dict[int, type[ct.Structure]] = {
     EV_GPU: GpuRecord,
     EV_FORK: ForkRecord,
     EV_EXIT: ExitRecord,
+    EV_PAYLOAD: PayloadRecord,
 }
 
 # C struct name -> Python mirror, for the ABI test
@@ -126,6 +156,8 @@ C_STRUCTS: dict[str, type[ct.Structure]] = {
     "ap_gpu_event": GpuRecord,
     "ap_fork_event": ForkRecord,
     "ap_exit_event": ExitRecord,
+    "ap_payload_event": PayloadRecord,
+    "ap_sock_owner": SockOwner,
     "ap_gpu_key": GpuKey,
     "ap_gpu_count": GpuCount,
 }

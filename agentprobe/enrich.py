@@ -219,6 +219,8 @@ class Enricher:
 
     def _proc_info(self, ev: Event) -> ProcInfo:
         p = ev.proc
+        if p.pid == 0:  # a socket whose owner the kernel did not see
+            return ProcInfo(0, 0, p.comm, uid=p.uid)
         info = self.tree.get(p.pid)
         if info is None:
             info = self.discover(p.pid) or self.tree.add(ProcInfo(p.pid, p.ppid, p.comm, uid=p.uid))

@@ -182,6 +182,40 @@ class ExitEvent(Event):
         return out
 
 
+@dataclass
+class PayloadEvent(Event):
+    """The first bytes an agent socket sent. proc.pid is 0 when the socket was
+    never connected with connect(2) by a watched process."""
+
+    transport: str = "tcp"
+    family: str = "inet"
+    address: str = ""
+    port: int = 0
+    src_address: str = ""
+    src_port: int = 0
+    cookie: int = 0
+    length: int = 0
+    data: bytes = b""
+
+    def fields(self) -> dict:
+        from .protocols import classify, printable
+
+        out = {
+            "transport": self.transport,
+            "family": self.family,
+            "address": self.address,
+            "port": self.port,
+            "src_address": self.src_address,
+            "src_port": self.src_port,
+            "cookie": self.cookie,
+            "len": self.length,
+            "data": self.data,
+            "text": printable(self.data),
+        }
+        out.update(classify(self.data, self.transport))
+        return out
+
+
 GPU_DEVICE_KINDS = {abi.GPU_DEV_NVIDIA: "nvidia", abi.GPU_DEV_UVM: "nvidia-uvm", abi.GPU_DEV_CAPS: "nvidia-caps"}
 
 
@@ -273,6 +307,22 @@ def decode(data: bytes) -> Event:
             first_device=bool(r.flags & abi.GPU_FIRST_DEVICE),
             first_cmd=bool(r.flags & abi.GPU_FIRST_CMD),
             xfer=bool(r.flags & abi.GPU_XFER),
+        )
+    if rtype == abi.EV_PAYLOAD:
+        fam = socket.AF_INET if r.family == socket.AF_INET else socket.AF_INET6
+        n = 4 if fam == socket.AF_INET else 16
+
+        def ip(raw) -> str:
+            addr = ipaddress.ip_address(bytes(raw)[:n])
+            mapped = getattr(addr, "ipv4_mapped", None)
+            return str(mapped or addr)
+
+        return PayloadEvent(
+            **_base(h, "payload"),
+            transport={6: "tcp", 17: "udp"}.get(r.protocol, str(r.protocol)),
+            family="inet" if fam == socket.AF_INET else "inet6",
+            address=ip(r.daddr), port=r.dport, src_address=ip(r.saddr), src_port=r.sport,
+            cookie=r.cookie, length=r.len, data=bytes(r.data)[: r.captured],
         )
     if rtype == abi.EV_FORK:
         return ForkEvent(**_base(h, "fork"), child_pid=r.child_pid)

@@ -107,6 +107,37 @@ def gpu_majors(proc_devices: str = "/proc/devices") -> dict[int, int]:
     return majors
 
 
+# programs attached to the watched cgroups themselves: (function, program type, attach type)
+CGROUP_PROGRAMS = (
+    ("ap_connect4", 18, 10),  # BPF_PROG_TYPE_CGROUP_SOCK_ADDR, BPF_CGROUP_INET4_CONNECT
+    ("ap_connect6", 18, 11),  # BPF_PROG_TYPE_CGROUP_SOCK_ADDR, BPF_CGROUP_INET6_CONNECT
+    ("ap_egress", 8, 1),      # BPF_PROG_TYPE_CGROUP_SKB, BPF_CGROUP_INET_EGRESS
+)
+BPF_F_ALLOW_MULTI = 2
+_BPFTOOL_ATTACH_NAMES = {10: "connect4", 11: "connect6", 1: "egress"}
+
+
+def detach_stale(cgroup_dir: str) -> int:
+    """Detach agentprobe programs a previous watcher left on a cgroup (cgroup
+    attachments outlive their loader when it is killed). Returns how many."""
+    import json
+    import subprocess
+
+    try:
+        r = subprocess.run(["bpftool", "-j", "cgroup", "show", cgroup_dir], capture_output=True, text=True)
+        entries = json.loads(r.stdout.strip() or "[]")
+    except (OSError, ValueError):
+        return 0
+    names = {name[:15] for name, _, _ in CGROUP_PROGRAMS}
+    n = 0
+    for e in entries:
+        if e.get("name") in names:
+            subprocess.run(["bpftool", "cgroup", "detach", cgroup_dir, e.get("attach_type", ""),
+                            "id", str(e.get("id"))], capture_output=True)
+            n += 1
+    return n
+
+
 @dataclass
 class LoaderOptions:
     buffer: str = "auto"  # auto | ringbuf | perf
@@ -118,8 +149,12 @@ class LoaderOptions:
 class ProbeSet:
     """The compiled programs, attached; call close() on every exit path."""
 
-    def __init__(self, options: LoaderOptions, on_record: Callable[[bytes], None]) -> None:
+    def __init__(self, options: LoaderOptions, on_record: Callable[[bytes], None],
+                 cgroup_root: Path | None = None) -> None:
         self.options = options
+        self.cgroup_root = cgroup_root
+        self._cg_fns: list = []
+        self._attached: dict[int, int] = {}  # cgroup id -> directory fd with our programs attached
         self._on_record = on_record
         self.bcc = import_bcc()
         ensure_tracefs()
@@ -160,6 +195,11 @@ class ProbeSet:
                 raise LoaderError(f"cannot load the eBPF programs: {e}") from None
         self.buffer = "ringbuf" if ringbuf_ok else "perf"
         b = self._bpf
+        try:
+            self._cg_fns = [(b.load_func(name.encode(), ptype, attach_type=atype), atype)
+                            for name, ptype, atype in CGROUP_PROGRAMS]
+        except Exception as e:
+            raise LoaderError(f"cannot load the cgroup socket programs: {e}") from None
         majors = b[b"gpu_majors"]
         all_majors = dict(gpu_majors())
         for m in self.options.extra_gpu_majors:
@@ -193,6 +233,50 @@ class ProbeSet:
             if c.level < abi.MAX_CGROUP_LEVEL:
                 mask |= 1 << c.level
         b[b"watched_levels"][ct.c_int(0)] = ct.c_uint64(mask)
+        self._attach_cgroups(wanted)
+
+    def _attach_cgroups(self, wanted: dict[int, WatchedCgroup]) -> None:
+        """Attach the socket programs to the top-most watched cgroups (they cover the subtree)."""
+        if self.cgroup_root is None:
+            return
+        paths = {c.path for c in wanted.values()}
+        tops = {cid: c for cid, c in wanted.items()
+                if not any(c.path != p and c.path.startswith(p.rstrip("/") + "/") for p in paths)}
+        for cid in list(self._attached):
+            if cid not in tops:
+                self._detach(cid)
+        for cid, c in tops.items():
+            if cid in self._attached:
+                continue
+            path = str(self.cgroup_root / c.path.lstrip("/"))
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            except OSError:
+                continue  # the cgroup went away: the next scan drops it
+            detach_stale(path)
+            done = []
+            try:
+                for fn, atype in self._cg_fns:
+                    self.bcc.BPF.attach_func(fn, fd, atype, BPF_F_ALLOW_MULTI)
+                    done.append((fn, atype))
+            except Exception as e:
+                for fn, atype in done:
+                    self._try_detach(fn, fd, atype)
+                os.close(fd)
+                raise LoaderError(f"cannot attach to cgroup {path}: {e}") from None
+            self._attached[cid] = fd
+
+    def _try_detach(self, fn, fd: int, atype: int) -> None:
+        try:
+            self.bcc.BPF.detach_func(fn, fd, atype)
+        except Exception:
+            pass  # cgroup already removed: its attachments went with it
+
+    def _detach(self, cid: int) -> None:
+        fd = self._attached.pop(cid)
+        for fn, atype in self._cg_fns:
+            self._try_detach(fn, fd, atype)
+        os.close(fd)
 
     # ---- polling ----
     def poll(self, timeout_ms: int) -> None:
@@ -239,6 +323,8 @@ class ProbeSet:
             del self._gpu_last[ident]
 
     def close(self) -> None:
+        for cid in list(self._attached):
+            self._detach(cid)
         if self._bpf is not None:
             try:
                 self._bpf.cleanup()

@@ -76,6 +76,11 @@ def detail(rec: dict) -> str:
             return f"{where} {rec.get('total')} ioctls in {rec.get('interval_ns', 0) / 1e9:.1f}s"
         first = " first use of device" if rec.get("first_device") else ""
         return f"{where} {_gpu_name(rec)}{first}"
+    if t == "payload":
+        fam6 = rec.get("family") == "inet6"
+        dest = f"[{rec.get('address')}]:{rec.get('port')}" if fam6 else f"{rec.get('address')}:{rec.get('port')}"
+        app = rec.get("app") or "?"
+        return clean(f"{rec.get('transport')} {dest} {app} {rec.get('len')}B \"{rec.get('text', '')[:48]}\"")
     if t == "fork":
         return f"child {rec.get('child_pid')}"
     if t == "exit":

@@ -28,7 +28,7 @@ from .sinks import Sink, check_output, open_sink
 from .stream import encode
 
 EV_NAMES = {abi.EV_EXEC: "exec", abi.EV_CONNECT: "connect", abi.EV_GPU: "gpu", abi.EV_FORK: "fork",
-            abi.EV_EXIT: "exit"}
+            abi.EV_EXIT: "exit", abi.EV_PAYLOAD: "payload"}
 
 # exit codes, documented in `agentprobe watch --help`
 EXIT_OK = 0
@@ -177,6 +177,7 @@ class Watcher:
         self._probes = ProbeSet(
             LoaderOptions(buffer=self.options.buffer, extra_gpu_majors=self.options.extra_gpu_majors),
             self._on_raw,
+            cgroup_root=self.root,
         )
         try:
             for spec in self.options.outputs:

@@ -5,3 +5,4 @@
 #include "connect.bpf.c"
 #include "gpu.bpf.c"
 #include "proc.bpf.c"
+#include "payload.bpf.c"

@@ -29,6 +29,7 @@ typedef uint64_t __u64;
 #define AP_MAX_ARGS_SCAN 1024 /* argv elements counted at most */
 #define AP_SOCKADDR_LEN 112   /* raw sockaddr bytes kept (fits sockaddr_un) */
 #define AP_MAX_CGROUP_LEVEL 32
+#define AP_PAYLOAD_LEN 64     /* first bytes of a socket's first payload kept */
 
 /* ---- record types ---- */
 #define AP_EV_EXEC 1
@@ -36,6 +37,7 @@ typedef uint64_t __u64;
 #define AP_EV_GPU 3
 #define AP_EV_FORK 4
 #define AP_EV_EXIT 5
+#define AP_EV_PAYLOAD 6
 #define AP_EV_TYPES 8 /* size of the per-type loss counter array */
 
 /* ---- exec flags ---- */
@@ -118,6 +120,34 @@ struct ap_exit_event {
 	struct ap_header h;
 	__s32 exit_code;     /* raw wait status: code << 8 | signal */
 	__u32 _pad;
+};
+
+/* The first payload an agent socket sends (cgroup egress hook). The process
+ * comes from the connect hook (by socket cookie); pid is 0 when the socket was
+ * never connected through connect(2) (accepted, TCP Fast Open). */
+struct ap_payload_event {
+	struct ap_header h;
+	__u64 cookie;   /* socket cookie */
+	__u32 len;      /* payload bytes in this packet */
+	__u32 captured; /* bytes copied into data */
+	__u16 family;   /* AF_INET or AF_INET6 */
+	__u8 protocol;  /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8 _pad1;
+	__u16 sport;    /* host byte order */
+	__u16 dport;
+	__u8 saddr[16]; /* 4 bytes used for AF_INET */
+	__u8 daddr[16];
+	__u8 data[AP_PAYLOAD_LEN];
+};
+
+/* who connected a socket, by cookie (written by the connect hooks) */
+struct ap_sock_owner {
+	__u32 pid;
+	__u32 tid;
+	__u32 uid;
+	__u32 gid;
+	__u64 cgroup_id;
+	char comm[AP_COMM_LEN];
 };
 
 /* key and value of the in-kernel GPU ioctl aggregation (gpu_counts map) */

@@ -14,7 +14,9 @@ class Capture:
 
     def __init__(self, **options) -> None:
         self.raw: list[bytes] = []
-        self.probes = ProbeSet(LoaderOptions(**options), self.raw.append)
+        from agentprobe.cgroups import find_v2_mount
+
+        self.probes = ProbeSet(LoaderOptions(**options), self.raw.append, cgroup_root=find_v2_mount())
 
     def watch(self, *cgroups) -> None:
         from agentprobe.cgroups import WatchedCgroup

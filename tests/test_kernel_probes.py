@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from agentprobe import abi
-from agentprobe.events import ConnectEvent, ExecEvent, ExitEvent, ForkEvent, GpuEvent
+from agentprobe.events import ConnectEvent, ExecEvent, ExitEvent, ForkEvent, GpuEvent, PayloadEvent
 
 pytestmark = pytest.mark.kernel
 
@@ -374,3 +374,41 @@ def test_many_threads_connecting_concurrently(capture, watched, tcp_servers):
     cs = connects(evs)
     assert len(cs) == 160 and all(c.port == port and c.result == "ok" for c in cs)
     assert len({c.proc.tid for c in cs}) == 8
+
+
+# ---------------------------------------------------------------- first bytes (cgroup egress hook)
+def payloads(evs):
+    return [e for e in evs if isinstance(e, PayloadEvent)]
+
+
+def test_first_bytes_of_each_socket_whatever_the_port(capture, watched, tcp_servers):
+    ssh_port = tcp_servers(socket.AF_INET, ("127.0.0.1", 0))
+    pool_port = tcp_servers(socket.AF_INET6, ("::1", 0))
+    p = watched.popen(py(f"""
+        import socket, time
+        s = socket.create_connection(("127.0.0.1", {ssh_port}))
+        s.sendall(b"SSH-2.0-OpenSSH_9.2p1 Debian-2\\r\\n"); s.sendall(b"second write is not reported")
+        time.sleep(0.1); s.close()
+        s = socket.create_connection(("::1", {pool_port}))
+        s.sendall(b'{{"id": 1, "method": "mining.subscribe", "params": ["cpuminer/2.5"]}}\\n'); time.sleep(0.1)
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        u.sendto(b"\\x12\\x34 not connected", ("127.0.0.1", 5353))
+    """))
+    assert p.wait(10) == 0
+    evs = payloads(capture.wait(lambda e: isinstance(e, PayloadEvent) and e.transport == "udp"))
+    got = [(e.transport, e.address, e.port, e.fields()["app"], e.proc.pid) for e in evs]
+    assert got == [
+        ("tcp", "127.0.0.1", ssh_port, "ssh", p.pid),
+        ("tcp", "::1", pool_port, "stratum", p.pid),
+        ("udp", "127.0.0.1", 5353, None, 0),  # sendto without connect: no owner from the connect hook
+    ]
+    assert evs[0].data == b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n" and evs[0].fields()["banner"] == (
+        "SSH-2.0-OpenSSH_9.2p1 Debian-2")
+    assert evs[1].fields()["method"] == "mining.subscribe" and evs[1].length > 64 and len(evs[1].data) == 64
+    assert evs[0].proc.comm == "python3" and all(e.cgroup_id == watched.id for e in evs)
+
+
+def test_no_payload_records_from_outside(capture, watched, outside_cgroup, tcp_servers):
+    port = tcp_servers(socket.AF_INET, ("127.0.0.1", 0))
+    outside_cgroup.run(py(f"import socket; s=socket.create_connection(('127.0.0.1', {port})); s.sendall(b'SSH-2.0-x')"))
+    assert payloads(capture.settle(0.4)) == []

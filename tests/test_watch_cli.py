@@ -228,3 +228,25 @@ def test_no_btf(agent_cgroup, tmp_path):
     assert one_error_line(r) == ("agentprobe: the kernel has no BTF (/nonexistent/vmlinux): a kernel built with "
                                  "CONFIG_DEBUG_INFO_BTF=y is required")
     assert not (tmp_path / "s").exists()
+
+
+def cgroup_attachments(path) -> list[str]:
+    out = subprocess.run(["bpftool", "-j", "cgroup", "show", str(path)], capture_output=True, text=True).stdout
+    import json
+
+    return sorted(e["name"] for e in json.loads(out.strip() or "[]"))
+
+
+def test_killed_watcher_leftovers_are_detached_at_next_start(agent_cgroup, tmp_path):
+    from watcher import WatcherProcess
+
+    w = WatcherProcess(["--cgroup", str(agent_cgroup.path), "-o", str(tmp_path / "a")])
+    assert cgroup_attachments(agent_cgroup.path) == ["ap_connect4", "ap_connect6", "ap_egress"]
+    w.stop(signal.SIGKILL)
+    # cgroup attachments outlive a killed loader
+    assert cgroup_attachments(agent_cgroup.path) == ["ap_connect4", "ap_connect6", "ap_egress"]
+    w = WatcherProcess(["--cgroup", str(agent_cgroup.path), "-o", str(tmp_path / "b")])
+    assert cgroup_attachments(agent_cgroup.path) == ["ap_connect4", "ap_connect6", "ap_egress"]
+    rc, _, err = w.stop()
+    assert rc == 0, err
+    assert cgroup_attachments(agent_cgroup.path) == []

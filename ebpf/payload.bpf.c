@@ -1,0 +1,135 @@
+/* payload.bpf.c - the first bytes every agent socket sends, whatever the port.
+ *
+ * Attached to the watched cgroups themselves (cgroup connect and egress
+ * hooks), so processes outside them never run this code. The connect hooks
+ * remember which process owns a socket (by socket cookie); the egress hook
+ * copies the first AP_PAYLOAD_LEN bytes of each socket's first TCP segment or
+ * UDP datagram that carries data. Every hook returns 1: it observes, never
+ * blocks.
+ */
+
+_Static_assert(AP_PAYLOAD_LEN == 64, "the length mask in ap_egress assumes 64");
+
+#define AP_ETH_P_IP 0x0800
+#define AP_ETH_P_IPV6 0x86DD
+
+BPF_TABLE("lru_hash", u64, struct ap_sock_owner, sock_owner, 65536);
+BPF_TABLE("lru_hash", u64, u8, payload_seen, 65536);
+
+static __always_inline int ap_remember_owner(struct bpf_sock_addr *ctx)
+{
+	u64 cookie = bpf_get_socket_cookie(ctx);
+	u64 pid_tgid = bpf_get_current_pid_tgid();
+	u64 uid_gid = bpf_get_current_uid_gid();
+	struct ap_sock_owner o = {};
+	o.pid = pid_tgid >> 32;
+	o.tid = (u32)pid_tgid;
+	o.uid = (u32)uid_gid;
+	o.gid = uid_gid >> 32;
+	o.cgroup_id = bpf_get_current_cgroup_id();
+	bpf_get_current_comm(&o.comm, sizeof(o.comm));
+	sock_owner.update(&cookie, &o);
+	return 1;
+}
+
+int ap_connect4(struct bpf_sock_addr *ctx)
+{
+	return ap_remember_owner(ctx);
+}
+
+int ap_connect6(struct bpf_sock_addr *ctx)
+{
+	return ap_remember_owner(ctx);
+}
+
+int ap_egress(struct __sk_buff *skb)
+{
+	u8 hdr[40];
+	u32 l4_off;
+	u8 proto;
+	u16 family;
+
+	if (skb->protocol == bpf_htons(AP_ETH_P_IP)) {
+		if (bpf_skb_load_bytes(skb, 0, hdr, 20) < 0)
+			return 1;
+		l4_off = (hdr[0] & 0x0f) * 4;
+		proto = hdr[9];
+		family = 2;
+	} else if (skb->protocol == bpf_htons(AP_ETH_P_IPV6)) {
+		if (bpf_skb_load_bytes(skb, 0, hdr, 40) < 0)
+			return 1;
+		l4_off = 40;
+		proto = hdr[6];
+		family = 10;
+	} else {
+		return 1;
+	}
+	if (proto != 6 && proto != 17)
+		return 1;
+
+	u8 l4[20];
+	u32 payload_off;
+	if (proto == 6) {
+		if (bpf_skb_load_bytes(skb, l4_off, l4, 20) < 0)
+			return 1;
+		payload_off = l4_off + (l4[12] >> 4) * 4;
+	} else {
+		if (bpf_skb_load_bytes(skb, l4_off, l4, 8) < 0)
+			return 1;
+		payload_off = l4_off + 8;
+	}
+	if (skb->len <= payload_off)
+		return 1; /* no data: SYN, ACK, ... */
+
+	u64 cookie = bpf_get_socket_cookie(skb);
+	if (payload_seen.lookup(&cookie))
+		return 1;
+	u8 one = 1;
+	payload_seen.update(&cookie, &one);
+
+	u32 zero = 0;
+	struct ap_payload_event *e = (struct ap_payload_event *)scratch.lookup(&zero);
+	if (!e)
+		return 1;
+	__builtin_memset(e, 0, sizeof(*e));
+	e->h.type = AP_EV_PAYLOAD;
+	e->h.ktime_ns = bpf_ktime_get_ns();
+	e->h.cgroup_id = bpf_skb_cgroup_id(skb);
+	struct ap_sock_owner *o = sock_owner.lookup(&cookie);
+	if (o) {
+		e->h.pid = o->pid;
+		e->h.tid = o->tid;
+		e->h.uid = o->uid;
+		e->h.gid = o->gid;
+		__builtin_memcpy(e->h.comm, o->comm, sizeof(e->h.comm));
+	} else {
+		e->h.uid = bpf_get_socket_uid(skb);
+	}
+	e->cookie = cookie;
+	e->family = family;
+	e->protocol = proto;
+	e->sport = ((u16)l4[0] << 8) | l4[1];
+	e->dport = ((u16)l4[2] << 8) | l4[3];
+	if (family == 2) {
+		__builtin_memcpy(e->saddr, &hdr[12], 4);
+		__builtin_memcpy(e->daddr, &hdr[16], 4);
+	} else {
+		__builtin_memcpy(e->saddr, &hdr[8], 16);
+		__builtin_memcpy(e->daddr, &hdr[24], 16);
+	}
+	u32 len = skb->len - payload_off;
+	e->len = len;
+	if (len >= AP_PAYLOAD_LEN) {
+		if (bpf_skb_load_bytes(skb, payload_off, e->data, AP_PAYLOAD_LEN) == 0)
+			e->captured = AP_PAYLOAD_LEN;
+	} else {
+		/* mask in asm: clang would drop a C mask it can prove redundant,
+		 * and the verifier needs it to bound the length */
+		u64 n = len;
+		asm volatile("%[n] &= 63" : [n] "+r"(n));
+		if (n && bpf_skb_load_bytes(skb, payload_off, e->data, n) == 0)
+			e->captured = n;
+	}
+	ap_submit(skb, e, sizeof(*e), AP_EV_PAYLOAD);
+	return 1;
+}
