@@ -58,6 +58,9 @@ def _run(*cmd: str) -> None:
 class Internet:
     """`with Internet() as net:` — net.ssh_argv(...), net.pool_port, net.ns."""
 
+    SSH_ALT_PORT = 443   # sshd also listens here: SSH on a port that says nothing
+    POOL_ALT_PORT = 8080  # and the pool here: stratum on a web port
+
     def __init__(self, pool_port: int = 3333) -> None:
         tag = uuid.uuid4().hex[:6]
         self.ns = f"ap-inet-{tag}"
@@ -114,7 +117,7 @@ class Internet:
         os.chmod(d, 0o700)
         Path("/run/sshd").mkdir(exist_ok=True)
         (d / "sshd_config").write_text(
-            f"Port 22\nListenAddress {OUTSIDE_ADDR}\nHostKey {d / 'host_key'}\n"
+            f"Port 22\nPort {self.SSH_ALT_PORT}\nListenAddress {OUTSIDE_ADDR}\nHostKey {d / 'host_key'}\n"
             f"AuthorizedKeysFile {d / 'authorized_keys'}\nPidFile {d / 'sshd.pid'}\n"
             "PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
             "UsePAM no\nStrictModes no\nAllowTcpForwarding yes\nPermitTunnel yes\nLogLevel VERBOSE\n")
@@ -132,11 +135,12 @@ class Internet:
     # ---- fake mining pool ----
     def _pool(self) -> None:
         (self.dir / "pool.py").write_text(POOL_SCRIPT)
-        p = subprocess.Popen(self.exec_argv(sys.executable, str(self.dir / "pool.py"), str(self.pool_port),
-                                            str(self.dir / "pool.log")),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self._procs.append(p)
-        self._wait_port(self.pool_port)
+        for port in (self.pool_port, self.POOL_ALT_PORT):
+            p = subprocess.Popen(self.exec_argv(sys.executable, str(self.dir / "pool.py"), str(port),
+                                                str(self.dir / "pool.log")),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self._procs.append(p)
+            self._wait_port(port)
 
     def pool_requests(self) -> list[str]:
         import json

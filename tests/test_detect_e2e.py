@@ -96,8 +96,10 @@ def wait_records(out, ep, pred, timeout=10.0):
 
 
 def response(recs) -> dict:
-    (r,) = [r for r in recs if r["type"] == "response"]
-    return r
+    """The first response; any later one for the same episode finds it already frozen."""
+    first, *rest = [r for r in recs if r["type"] == "response"]
+    assert all(r["outcome"] == "already_frozen" for r in rest), rest
+    return first
 
 
 # ---------------------------------------------------------------- tunnels
@@ -145,6 +147,31 @@ def test_renamed_ssh_client(agents, episode, net, tmp_path):
     p.kill()
 
 
+SSH_SPEAKER = r"""
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+s.sendall(b"SSH-2.0-paramiko_3.4.0\r\n")
+s.recv(256)
+time.sleep(30)
+"""
+
+
+def test_ssh_spoken_by_any_program_on_any_port(agents, episode, net, tmp_path):
+    """No ssh binary, no SSH port: the first bytes give it away."""
+    _, out, _ = agents
+    script = tmp_path / "sync.py"
+    script.write_text(SSH_SPEAKER)
+    p = episode.popen([sys.executable, str(script), net.addr, str(net.SSH_ALT_PORT)])
+    assert wait_frozen(episode)
+    recs = wait_records(out, episode, lambda rs: any(r["type"] == "response" for r in rs))
+    assert alerts(recs) == ["ssh_protocol_outside_allowlist"]
+    (payload,) = [r for r in recs if r["type"] == "payload"]
+    assert (payload["address"], payload["port"], payload["app"], payload["proc"]["pid"]) == (
+        net.addr, net.SSH_ALT_PORT, "ssh", p.pid)
+    assert response(recs)["outcome"] == "frozen"
+    p.kill()
+
+
 # ---------------------------------------------------------------- mining
 STRATUM_CLIENT = r"""
 import json, socket, sys, time
@@ -165,6 +192,19 @@ def test_process_named_like_no_miner_speaking_stratum(agents, episode, net, tmp_
     recs = wait_records(out, episode, lambda rs: any(r["type"] == "response" for r in rs))
     assert "mining_pool_connection" in alerts(recs)
     assert response(recs)["outcome"] == "frozen"
+    p.kill()
+
+
+def test_stratum_on_a_web_port(agents, episode, net, tmp_path):
+    _, out, _ = agents
+    script = tmp_path / "telemetry.py"
+    script.write_text(STRATUM_CLIENT)
+    p = episode.popen([sys.executable, str(script), net.addr, str(net.POOL_ALT_PORT)])
+    assert wait_frozen(episode)
+    recs = wait_records(out, episode, lambda rs: any(r["type"] == "response" for r in rs))
+    assert alerts(recs) == ["stratum_protocol"]
+    (alert,) = [r for r in recs if r["type"] == "alert"]
+    assert alert["evidence"][0]["method"] == "mining.subscribe" and "T1496" in alert["mitre"]
     p.kill()
 
 

@@ -21,6 +21,7 @@ TYPE_FIELDS = {
     "exec": ("filename", "argc", "failed", "error"),
     "connect": ("family", "address", "port", "path", "abstract", "sock_type", "result", "error"),
     "gpu": ("kind", "device", "nr", "detail", "first_device", "xfer", "total", "interval_ns"),
+    "payload": ("transport", "address", "port", "app", "method", "banner", "target", "text", "len"),
     "fork": ("child_pid",),
     "exit": ("status", "code", "signal"),
 }

@@ -55,7 +55,8 @@ OPS_BY_TYPE = {
 }
 OPS_BY_TYPE[STRS] = OPS_BY_TYPE[STR]
 # fields that exist only on one record type: a comparison on them implies the type
-TYPE_OF_PREFIX = {"exec": "exec", "net": "connect", "gpu": "gpu", "fork": "fork", "exit": "exit"}
+TYPE_OF_PREFIX = {"exec": "exec", "net": "connect", "gpu": "gpu", "fork": "fork", "exit": "exit",
+                  "payload": "payload"}
 
 LIST_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9]*(?:_[A-Za-z0-9]+)+$")
 MACRO_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

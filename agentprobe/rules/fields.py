@@ -21,7 +21,7 @@ from .. import nvidia
 from .argspec import OptionSpec, ParsedArgs, parse_args
 
 STR, INT, BOOL, IP, STRS = "str", "int", "bool", "ip", "strs"
-EVENT_TYPES = ("exec", "connect", "gpu", "fork", "exit")
+EVENT_TYPES = ("exec", "connect", "gpu", "fork", "exit", "payload")
 DELETED = " (deleted)"
 
 
@@ -380,6 +380,50 @@ _field("gpu.xfer", BOOL, "the command came wrapped in IOCTL_XFER_CMD", _of_type(
 _field("gpu.total", INT, "ioctls in the record (counts: total of the interval; first_use: 1)", _gpu_total)
 _field("gpu.interval_ns", INT, "counts: length of the interval", _of_type("gpu", _top("interval_ns")))
 _field("gpu.rate", INT, "counts: ioctls per second over the interval", _gpu_rate)
+
+@_memo
+def _payload_ip(ev: EventView) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    if ev.rec.get("type") != "payload":
+        return None
+    try:
+        return ipaddress.ip_address(ev.rec.get("address") or "")
+    except ValueError:
+        return None
+
+
+def _payload_dest(ev: EventView) -> str | None:
+    rec = ev.rec
+    if rec.get("type") != "payload" or not rec.get("address"):
+        return None
+    addr = rec["address"]
+    return f"[{addr}]:{rec.get('port')}" if ":" in addr else f"{addr}:{rec.get('port')}"
+
+
+def _payload_target_port(ev: EventView) -> int | None:
+    target = ev.rec.get("target") if ev.rec.get("type") == "payload" else None
+    if not target or ":" not in target:
+        return None
+    try:
+        return int(target.rsplit(":", 1)[1])
+    except ValueError:
+        return None
+
+
+_field("payload.app", STR, "protocol recognised in the first bytes a socket sent: ssh, stratum, tls, http, "
+       "http-connect, socks5, socks4, json-rpc (empty when unknown)",
+       _of_type("payload", lambda ev: ev.rec.get("app") or ""))
+_field("payload.transport", STR, "tcp or udp", _of_type("payload", _top("transport")))
+_field("payload.ip", IP, "destination address of the socket", _payload_ip)
+_field("payload.address", STR, "destination address as text", _of_type("payload", _top("address")))
+_field("payload.port", INT, "destination port", _of_type("payload", _top("port")))
+_field("payload.dest", STR, "ADDRESS:PORT of the socket's destination", _payload_dest)
+_field("payload.method", STR, "JSON-RPC method (stratum: mining.subscribe, login, ...)",
+       _of_type("payload", _top("method")))
+_field("payload.banner", STR, "SSH identification string", _of_type("payload", _top("banner")))
+_field("payload.target", STR, "HTTP CONNECT target HOST:PORT", _of_type("payload", _top("target")))
+_field("payload.target_port", INT, "port of the HTTP CONNECT target", _payload_target_port)
+_field("payload.text", STR, "the first bytes as printable text", _of_type("payload", _top("text")))
+_field("payload.len", INT, "payload bytes in the first packet", _of_type("payload", _top("len")))
 
 _field("fork.child_pid", INT, "pid of the new child", _of_type("fork", _top("child_pid")))
 _field("exit.status", INT, "raw wait status", _exit("status"))
