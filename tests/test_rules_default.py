@@ -51,8 +51,9 @@ def test_every_rule_is_complete(ruleset):
     assert [i.id for i in infos] == [
         "ssh_port_forwarding", "tunnel_tool_started", "cloudflared_tunnel", "netcat_exec", "netcat_listener",
         "socat_relay", "shell_network_redirection", "interpreter_reverse_shell",
-        "interactive_session_outside_allowlist", "miner_binary_started", "miner_arguments",
-        "mining_pool_connection", "gpu_miner_staged_from_writable_dir", "gpu_use_not_allowed",
+        "interactive_session_outside_allowlist", "ssh_protocol_outside_allowlist",
+        "proxy_connect_to_session_or_pool_port", "miner_binary_started", "miner_arguments",
+        "mining_pool_connection", "stratum_protocol", "gpu_miner_staged_from_writable_dir", "gpu_use_not_allowed",
         "cuda_context_from_temp_dir", "gpu_sustained_use_not_allowed", "internal_network_probing",
         "egress_outside_allowlist"]
     for i in infos:
@@ -62,7 +63,8 @@ def test_every_rule_is_complete(ruleset):
     assert {i.id for i in infos if i.action == "freeze"} == {
         "ssh_port_forwarding", "tunnel_tool_started", "cloudflared_tunnel", "netcat_exec", "socat_relay",
         "shell_network_redirection", "interpreter_reverse_shell", "interactive_session_outside_allowlist",
-        "miner_binary_started", "miner_arguments", "mining_pool_connection", "gpu_miner_staged_from_writable_dir"}
+        "miner_binary_started", "miner_arguments", "mining_pool_connection", "gpu_miner_staged_from_writable_dir",
+        "ssh_protocol_outside_allowlist", "proxy_connect_to_session_or_pool_port", "stratum_protocol"}
 
 
 def test_default_file_is_package_data():
