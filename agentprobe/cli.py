@@ -139,6 +139,48 @@ def _rule_stage(rule_files, with_defaults: bool):
     return build_engine(list(rule_files), with_defaults=with_defaults)
 
 
+@main.group()
+def rules() -> None:
+    """List and check detection rules."""
+
+
+@rules.command("list")
+@click.option("--rules", "rule_files", multiple=True, metavar="FILE", help="Also load FILE (as watch would).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def rules_list(rule_files, as_json) -> None:
+    """The rules watch would run: id, priority, action, ATT&CK ids, description."""
+    from .rules import list_rules, load_ruleset
+
+    try:
+        infos = list_rules(load_ruleset(list(rule_files)))
+    except AgentprobeError as e:
+        _fail(e)
+    if as_json:
+        import dataclasses
+
+        click.echo(json.dumps([dataclasses.asdict(i) for i in infos], indent=2))
+        return
+    click.echo(f"{'RULE':<40} {'PRIORITY':<9} {'ACTION':<7} {'ON':<3} {'ATT&CK':<22} DESCRIPTION")
+    for i in infos:
+        desc = " ".join(i.desc.split())
+        click.echo(f"{i.id:<40} {i.priority:<9} {i.action:<7} {'yes' if i.enabled else 'no':<3} "
+                   f"{','.join(i.mitre):<22} {desc[:100]}")
+
+
+@rules.command("check")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+def rules_check(files) -> None:
+    """Validate rule FILES: alone, then merged over the default rules."""
+    from .rules import check_file, list_rules
+
+    for f in files:
+        try:
+            rs = check_file(f)
+        except AgentprobeError as e:
+            _fail(e)
+        click.echo(f"{f}: ok ({len(list_rules(rs))} rules after merging over the defaults)")
+
+
 @main.command()
 @click.argument("cgroup")
 def thaw(cgroup) -> None:
