@@ -22,6 +22,7 @@ class Capture:
         from agentprobe.cgroups import WatchedCgroup
 
         self.probes.set_watched([WatchedCgroup(c.id, c.rel, c.rel.count("/")) for c in cgroups])
+        self.probes.poll(0)  # drop what an earlier test left in the buffer
         self.raw.clear()
 
     def events(self) -> list[Event]:

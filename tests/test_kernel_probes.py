@@ -105,8 +105,16 @@ def test_argv_limits_are_flagged(capture, watched):
 # ---------------------------------------------------------------- connect
 @pytest.fixture
 def tcp_servers():
-    """Listening sockets that accept and close every connection (in a thread)."""
+    """Listening sockets that accept every connection and read it to its end (in threads)."""
     socks = []
+
+    def drain(conn):
+        with conn:
+            try:
+                while conn.recv(4096):
+                    pass
+            except OSError:
+                pass
 
     def serve(s):
         while True:
@@ -114,7 +122,7 @@ def tcp_servers():
                 conn, _ = s.accept()
             except OSError:
                 return
-            conn.close()
+            threading.Thread(target=drain, args=(conn,), daemon=True).start()
 
     def listen(family, addr):
         s = socket.socket(family, socket.SOCK_STREAM)
