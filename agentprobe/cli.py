@@ -139,6 +139,50 @@ def _rule_stage(rule_files, with_defaults: bool):
     return build_engine(list(rule_files), with_defaults=with_defaults)
 
 
+@main.command()
+@click.option("-o", "--output", default="/tmp/agentprobe-demo.msgpack", show_default=True, metavar="FILE",
+              help="Where the demo's stream is recorded (replaced).")
+@click.option("--timeout", default=25.0, show_default=True, metavar="SECONDS")
+def demo(output, timeout) -> None:
+    """Replay the ROME incident in a throw-away world (root; no GPU, no network needed).
+
+    An agent cgroup, a network namespace standing for the internet with a real
+    sshd and a fake stratum pool, imitation NVIDIA devices; a scripted rogue
+    agent does honest work, opens a reverse SSH tunnel, then runs a renamed GPU
+    miner. The watcher catches and freezes both; everything is removed
+    afterwards, also on Ctrl-C.
+    """
+    from pathlib import Path
+
+    from . import view
+    from .demo import report, run_demo
+
+    quiet = {"fork", "exit", "cgroup"}
+
+    def show(rec: dict) -> None:
+        if rec["type"] in quiet or (rec["type"] == "gpu" and rec.get("kind") == "counts"):
+            return
+        click.echo(view.line(rec))
+
+    click.echo(view.HEADER)
+    try:
+        result = run_demo(Path(output), show, timeout=timeout)
+    except AgentprobeError as e:
+        _fail(e)
+    except KeyboardInterrupt:  # before the watcher took over SIGINT; run_demo has torn down
+        click.echo("agentprobe: demo interrupted; everything it built was removed", err=True)
+        sys.exit(130)
+    for line in report(result):
+        click.echo(line)
+    if result["interrupted"]:
+        click.echo("agentprobe: demo interrupted; everything it built was removed", err=True)
+        sys.exit(130)
+    frozen = {r["cgroup"]["path"] for r in result["records"] if r["type"] == "response" and r["outcome"] == "frozen"}
+    if len(frozen) < 2 or result["tunnel_used"]:
+        click.echo("agentprobe: the demo did not go as expected (see above)", err=True)
+        sys.exit(1)
+
+
 @main.group()
 def rules() -> None:
     """List and check detection rules."""

@@ -284,7 +284,7 @@ class Enricher:
         return {
             "pid": p.pid,
             "tid": p.tid,
-            "ppid": p.ppid,
+            "ppid": p.ppid or info.ppid,  # hooks without a task (socket egress) give no ppid
             "uid": p.uid,
             "gid": p.gid,
             "comm": p.comm,

@@ -283,7 +283,8 @@ class Watcher:
     def stop(self, *_args) -> None:
         self._stop = True
 
-    def run(self) -> Summary:
+    def run(self, until: Callable[[], bool] | None = None) -> Summary:
+        """Loop until SIGINT/SIGTERM, --duration, or `until()` returns true."""
         old = {sig: signal.signal(sig, self.stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         deadline = time.monotonic() + self.options.duration if self.options.duration else None
         now = time.monotonic()
@@ -306,6 +307,9 @@ class Watcher:
                 self.flush()
                 if deadline and now >= deadline:
                     self.summary.reason = "duration"
+                    break
+                if until is not None and until():
+                    self.summary.reason = "done"
                     break
             if not self.summary.reason:
                 self.summary.reason = "signal"
