@@ -187,6 +187,9 @@ class Watcher:
             self._probes = None
             raise
         self._probes.set_watched(self.watched.values())
+        from .nvml import NvmlSampler
+
+        self._nvml = NvmlSampler()
         self._discover_running()
         start = self._start_record()
         for s in self.sinks:
@@ -208,6 +211,7 @@ class Watcher:
             "cgroups": [{"id": c.id, "path": c.path} for c in self.watched.values()],
             "globs": self.options.cgroup_globs,
             "gpu_majors": {str(k): v for k, v in self._probes.gpu_majors.items()},
+            "nvml": self._nvml.reason,
             "limits": {"argv_args": abi.MAX_ARGS, "argv_bytes": abi.ARGS_LEN, "arg_bytes": abi.ARG_LEN,
                        "filename_bytes": abi.FILENAME_LEN, "argc_counted": abi.MAX_ARGS_SCAN},
         })
@@ -372,9 +376,36 @@ class Watcher:
             self.emit(self._meta("lost", {"source": "output", "counts": {s.name: s.dropped for s in self.sinks},
                                           "total": n}))
 
+    def _agent_pids(self) -> list[int]:
+        """Live processes of the watched cgroups (from cgroup.procs of every watched subtree)."""
+        pids: list[int] = []
+        for cg in self.watched.values():
+            top = self.root / cg.path.lstrip("/")
+            for procs in top.rglob("cgroup.procs"):
+                try:
+                    pids += [int(p) for p in procs.read_text().split()]
+                except OSError:
+                    continue
+        return pids
+
+    def _sample_nvml(self) -> None:
+        nvml = getattr(self, "_nvml", None)
+        if nvml is None or not nvml.available:
+            return
+        for s in nvml.sample(self._agent_pids()):
+            info = self.enricher.tree.get(s["pid"])
+            cid = self._gpu_pids.get(s["pid"], 0)
+            rec = self.enricher.synthetic("gpu", s["pid"], cid, time.monotonic_ns(), {
+                "kind": "nvml", "device": s["device"], "used_memory": s["used_memory"],
+                "sm_util": s["sm_util"], "mem_util": s["mem_util"]})
+            if info is None:
+                rec["proc"]["comm"] = ""
+            self.emit(rec)
+
     def _flush_gpu_counts(self) -> None:
         if self._probes is None:
             return
+        self._sample_nvml()
         grouped: dict[tuple[int, int], list] = {}
         for key, delta, first_ns, last_ns in self._probes.gpu_counts():
             grouped.setdefault((key.pid, key.dev), []).append((key, delta, first_ns, last_ns))
@@ -447,6 +478,9 @@ class Watcher:
             self.emit(stop)
             self._probes.close()
             self._probes = None
+            nvml = getattr(self, "_nvml", None)
+            if nvml is not None:
+                nvml.close()
         for s in self.sinks:
             try:
                 s.close()

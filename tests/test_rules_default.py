@@ -54,7 +54,8 @@ def test_every_rule_is_complete(ruleset):
         "interactive_session_outside_allowlist", "ssh_protocol_outside_allowlist",
         "proxy_connect_to_session_or_pool_port", "miner_binary_started", "miner_arguments",
         "mining_pool_connection", "stratum_protocol", "gpu_miner_staged_from_writable_dir", "gpu_use_not_allowed",
-        "cuda_context_from_temp_dir", "gpu_sustained_use_not_allowed", "internal_network_probing",
+        "cuda_context_from_temp_dir", "gpu_sustained_use_not_allowed", "gpu_busy_not_allowed",
+        "internal_network_probing",
         "egress_outside_allowlist"]
     for i in infos:
         assert i.desc and i.name != i.id and i.priority in PRIORITIES and i.action in ACTIONS

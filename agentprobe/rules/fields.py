@@ -425,6 +425,11 @@ _field("payload.target_port", INT, "port of the HTTP CONNECT target", _payload_t
 _field("payload.text", STR, "the first bytes as printable text", _of_type("payload", _top("text")))
 _field("payload.len", INT, "payload bytes in the first packet", _of_type("payload", _top("len")))
 
+_field("gpu.used_memory", INT, "nvml: GPU memory used by the process, bytes",
+       lambda ev: ev.rec.get("used_memory") if ev.rec.get("kind") == "nvml" else None)
+_field("gpu.sm_util", INT, "nvml: percent of the GPU's SMs the process kept busy",
+       lambda ev: ev.rec.get("sm_util") if ev.rec.get("kind") == "nvml" else None)
+
 _field("fork.child_pid", INT, "pid of the new child", _of_type("fork", _top("child_pid")))
 _field("exit.status", INT, "raw wait status", _exit("status"))
 _field("exit.code", INT, "exit code (when not killed by a signal)", _exit("code"))
