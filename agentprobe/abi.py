@@ -14,7 +14,7 @@ SOCKADDR_LEN = 112
 MAX_CGROUP_LEVEL = 32
 PAYLOAD_LEN = 64
 
-EV_EXEC, EV_CONNECT, EV_GPU, EV_FORK, EV_EXIT, EV_PAYLOAD = 1, 2, 3, 4, 5, 6
+EV_EXEC, EV_CONNECT, EV_GPU, EV_FORK, EV_EXIT, EV_PAYLOAD, EV_DENY = 1, 2, 3, 4, 5, 6, 7
 EV_TYPES = 8
 
 EXEC_EXECVEAT = 1 << 0
@@ -30,6 +30,8 @@ GPU_FIRST_CMD = 1 << 1
 GPU_XFER = 1 << 2
 
 GPU_DEV_NVIDIA, GPU_DEV_UVM, GPU_DEV_CAPS = 1, 2, 3
+
+DENY_PORT, DENY_HOST = 1, 2
 
 
 class Header(ct.Structure):
@@ -115,6 +117,24 @@ class PayloadRecord(ct.Structure):
     ]
 
 
+class DenyRecord(ct.Structure):
+    _fields_ = [
+        ("h", Header),
+        ("family", ct.c_uint16),
+        ("port", ct.c_uint16),
+        ("reason", ct.c_uint32),
+        ("addr", ct.c_uint8 * 16),
+    ]
+
+
+class LpmV4(ct.Structure):
+    _fields_ = [("prefixlen", ct.c_uint32), ("addr", ct.c_uint8 * 4)]
+
+
+class LpmV6(ct.Structure):
+    _fields_ = [("prefixlen", ct.c_uint32), ("addr", ct.c_uint8 * 16)]
+
+
 class SockOwner(ct.Structure):
     _fields_ = [
         ("pid", ct.c_uint32),
@@ -146,6 +166,7 @@ RECORDS: dict[int, type[ct.Structure]] = {
     EV_FORK: ForkRecord,
     EV_EXIT: ExitRecord,
     EV_PAYLOAD: PayloadRecord,
+    EV_DENY: DenyRecord,
 }
 
 # C struct name -> Python mirror, for the ABI test
@@ -158,6 +179,9 @@ C_STRUCTS: dict[str, type[ct.Structure]] = {
     "ap_exit_event": ExitRecord,
     "ap_payload_event": PayloadRecord,
     "ap_sock_owner": SockOwner,
+    "ap_deny_event": DenyRecord,
+    "ap_lpm_v4": LpmV4,
+    "ap_lpm_v6": LpmV6,
     "ap_gpu_key": GpuKey,
     "ap_gpu_count": GpuCount,
 }

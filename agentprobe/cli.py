@@ -72,12 +72,15 @@ def main() -> None:
               help="Rule file that adds to or overrides the default rules by name. Repeatable.")
 @click.option("--no-default-rules", is_flag=True, help="Use only the --rules files.")
 @click.option("--dry-run", is_flag=True, help="Alert, but only report the freeze/kill a rule would do.")
+@click.option("--in-kernel-deny/--no-in-kernel-deny", default=True, show_default=True,
+              help="Refuse agent connects to mining-pool ports outside allowed_networks, and to "
+                   "mining_pool_hosts, in the kernel (EPERM before any packet leaves); the freeze follows.")
 @click.option("--no-cut-network", is_flag=True,
               help="Freeze without destroying the frozen processes' TCP connections.")
 @click.option("--status-dir", default="/run/agentprobe", show_default=True, metavar="DIR",
               help="Where the watcher keeps its state for `agentprobe status`.")
 def watch(cgroups, globs, outputs, buffer, no_view, duration, gpu_interval, gpu_majors, rescan,
-          rule_files, no_default_rules, dry_run, no_cut_network, status_dir) -> None:
+          rule_files, no_default_rules, dry_run, in_kernel_deny, no_cut_network, status_dir) -> None:
     """Trace exec, connect and NVIDIA ioctls of agent processes, apply the detection
     rules, freeze agent cgroups that misbehave, and stream everything as msgpack."""
     from . import view
@@ -100,6 +103,10 @@ def watch(cgroups, globs, outputs, buffer, no_view, duration, gpu_interval, gpu_
     error = None
     try:
         rules_stage = _rule_stage(rule_files, not no_default_rules)
+        if in_kernel_deny and not dry_run and rules_stage is not None:
+            from .rules import deny_policy
+
+            opts.deny = deny_policy(rules_stage.ruleset)
         watcher.prepare()
         from .cgroups import find_v1_freezer
 

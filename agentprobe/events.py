@@ -216,6 +216,20 @@ class PayloadEvent(Event):
         return out
 
 
+@dataclass
+class DenyEvent(Event):
+    """A connect(2) the kernel refused (EPERM) before any packet left."""
+
+    family: str = "inet"
+    address: str = ""
+    port: int = 0
+    reason: str = ""
+
+    def fields(self) -> dict:
+        return {"action": "connect", "family": self.family, "address": self.address, "port": self.port,
+                "reason": self.reason}
+
+
 GPU_DEVICE_KINDS = {abi.GPU_DEV_NVIDIA: "nvidia", abi.GPU_DEV_UVM: "nvidia-uvm", abi.GPU_DEV_CAPS: "nvidia-caps"}
 
 
@@ -323,6 +337,15 @@ def decode(data: bytes) -> Event:
             family="inet" if fam == socket.AF_INET else "inet6",
             address=ip(r.daddr), port=r.dport, src_address=ip(r.saddr), src_port=r.sport,
             cookie=r.cookie, length=r.len, data=bytes(r.data)[: r.captured],
+        )
+    if rtype == abi.EV_DENY:
+        n = 4 if r.family == socket.AF_INET else 16
+        return DenyEvent(
+            **_base(h, "deny"),
+            family="inet" if n == 4 else "inet6",
+            address=str(ipaddress.ip_address(bytes(r.addr)[:n])),
+            port=r.port,
+            reason={abi.DENY_PORT: "pool_port", abi.DENY_HOST: "denied_host"}.get(r.reason, str(r.reason)),
         )
     if rtype == abi.EV_FORK:
         return ForkEvent(**_base(h, "fork"), child_pid=r.child_pid)

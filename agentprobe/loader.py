@@ -235,6 +235,29 @@ class ProbeSet:
         b[b"watched_levels"][ct.c_int(0)] = ct.c_uint64(mask)
         self._attach_cgroups(wanted)
 
+    # ---- in-kernel deny ----
+    def set_deny(self, ports: Iterable[int], allow: Iterable[str], deny: Iterable[str], enabled: bool) -> None:
+        """Refuse agent connects to `ports` outside the `allow` networks, and to the `deny`
+        networks, in the cgroup connect hooks (EPERM before any packet leaves)."""
+        import ipaddress
+
+        b = self._bpf
+        b[b"deny_conf"][ct.c_int(0)] = ct.c_uint32(0)  # off while the maps change
+        for name in (b"deny_ports", b"allow4", b"allow6", b"deny4", b"deny6"):
+            b[name].clear()
+        for port in ports:
+            b[b"deny_ports"][ct.c_uint16(port)] = ct.c_uint8(1)
+        for trie4, trie6, nets in ((b"allow4", b"allow6", allow), (b"deny4", b"deny6", deny)):
+            for spec in nets:
+                net = ipaddress.ip_network(spec, strict=False)
+                if net.version == 4:
+                    key = abi.LpmV4(net.prefixlen, (ct.c_uint8 * 4)(*net.network_address.packed))
+                    b[trie4][key] = ct.c_uint8(1)
+                else:
+                    key6 = abi.LpmV6(net.prefixlen, (ct.c_uint8 * 16)(*net.network_address.packed))
+                    b[trie6][key6] = ct.c_uint8(1)
+        b[b"deny_conf"][ct.c_int(0)] = ct.c_uint32(1 if enabled else 0)
+
     def _attach_cgroups(self, wanted: dict[int, WatchedCgroup]) -> None:
         """Attach the socket programs to the top-most watched cgroups (they cover the subtree)."""
         if self.cgroup_root is None:

@@ -28,7 +28,7 @@ from .sinks import Sink, check_output, open_sink
 from .stream import encode
 
 EV_NAMES = {abi.EV_EXEC: "exec", abi.EV_CONNECT: "connect", abi.EV_GPU: "gpu", abi.EV_FORK: "fork",
-            abi.EV_EXIT: "exit", abi.EV_PAYLOAD: "payload"}
+            abi.EV_EXIT: "exit", abi.EV_PAYLOAD: "payload", abi.EV_DENY: "deny"}
 
 # exit codes, documented in `agentprobe watch --help`
 EXIT_OK = 0
@@ -64,6 +64,8 @@ class WatchOptions:
     create_default: bool = True
     duration: float | None = None  # stop after this many seconds (tests, demos)
     status_dir: str = "/run/agentprobe"
+    # in-kernel deny: {"ports": [...], "allow": [CIDR...], "deny": [CIDR...]}, or None for off
+    deny: dict | None = None
 
 
 @dataclass
@@ -186,6 +188,9 @@ class Watcher:
             self._probes.close()
             self._probes = None
             raise
+        deny = self.options.deny
+        if deny:
+            self._probes.set_deny(deny.get("ports", ()), deny.get("allow", ()), deny.get("deny", ()), True)
         self._probes.set_watched(self.watched.values())
         from .nvml import NvmlSampler
 
@@ -212,6 +217,16 @@ class Watcher:
             "globs": self.options.cgroup_globs,
             "gpu_majors": {str(k): v for k, v in self._probes.gpu_majors.items()},
             "nvml": self._nvml.reason,
+            "probes": {
+                "exec": "tracepoint syscalls:sys_enter/exit_execve(at)",
+                "connect": "tracepoint syscalls:sys_enter/exit_connect",
+                "gpu_ioctl": "tracepoint syscalls:sys_enter_ioctl, aggregated in the kernel",
+                "fork_exit": "raw_tracepoint sched_process_fork/exit",
+                "first_bytes": "cgroup_skb/egress + cgroup connect4/6 on the watched cgroups",
+                "deny": ("cgroup connect4/6 on the watched cgroups: EPERM before any packet"
+                         if self.options.deny else "off"),
+            },
+            "deny": self.options.deny or {},
             "limits": {"argv_args": abi.MAX_ARGS, "argv_bytes": abi.ARGS_LEN, "arg_bytes": abi.ARG_LEN,
                        "filename_bytes": abi.FILENAME_LEN, "argc_counted": abi.MAX_ARGS_SCAN},
         })

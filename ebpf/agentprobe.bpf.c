@@ -5,4 +5,5 @@
 #include "connect.bpf.c"
 #include "gpu.bpf.c"
 #include "proc.bpf.c"
+#include "deny.bpf.c"
 #include "payload.bpf.c"

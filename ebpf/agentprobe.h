@@ -38,6 +38,7 @@ typedef uint64_t __u64;
 #define AP_EV_FORK 4
 #define AP_EV_EXIT 5
 #define AP_EV_PAYLOAD 6
+#define AP_EV_DENY 7
 #define AP_EV_TYPES 8 /* size of the per-type loss counter array */
 
 /* ---- exec flags ---- */
@@ -138,6 +139,30 @@ struct ap_payload_event {
 	__u8 saddr[16]; /* 4 bytes used for AF_INET */
 	__u8 daddr[16];
 	__u8 data[AP_PAYLOAD_LEN];
+};
+
+/* A connect(2) refused in the kernel (the cgroup connect hook returned 0:
+ * the caller got EPERM before any packet left). */
+#define AP_DENY_PORT 1  /* destination port in deny_ports, address not in the allow tries */
+#define AP_DENY_HOST 2  /* destination address in the deny tries */
+
+struct ap_deny_event {
+	struct ap_header h;
+	__u16 family;   /* AF_INET or AF_INET6 (v4-mapped destinations are reported as AF_INET) */
+	__u16 port;     /* host byte order */
+	__u32 reason;   /* AP_DENY_* */
+	__u8 addr[16];
+};
+
+/* LPM trie keys of the allow/deny tries: addr in network byte order */
+struct ap_lpm_v4 {
+	__u32 prefixlen;
+	__u8 addr[4];
+};
+
+struct ap_lpm_v6 {
+	__u32 prefixlen;
+	__u8 addr[16];
 };
 
 /* who connected a socket, by cookie (written by the connect hooks) */

@@ -34,12 +34,14 @@ static __always_inline int ap_remember_owner(struct bpf_sock_addr *ctx)
 
 int ap_connect4(struct bpf_sock_addr *ctx)
 {
-	return ap_remember_owner(ctx);
+	ap_remember_owner(ctx);
+	return ap_connect4_verdict(ctx);
 }
 
 int ap_connect6(struct bpf_sock_addr *ctx)
 {
-	return ap_remember_owner(ctx);
+	ap_remember_owner(ctx);
+	return ap_connect6_verdict(ctx);
 }
 
 int ap_egress(struct __sk_buff *skb)
@@ -123,11 +125,14 @@ int ap_egress(struct __sk_buff *skb)
 		if (bpf_skb_load_bytes(skb, payload_off, e->data, AP_PAYLOAD_LEN) == 0)
 			e->captured = AP_PAYLOAD_LEN;
 	} else {
-		/* mask in asm: clang would drop a C mask it can prove redundant,
-		 * and the verifier needs it to bound the length */
-		u64 n = len;
+		/* 1 <= len < 64 here. The verifier must see that bound on the
+		 * length register itself, with a minimum of 1 (older kernels want
+		 * a non-zero size): mask in asm, where clang cannot drop it as
+		 * redundant, then add the 1 back. */
+		u64 n = len - 1;
 		asm volatile("%[n] &= 63" : [n] "+r"(n));
-		if (n && bpf_skb_load_bytes(skb, payload_off, e->data, n) == 0)
+		n += 1;
+		if (bpf_skb_load_bytes(skb, payload_off, e->data, n) == 0)
 			e->captured = n;
 	}
 	ap_submit(skb, e, sizeof(*e), AP_EV_PAYLOAD);

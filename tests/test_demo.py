@@ -42,7 +42,11 @@ def test_demo_catches_tunnel_and_miner(agentprobe_cmd, tmp_path, cgroup_root):
     for a in (x for x in recs if x["type"] == "alert"):
         by_episode.setdefault(a["cgroup"]["path"], []).append(a["rule"])
     assert by_episode["/agentprobe-demo/episode-1"][0] == "ssh_port_forwarding"
-    assert {"mining_pool_connection", "stratum_protocol"} <= set(by_episode["/agentprobe-demo/episode-2"])
+    assert "mining_pool_connection" in by_episode["/agentprobe-demo/episode-2"]
+    # the kernel refused the pool connection before a packet left; the freeze followed
+    denies = [(d["address"], d["port"], d["reason"]) for d in recs if d["type"] == "deny"]
+    assert denies == [("198.51.100.2", 3333, "pool_port")]
+    assert "mining pool received: nothing" in r.stdout
     frozen = [x["cgroup"]["path"] for x in recs if x["type"] == "response" and x["outcome"] == "frozen"]
     assert frozen == ["/agentprobe-demo/episode-1", "/agentprobe-demo/episode-2"]
     # the miner really touched the (imitation) GPU before it was stopped

@@ -192,6 +192,9 @@ def test_process_named_like_no_miner_speaking_stratum(agents, episode, net, tmp_
     recs = wait_records(out, episode, lambda rs: any(r["type"] == "response" for r in rs))
     assert "mining_pool_connection" in alerts(recs)
     assert response(recs)["outcome"] == "frozen"
+    # refused in the kernel before any packet: the pool never heard from it
+    assert [(d["address"], d["port"]) for d in recs if d["type"] == "deny"] == [(net.addr, net.pool_port)]
+    assert net.pool_requests() == []
     p.kill()
 
 

@@ -420,3 +420,39 @@ def test_no_payload_records_from_outside(capture, watched, outside_cgroup, tcp_s
     port = tcp_servers(socket.AF_INET, ("127.0.0.1", 0))
     outside_cgroup.run(py(f"import socket; s=socket.create_connection(('127.0.0.1', {port})); s.sendall(b'SSH-2.0-x')"))
     assert payloads(capture.settle(0.4)) == []
+
+
+# ---------------------------------------------------------------- in-kernel deny (cgroup connect hooks)
+def test_in_kernel_deny_of_pool_ports_and_bad_hosts(capture, watched, outside_cgroup, blackhole_net):
+    from agentprobe.events import DenyEvent
+
+    capture.probes.set_deny([3333], ["127.0.0.0/8", "::1"], ["203.0.113.2/32"], True)
+    try:
+        code = f"""
+            import socket
+            def go(family, addr, blocking=False):
+                s = socket.socket(family); s.setblocking(blocking)
+                print(s.connect_ex(addr)); s.close()
+            go(socket.AF_INET, ({blackhole_net!r}, 3333))         # pool port outside: refused
+            go(socket.AF_INET6, ("::ffff:{blackhole_net}", 3333))  # the same, v4-mapped: refused
+            go(socket.AF_INET, ("203.0.113.2", 80))               # a denied host: refused
+            go(socket.AF_INET, ("127.0.0.1", 3333), True)         # pool port on loopback: allowed
+            go(socket.AF_INET, ({blackhole_net!r}, 3334))         # another port: allowed
+        """
+        r = watched.run(py(code), text=True)
+        assert r.stdout.split() == ["1", "1", "1", "111", "115"]  # EPERM x3, ECONNREFUSED, EINPROGRESS
+        evs = capture.wait(lambda e: isinstance(e, ConnectEvent) and e.port == 3334)
+        denies = [(e.family, e.address, e.port, e.reason) for e in evs if isinstance(e, DenyEvent)]
+        assert denies == [("inet", blackhole_net, 3333, "pool_port"), ("inet", blackhole_net, 3333, "pool_port"),
+                          ("inet", "203.0.113.2", 80, "denied_host")]
+        assert [(c.port, c.retval) for c in connects(evs)] == [(3333, -1), (3333, -1), (80, -1), (3333, -111),
+                                                               (3334, -115)]
+        # outside the agent cgroups nothing is refused
+        r = outside_cgroup.run(py(code), text=True)
+        assert r.stdout.split() == ["115", "115", "115", "111", "115"]
+        # switched off, agents are not refused either
+        capture.probes.set_deny([3333], [], [], False)
+        r = watched.run(py(code), text=True)
+        assert r.stdout.split() == ["115", "115", "115", "111", "115"]
+    finally:
+        capture.probes.set_deny([], [], [], False)

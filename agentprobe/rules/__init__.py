@@ -53,7 +53,7 @@ from .loader import (
 from .model import RuleError, RuleInfo
 from .ruleset import Rule, RuleSet, compile_sources
 
-__all__ = ["EngineLimits", "Rule", "RuleEngine", "RuleError", "RuleInfo", "RuleSet", "build_engine",
+__all__ = ["deny_policy", "EngineLimits", "Rule", "RuleEngine", "RuleError", "RuleInfo", "RuleSet", "build_engine",
            "check_file", "default_rules_text", "list_rules", "load_ruleset"]
 
 SSH_CLIENT_NAMES = "ssh_client_binaries"
@@ -123,3 +123,17 @@ def build_engine(paths: Iterable[str | Path] = (), *, with_defaults: bool = True
     if hash_local_ssh:
         _add_local_ssh_hashes(sources)
     return RuleEngine(compile_sources(sources), dedup_window_s=dedup_window_s, limits=limits)
+
+
+def deny_policy(ruleset: RuleSet) -> dict | None:
+    """What the kernel refuses, from the rule lists: pool ports outside allowed_networks (when the
+    mining_pool_connection rule is on) and mining_pool_hosts."""
+    rule = ruleset.get("mining_pool_connection")
+    if rule is None or not rule.enabled:
+        return None
+    ports: list[int] = []
+    for item in ruleset.lists.get("mining_pool_ports", ()):
+        lo, _, hi = str(item).partition("-")
+        ports += range(int(lo), int(hi or lo) + 1)
+    return {"ports": sorted(set(ports)), "allow": list(ruleset.lists.get("allowed_networks", ())),
+            "deny": list(ruleset.lists.get("mining_pool_hosts", ()))}
