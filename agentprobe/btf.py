@@ -35,6 +35,7 @@ FIELDS: dict[tuple[str, str], str] = {
     ("file", "private_data"): "AP_OFF_FILE_PRIVATE_DATA",
     ("inode", "i_rdev"): "AP_OFF_INODE_I_RDEV",
     ("socket", "type"): "AP_OFF_SOCKET_TYPE",
+    ("linux_binprm", "filename"): "AP_OFF_LINUX_BINPRM_FILENAME",
 }
 
 

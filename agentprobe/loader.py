@@ -51,6 +51,15 @@ def program_text() -> str:
     return _INCLUDE.sub(inline, (root / "agentprobe.bpf.c").read_text())
 
 
+def lsm_program_text() -> str:
+    root = ebpf_dir()
+
+    def inline(m: re.Match) -> str:
+        return _INCLUDE.sub(inline, (root / m.group(1)).read_text())
+
+    return _INCLUDE.sub(inline, (root / "lsm.bpf.c").read_text())
+
+
 def import_bcc():
     """BCC's Python binding comes from the distribution (python3-bpfcc), not PyPI."""
     try:
@@ -76,11 +85,12 @@ def ensure_tracefs() -> None:
     """BCC attaches tracepoints through tracefs; fresh machines have it unmounted."""
     import subprocess
 
-    for fstype, target in (("debugfs", "/sys/kernel/debug"), ("tracefs", "/sys/kernel/tracing")):
+    for fstype, target in (("debugfs", "/sys/kernel/debug"), ("tracefs", "/sys/kernel/tracing"),
+                           ("securityfs", "/sys/kernel/security")):
         if os.path.ismount(target):
             continue
         r = subprocess.run(["mount", "-t", fstype, "none", target], capture_output=True, text=True)
-        if r.returncode != 0 and fstype == "tracefs":
+        if r.returncode != 0 and fstype == "tracefs":  # the others are optional
             raise LoaderError(f"cannot mount tracefs on {target}: {r.stderr.strip()}")
 
 
@@ -144,6 +154,7 @@ class LoaderOptions:
     ringbuf_pages: int = 1024  # 4 MiB
     perf_pages: int = 256  # per CPU
     extra_gpu_majors: tuple[int, ...] = ()
+    deny_exec_names: tuple[str, ...] = ()  # basenames refused in the kernel where BPF-LSM is allowed
 
 
 class ProbeSet:
@@ -155,6 +166,8 @@ class ProbeSet:
         self.cgroup_root = cgroup_root
         self._cg_fns: list = []
         self._attached: dict[int, int] = {}  # cgroup id -> directory fd with our programs attached
+        self._lsm = None
+        self.lsm_status = "off"
         self._on_record = on_record
         self.bcc = import_bcc()
         ensure_tracefs()
@@ -194,6 +207,8 @@ class ProbeSet:
             else:
                 raise LoaderError(f"cannot load the eBPF programs: {e}") from None
         self.buffer = "ringbuf" if ringbuf_ok else "perf"
+        if self.options.deny_exec_names:
+            self._load_lsm()
         b = self._bpf
         try:
             self._cg_fns = [(b.load_func(name.encode(), ptype, attach_type=atype), atype)
@@ -233,7 +248,41 @@ class ProbeSet:
             if c.level < abi.MAX_CGROUP_LEVEL:
                 mask |= 1 << c.level
         b[b"watched_levels"][ct.c_int(0)] = ct.c_uint64(mask)
+        if self._lsm is not None:
+            lt = self._lsm[b"watched"]
+            lt.clear()
+            for c in wanted.values():
+                lt[ct.c_uint64(c.id)] = ct.c_uint8(1)
+            self._lsm[b"watched_levels"][ct.c_int(0)] = ct.c_uint64(mask)
         self._attach_cgroups(wanted)
+
+    def _load_lsm(self) -> None:
+        """The BPF-LSM exec deny, where the kernel allows it; otherwise say why and go on."""
+        try:
+            lsm_list = Path("/sys/kernel/security/lsm").read_text().strip().split(",")
+        except OSError:
+            lsm_list = []
+        if "bpf" not in lsm_list:
+            self.lsm_status = "unavailable: BPF-LSM is not enabled (boot with lsm=...,bpf)"
+            return
+        try:
+            self._lsm = self.bcc.BPF(text=lsm_program_text().encode(), cflags=self._cflags(False))
+        except Exception as e:
+            self._lsm = None
+            try:
+                lockdown = Path("/sys/kernel/security/lockdown").read_text().split("[")[1].split("]")[0]
+            except (OSError, IndexError):
+                lockdown = "unknown"
+            why = "EPERM" if "privileges" in str(e) else str(e)
+            self.lsm_status = f"unavailable: the kernel refused the LSM program ({why}; kernel lockdown: {lockdown})"
+            return
+        names = self._lsm[b"deny_exec_names"]
+        for name in self.options.deny_exec_names:
+            raw = name.encode()[:16]
+            key = names.Key()
+            ct.memmove(ct.addressof(key), raw, len(raw))
+            names[key] = ct.c_uint8(1)
+        self.lsm_status = f"bpf-lsm bprm_check_security ({len(self.options.deny_exec_names)} names)"
 
     # ---- in-kernel deny ----
     def set_deny(self, ports: Iterable[int], allow: Iterable[str], deny: Iterable[str], enabled: bool) -> None:
@@ -348,6 +397,11 @@ class ProbeSet:
     def close(self) -> None:
         for cid in list(self._attached):
             self._detach(cid)
+        if self._lsm is not None:
+            try:
+                self._lsm.cleanup()
+            finally:
+                self._lsm = None
         if self._bpf is not None:
             try:
                 self._bpf.cleanup()

@@ -177,7 +177,8 @@ class Watcher:
 
         self.enricher = Enricher(self._cgroup_name, self._clock_offset)
         self._probes = ProbeSet(
-            LoaderOptions(buffer=self.options.buffer, extra_gpu_majors=self.options.extra_gpu_majors),
+            LoaderOptions(buffer=self.options.buffer, extra_gpu_majors=self.options.extra_gpu_majors,
+                          deny_exec_names=tuple((self.options.deny or {}).get("exec_names", ()))),
             self._on_raw,
             cgroup_root=self.root,
         )
@@ -225,6 +226,7 @@ class Watcher:
                 "first_bytes": "cgroup_skb/egress + cgroup connect4/6 on the watched cgroups",
                 "deny": ("cgroup connect4/6 on the watched cgroups: EPERM before any packet"
                          if self.options.deny else "off"),
+                "exec_deny": self._probes.lsm_status,
             },
             "deny": self.options.deny or {},
             "limits": {"argv_args": abi.MAX_ARGS, "argv_bytes": abi.ARGS_LEN, "arg_bytes": abi.ARG_LEN,

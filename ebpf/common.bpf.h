@@ -11,12 +11,10 @@
 #define AGENTPROBE_COMMON_BPF_H
 
 #include "agentprobe.h"
+#include "scope.bpf.h"
 
 #ifndef AP_RINGBUF_PAGES
 #define AP_RINGBUF_PAGES 256
-#endif
-#ifndef AP_MAX_WATCHED
-#define AP_MAX_WATCHED 4096
 #endif
 #ifndef AP_MAX_PENDING
 #define AP_MAX_PENDING 10240
@@ -25,10 +23,6 @@
 #define AP_MAX_GPU_KEYS 65536
 #endif
 
-/* cgroup v2 ids of watched cgroups; their whole subtrees are in scope */
-BPF_HASH(watched, u64, u8, AP_MAX_WATCHED);
-/* [0]: bit L set when some watched cgroup sits at level L */
-BPF_ARRAY(watched_levels, u64, 1);
 /* events that could not be written, per record type */
 BPF_PERCPU_ARRAY(lost, u64, AP_EV_TYPES);
 /* one scratch record per CPU: records are larger than the 512-byte stack */
@@ -57,26 +51,6 @@ static __always_inline void ap_submit(void *ctx, void *rec, u32 size, u32 type)
 	if (events.perf_submit(ctx, rec, size) != 0)
 		ap_count_lost(type);
 #endif
-}
-
-/* Is the current task inside a watched cgroup subtree? This is the first thing
- * every probe does: for tasks outside it costs one array lookup plus one
- * ancestor lookup per level that holds a watched cgroup. */
-static __always_inline int ap_in_scope(void)
-{
-	u32 zero = 0;
-	u64 *levels = watched_levels.lookup(&zero);
-	if (!levels || *levels == 0)
-		return 0;
-	u64 mask = *levels;
-	for (int level = 0; level < AP_MAX_CGROUP_LEVEL; level++) {
-		if (!(mask & (1ULL << level)))
-			continue;
-		u64 id = bpf_get_current_ancestor_cgroup_id(level);
-		if (id && watched.lookup(&id))
-			return 1;
-	}
-	return 0;
 }
 
 static __always_inline u64 ap_read_ptr(const void *base, u64 off)

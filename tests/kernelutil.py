@@ -17,6 +17,7 @@ class Capture:
         from agentprobe.cgroups import find_v2_mount
 
         self.probes = ProbeSet(LoaderOptions(**options), self.raw.append, cgroup_root=find_v2_mount())
+        self.probes.set_watched([])
 
     def watch(self, *cgroups) -> None:
         from agentprobe.cgroups import WatchedCgroup

@@ -456,3 +456,32 @@ def test_in_kernel_deny_of_pool_ports_and_bad_hosts(capture, watched, outside_cg
         assert r.stdout.split() == ["115", "115", "115", "111", "115"]
     finally:
         capture.probes.set_deny([], [], [], False)
+
+
+# ---------------------------------------------------------------- BPF-LSM exec deny, or its fallback
+def test_exec_deny_where_bpf_lsm_is_allowed(agent_cgroup, outside_cgroup, tmp_path):
+    """In the test VMs (AGENTPROBE_EXPECT_LSM=1, booted with lsm=...,bpf) a known miner name is
+    refused in the kernel; on a kernel that refuses BPF-LSM the loader says why and execs go on,
+    left to the user-space rules and the freeze."""
+    import shutil
+
+    from kernelutil import Capture
+
+    miner = tmp_path / "xmrig"
+    shutil.copy("/bin/true", miner)
+    cap = Capture(deny_exec_names=("xmrig", "t-rex"))
+    try:
+        cap.watch(agent_cgroup)
+        if os.environ.get("AGENTPROBE_EXPECT_LSM") == "1":
+            assert cap.probes.lsm_status == "bpf-lsm bprm_check_security (2 names)"
+            with pytest.raises(PermissionError):
+                agent_cgroup.run([str(miner), "--donate-level", "1"])
+            (ev,) = execs(cap.wait(lambda e: isinstance(e, ExecEvent)), str(miner))
+            assert ev.retval == -1 and ev.argv == [str(miner), "--donate-level", "1"]
+            assert agent_cgroup.run(["/bin/true"]).returncode == 0  # other programs run
+        else:
+            assert cap.probes.lsm_status.startswith("unavailable: ")
+            assert agent_cgroup.run([str(miner)]).returncode == 0
+        assert outside_cgroup.run([str(miner)]).returncode == 0  # never outside the agent cgroups
+    finally:
+        cap.close()

@@ -52,7 +52,7 @@ def test_every_rule_is_complete(ruleset):
         "ssh_port_forwarding", "tunnel_tool_started", "cloudflared_tunnel", "netcat_exec", "netcat_listener",
         "socat_relay", "shell_network_redirection", "interpreter_reverse_shell",
         "interactive_session_outside_allowlist", "ssh_protocol_outside_allowlist",
-        "proxy_connect_to_session_or_pool_port", "miner_binary_started", "miner_arguments",
+        "proxy_connect_to_session_or_pool_port", "miner_binary_started", "miner_exec_denied", "miner_arguments",
         "mining_pool_connection", "stratum_protocol", "gpu_miner_staged_from_writable_dir", "gpu_use_not_allowed",
         "cuda_context_from_temp_dir", "gpu_sustained_use_not_allowed", "gpu_busy_not_allowed",
         "internal_network_probing",
@@ -65,7 +65,8 @@ def test_every_rule_is_complete(ruleset):
         "ssh_port_forwarding", "tunnel_tool_started", "cloudflared_tunnel", "netcat_exec", "socat_relay",
         "shell_network_redirection", "interpreter_reverse_shell", "interactive_session_outside_allowlist",
         "miner_binary_started", "miner_arguments", "mining_pool_connection", "gpu_miner_staged_from_writable_dir",
-        "ssh_protocol_outside_allowlist", "proxy_connect_to_session_or_pool_port", "stratum_protocol"}
+        "ssh_protocol_outside_allowlist", "proxy_connect_to_session_or_pool_port", "stratum_protocol",
+        "miner_exec_denied"}
 
 
 def test_default_file_is_package_data():

@@ -135,5 +135,8 @@ def deny_policy(ruleset: RuleSet) -> dict | None:
     for item in ruleset.lists.get("mining_pool_ports", ()):
         lo, _, hi = str(item).partition("-")
         ports += range(int(lo), int(hi or lo) + 1)
+    miner = ruleset.get("miner_binary_started")
+    names = [n for n in ruleset.lists.get("miner_binaries", ()) if "*" not in n and "?" not in n]
     return {"ports": sorted(set(ports)), "allow": list(ruleset.lists.get("allowed_networks", ())),
-            "deny": list(ruleset.lists.get("mining_pool_hosts", ()))}
+            "deny": list(ruleset.lists.get("mining_pool_hosts", ())),
+            "exec_names": names if miner is not None and miner.enabled else []}
