@@ -31,7 +31,8 @@ else
     esac
 fi
 if [ "$WANT_TEST" = 1 ]; then
-    pkgs+=(openssh-server openssh-client autossh socat ncat nats-server curl git make)
+    pkgs+=(openssh-server openssh-client autossh socat ncat nats-server curl git make
+           qemu-system-x86 mmdebstrap e2fsprogs)  # scripts/vm-run, scripts/vm-test
 fi
 
 missing=()
