@@ -120,6 +120,8 @@ def watch(cgroups, globs, outputs, buffer, no_view, duration, gpu_interval, gpu_
             print(view.HEADER, file=term, flush=True)
         watcher.start()
         paths = ", ".join(f"{watcher.root}{c.path}" for c in watcher.watched.values()) or "(none yet)"
+        for name, path in watcher.probe_paths.items():
+            click.echo(f"agentprobe: probe {name}: {path}", err=True)
         click.echo(f"agentprobe: watching {paths}; stream -> {', '.join(outputs)}; Ctrl-C to stop", err=True)
         watcher.run()
     except AgentprobeError as e:

@@ -265,7 +265,10 @@ class ProbeSet:
         if "bpf" not in lsm_list:
             self.lsm_status = "unavailable: BPF-LSM is not enabled (boot with lsm=...,bpf)"
             return
+        saved = os.dup(2)  # libbpf prints the refusal itself; the status line says it better
+        devnull = os.open(os.devnull, os.O_WRONLY)
         try:
+            os.dup2(devnull, 2)
             self._lsm = self.bcc.BPF(text=lsm_program_text().encode(), cflags=self._cflags(False))
         except Exception as e:
             self._lsm = None
@@ -276,6 +279,10 @@ class ProbeSet:
             why = "EPERM" if "privileges" in str(e) else str(e)
             self.lsm_status = f"unavailable: the kernel refused the LSM program ({why}; kernel lockdown: {lockdown})"
             return
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(devnull)
         names = self._lsm[b"deny_exec_names"]
         for name in self.options.deny_exec_names:
             raw = name.encode()[:16]

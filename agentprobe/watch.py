@@ -201,6 +201,7 @@ class Watcher:
         for s in self.sinks:
             if hasattr(s, "start_record"):
                 s.start_record = encode(start)
+        self.probe_paths = start["probes"]
         self._started = start["ts"]
         self.emit(start)
         self.flush()
