@@ -115,7 +115,8 @@ class CgroupFreezer:
                 return Outcome("failed", f"{d}/cgroup.freeze: {e.strerror}")
             poller = select.poll()
             poller.register(fd, select.POLLPRI | select.POLLERR)
-            deadline = time.monotonic() + timeout
+            start = time.monotonic()
+            deadline = start + timeout
             while True:
                 os.lseek(fd, 0, os.SEEK_SET)
                 try:
@@ -127,7 +128,10 @@ class CgroupFreezer:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return Outcome("failed", f"not confirmed in {timeout:.0f} s ({events} says {text.split()})")
-                poller.poll(min(left, 0.05) * 1000)
+                # kernfs rate-limits cgroup.events notifications: re-read every
+                # millisecond at first rather than wait for a wake-up that comes late
+                step = 0.001 if time.monotonic() - start < 0.1 else 0.01
+                poller.poll(min(left, step) * 1000)
         finally:
             os.close(fd)
 

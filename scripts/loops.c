@@ -1,0 +1,81 @@
+/* loops.c - syscall loops for scripts/bench: prints nanoseconds per operation.
+ *
+ *   loops getppid|ioctl|connect|exec N      N operations, as fast as possible
+ *   loops connect-rate RATE SECONDS         connects at RATE per second (throughput runs)
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+static long long now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static void one_connect(const struct sockaddr_in *sa)
+{
+	int s = socket(AF_INET, SOCK_STREAM, 0);
+	connect(s, (const struct sockaddr *)sa, sizeof(*sa)); /* refused: nothing listens */
+	close(s);
+}
+
+int main(int argc, char **argv)
+{
+	if (argc < 3)
+		return 2;
+	const char *mode = argv[1];
+	long n = atol(argv[2]);
+	struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons(1)};
+	sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	int fd = open("/dev/null", O_RDONLY);
+	int avail;
+	long long t0 = now_ns();
+	if (!strcmp(mode, "getppid")) {
+		for (long i = 0; i < n; i++)
+			syscall(SYS_getppid);
+	} else if (!strcmp(mode, "ioctl")) {
+		for (long i = 0; i < n; i++)
+			ioctl(fd, FIONREAD, &avail);
+	} else if (!strcmp(mode, "connect")) {
+		for (long i = 0; i < n; i++)
+			one_connect(&sa);
+	} else if (!strcmp(mode, "exec")) {
+		for (long i = 0; i < n; i++) {
+			pid_t p = fork();
+			if (p == 0) {
+				execl("/bin/true", "true", (char *)0);
+				_exit(127);
+			}
+			waitpid(p, 0, 0);
+		}
+	} else if (!strcmp(mode, "connect-rate") && argc >= 4) {
+		double rate = atof(argv[2]);
+		double secs = atof(argv[3]);
+		long total = (long)(rate * secs);
+		long long start = now_ns();
+		for (long i = 0; i < total; i++) {
+			long long due = start + (long long)(i * 1e9 / rate);
+			while (now_ns() < due)
+				;
+			one_connect(&sa);
+		}
+		n = total;
+	} else {
+		return 2;
+	}
+	long long dt = now_ns() - t0;
+	printf("%.1f\n", (double)dt / (double)(n ? n : 1));
+	return 0;
+}
