@@ -9,6 +9,19 @@ cd "$REPO"
 export AGENTPROBE_REQUIRE_KERNEL=1
 .venv/bin/ruff check agentprobe tests scripts/vm-run scripts/vm-test scripts/rome-world
 .venv/bin/python -m pytest -rs -q "$@" tests
+# the benchmark harness works and writes well-formed results (a smoke run: not the targets)
+bench_out="$(mktemp -d)"
+.venv/bin/python scripts/bench --smoke --json "$bench_out/b.json" --md "$bench_out/b.md" >/dev/null
+.venv/bin/python - "$bench_out/b.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+assert set(r) >= {"cost", "freeze", "throughput", "footprint", "machine", "kernel"}, r.keys()
+assert all(r["cost"][c]["getppid"] > 0 for c in ("none", "outside", "inside")), r["cost"]
+assert all(f["frozen"] == f["trials"] for f in r["freeze"].values()), r["freeze"]
+assert r["throughput"]["held_per_s"] > 0 and r["footprint"]["startup_s"] > 0
+print("bench smoke: ok")
+PY
+rm -rf "$bench_out"
 # the kernel tests again, in a VM booting Debian 12's own kernel with matching headers
 # (BPF-LSM on, kprobes available): AGENTPROBE_VM_KERNELS="6.1 6.12" for more, "" for none
 for k in ${AGENTPROBE_VM_KERNELS-6.1}; do kernels+=(--kernel "$k"); done
