@@ -78,7 +78,7 @@ class FileSink(Sink):
         self._pending = bytearray()
         try:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as e:
             raise SinkError(f"cannot write output {path}: {e.strerror}") from None
 

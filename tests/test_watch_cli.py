@@ -57,6 +57,7 @@ def test_watch_records_to_file_and_stops_cleanly(agent_cgroup, tmp_path):
     assert rc == 0, stderr
     recs = list(read_records(str(out)))
     assert recs[0]["type"] == "start" and recs[-1]["type"] == "stop"
+    assert out.stat().st_mode & 0o777 == 0o600  # the stream holds command lines: owner only
     assert recs[0]["cgroups"] == [{"id": agent_cgroup.id, "path": agent_cgroup.rel}]
     assert [r["seq"] for r in recs] == list(range(len(recs)))
     (ex,) = [r for r in recs if r["type"] == "exec"]
