@@ -13,7 +13,7 @@ import time
 class WatcherProcess:
     def __init__(self, args: list[str], ready_timeout: float = 60.0) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", "agentprobe", "watch", *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
         self.stderr_lines: list[str] = []
         deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline:
