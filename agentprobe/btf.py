@@ -35,7 +35,9 @@ FIELDS: dict[tuple[str, str], str] = {
     ("file", "private_data"): "AP_OFF_FILE_PRIVATE_DATA",
     ("inode", "i_rdev"): "AP_OFF_INODE_I_RDEV",
     ("socket", "type"): "AP_OFF_SOCKET_TYPE",
-    ("linux_binprm", "filename"): "AP_OFF_LINUX_BINPRM_FILENAME",
+    ("linux_binprm", "file"): "AP_OFF_LINUX_BINPRM_FILE",
+    ("file", "f_path.dentry"): "AP_OFF_FILE_F_PATH_DENTRY",
+    ("dentry", "d_name.name"): "AP_OFF_DENTRY_D_NAME_NAME",
 }
 
 

@@ -285,7 +285,7 @@ class ProbeSet:
             os.close(devnull)
         names = self._lsm[b"deny_exec_names"]
         for name in self.options.deny_exec_names:
-            raw = name.encode()[:16]
+            raw = name.encode()[:15]
             key = names.Key()
             ct.memmove(ct.addressof(key), raw, len(raw))
             names[key] = ct.c_uint8(1)

@@ -16,40 +16,30 @@ struct ap_name {
 	char name[AP_NAME_LEN];
 };
 
-/* basenames (first 16 bytes, zero-padded) refused for agent processes */
+/* basenames refused for agent processes: up to 15 bytes, zero-padded (longer
+ * names are compared on their first 15 bytes) */
 BPF_HASH(deny_exec_names, struct ap_name, u8, 1024);
-BPF_PERCPU_ARRAY(lsm_path, struct ap_exec_event, 1);
 
 LSM_PROBE(bprm_check_security, void *bprm)
 {
 	if (!ap_in_scope())
 		return 0;
-	u32 zero = 0;
-	struct ap_exec_event *buf = lsm_path.lookup(&zero);
-	if (!buf)
+	/* the name of the file being executed, from its dentry: no path walking */
+	void *file = 0;
+	bpf_probe_read_kernel(&file, sizeof(file), (char *)bprm + AP_OFF_LINUX_BINPRM_FILE);
+	if (!file)
 		return 0;
-	const char *filename = 0;
-	bpf_probe_read_kernel(&filename, sizeof(filename), (char *)bprm + AP_OFF_LINUX_BINPRM_FILENAME);
-	if (!filename)
+	void *dentry = 0;
+	bpf_probe_read_kernel(&dentry, sizeof(dentry), (char *)file + AP_OFF_FILE_F_PATH_DENTRY);
+	if (!dentry)
 		return 0;
-	long n = bpf_probe_read_kernel_str(buf->filename, sizeof(buf->filename), filename);
-	if (n <= 1)
+	const char *name = 0;
+	bpf_probe_read_kernel(&name, sizeof(name), (char *)dentry + AP_OFF_DENTRY_D_NAME_NAME);
+	if (!name)
 		return 0;
-	u32 base = 0;
-	for (u32 i = 0; i < AP_FILENAME_LEN; i++) {
-		if (buf->filename[i] == 0)
-			break;
-		if (buf->filename[i] == '/')
-			base = i + 1;
-	}
 	struct ap_name key = {};
-	for (u32 i = 0; i < AP_NAME_LEN; i++) {
-		u32 j = (base + i) & (AP_FILENAME_LEN - 1);
-		char c = buf->filename[j];
-		if (c == 0 || base + i >= AP_FILENAME_LEN)
-			break;
-		key.name[i] = c;
-	}
+	if (bpf_probe_read_kernel_str(key.name, sizeof(key.name), name) <= 1)
+		return 0;
 	if (deny_exec_names.lookup(&key))
 		return -AP_EPERM;
 	return 0;

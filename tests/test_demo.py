@@ -35,7 +35,8 @@ def test_demo_catches_tunnel_and_miner(agentprobe_cmd, tmp_path, cgroup_root):
     r = run_demo(agentprobe_cmd, out)
     elapsed = time.monotonic() - t0
     assert r.returncode == 0, r.stdout + r.stderr
-    assert elapsed < 30
+    # under emulation (scripts/vm-test boots TCG guests) wall-clock limits scale with it
+    assert elapsed < 30 * float(os.environ.get("AGENTPROBE_TIME_SCALE", "1"))
     recs = list(read_records(str(out)))
     assert recs[0]["type"] == "start" and recs[-1]["type"] == "stop"
     by_episode: dict[str, list[str]] = {}
