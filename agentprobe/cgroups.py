@@ -180,6 +180,33 @@ def glob_regex(pattern: str) -> re.Pattern:
     return re.compile("".join(out).rstrip("/"))
 
 
+def remove_cgroup_tree(top: Path) -> None:
+    """Thaw, kill and remove a cgroup and everything below it, deepest first.
+    Used to clean up throw-away cgroups (tests, the demo, the benchmark)."""
+    import time
+
+    if not top.exists():
+        return
+    dirs = sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)) + [top]
+    for d in dirs:
+        for name, value in (("cgroup.freeze", "0"), ("cgroup.kill", "1")):
+            try:
+                (d / name).write_text(value)
+            except OSError:
+                pass
+    for d in dirs:
+        for _ in range(300):
+            try:
+                d.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.01)  # the killed tasks are still exiting
+        else:
+            raise CgroupError(f"cannot remove cgroup {d}: still busy")
+
+
 class CgroupLock:
     """An exclusive flock on the cgroup directory: one watcher per cgroup."""
 

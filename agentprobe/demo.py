@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cgroups import find_v2_mount
+from .cgroups import find_v2_mount, remove_cgroup_tree
 from .errors import AgentprobeError
 from .lab import Internet
 
@@ -122,7 +122,7 @@ class DemoWorld:
                     os.killpg(p.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-        remove_cgroup(self.top)
+        remove_cgroup_tree(self.top)
         for p in self.procs:
             try:
                 p.wait(5)
@@ -133,34 +133,12 @@ class DemoWorld:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def remove_cgroup(top: Path) -> None:
-    """Thaw, kill and remove a cgroup tree, deepest first."""
-    if not top.exists():
-        return
-    dirs = sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)) + [top]
-    for d in dirs:
-        for name, value in (("cgroup.freeze", "0"), ("cgroup.kill", "1")):
-            try:
-                (d / name).write_text(value)
-            except OSError:
-                pass
-    for d in dirs:
-        for _ in range(300):
-            try:
-                d.rmdir()
-                break
-            except FileNotFoundError:
-                break
-            except OSError:
-                time.sleep(0.01)
-
-
 def cleanup_leftovers(root: Path) -> list[str]:
     """Remove what an interrupted demo left behind; returns what was removed."""
     removed = []
     top = root / DEMO_CGROUP
     if top.exists():
-        remove_cgroup(top)
+        remove_cgroup_tree(top)
         removed.append(str(top))
     r = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
     for line in r.stdout.splitlines():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agentprobe.cgroups import cgroup_id, find_v2_mount
+from agentprobe.cgroups import cgroup_id, find_v2_mount, remove_cgroup_tree
 
 REQUIRE_KERNEL = os.environ.get("AGENTPROBE_REQUIRE_KERNEL") == "1"
 REPO = Path(__file__).resolve().parent.parent
@@ -78,33 +78,6 @@ class Cgroup:
 
     def remove(self) -> None:
         remove_cgroup_tree(self.path)
-
-
-def remove_cgroup_tree(path: Path) -> None:
-    if not path.exists():
-        return
-    for sub in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-        _remove_one(sub)
-    _remove_one(path)
-
-
-def _remove_one(path: Path) -> None:
-    import time
-
-    for name, value in (("cgroup.freeze", "0"), ("cgroup.kill", "1")):
-        try:
-            (path / name).write_text(value)
-        except OSError:
-            pass
-    for _ in range(200):
-        try:
-            path.rmdir()
-            return
-        except FileNotFoundError:
-            return
-        except OSError:
-            time.sleep(0.01)
-    path.rmdir()
 
 
 @pytest.fixture

@@ -70,7 +70,7 @@ def test_demo_cleans_leftovers_of_an_interrupted_run(agentprobe_cmd, tmp_path, c
     finally:
         subprocess.run(["ip", "netns", "del", "ap-inet-stale1"], capture_output=True)
         if (cgroup_root / "agentprobe-demo").exists():
-            from conftest import remove_cgroup_tree
+            from agentprobe.cgroups import remove_cgroup_tree
 
             remove_cgroup_tree(cgroup_root / "agentprobe-demo")
 

