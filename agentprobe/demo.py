@@ -150,10 +150,13 @@ def cleanup_leftovers(root: Path) -> list[str]:
     return removed
 
 
+SSHD_PATHS = ("/usr/sbin/sshd",)
+
+
 def check_demo_prerequisites() -> None:
     if os.geteuid() != 0:
         raise AgentprobeError("agentprobe demo needs root: run it with sudo", 4)
-    if not (shutil.which("sshd") or Path("/usr/sbin/sshd").exists()):
+    if not (shutil.which("sshd") or any(Path(p).exists() for p in SSHD_PATHS)):
         raise AgentprobeError("agentprobe demo needs sshd: apt-get install openssh-server")
     for tool in ("ssh", "ip", "ssh-keygen"):
         if not shutil.which(tool):

@@ -95,3 +95,14 @@ def test_demo_needs_root(agentprobe_cmd, tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 4
     assert r.stderr.strip().splitlines()[-1] == "agentprobe: agentprobe demo needs root: run it with sudo"
+
+
+def test_demo_without_sshd(tmp_path):
+    """No sshd: one line, non-zero, nothing built."""
+    code = ("import os, agentprobe.demo as d; d.SSHD_PATHS = (); os.environ['PATH'] = '/nonexistent'; "
+            "from agentprobe.cli import main; main()")
+    r = subprocess.run([sys.executable, "-c", code, "demo", "-o", str(tmp_path / "x")], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == "agentprobe: agentprobe demo needs sshd: apt-get install openssh-server"
+    assert not (tmp_path / "x").exists()
