@@ -85,23 +85,23 @@ def cgroup_root() -> Path:
     return find_v2_mount()
 
 
-@pytest.fixture
-def agent_cgroup(cgroup_root):
-    cg = Cgroup(cgroup_root, f"agentprobe-test-{uuid.uuid4().hex[:8]}")
+def _throwaway(root: Path, prefix: str):
+    cg = Cgroup(root, f"{prefix}-{uuid.uuid4().hex[:8]}")
     try:
         yield cg
     finally:
         cg.remove()
+
+
+@pytest.fixture
+def agent_cgroup(cgroup_root):
+    yield from _throwaway(cgroup_root, "agentprobe-test")
 
 
 @pytest.fixture
 def outside_cgroup(cgroup_root):
     """A cgroup that is not watched, for the 'nothing from outside' checks."""
-    cg = Cgroup(cgroup_root, f"agentprobe-outside-{uuid.uuid4().hex[:8]}")
-    try:
-        yield cg
-    finally:
-        cg.remove()
+    yield from _throwaway(cgroup_root, "agentprobe-outside")
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib.resources
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -348,20 +348,26 @@ def _duration(rdef: RuleDef, block: str, d: dict) -> int:
     return ns
 
 
-def _count_spec(rdef: RuleDef) -> CountSpec:
-    d = rdef.raw["count"]
-    where = rdef.lines["count"]
+def _block(rdef: RuleDef, name: str, keys, scopes) -> tuple[dict, Callable[[str], RuleError]]:
+    """A rule's `count:` or `sequence:` mapping, its keys and `by` checked; and its error maker."""
+    d = rdef.raw[name]
+    where = rdef.lines[name]
 
     def fail(reason: str) -> RuleError:
         return error_at(where, "rule", rdef.id, reason)
 
     if not isinstance(d, dict):
-        raise fail("'count' must be a mapping")
+        raise fail(f"'{name}' must be a mapping")
     for key in d:
-        if key not in COUNT_KEYS:
-            raise fail(f"unknown key 'count.{key}' (allowed: {', '.join(sorted(COUNT_KEYS))})")
-    if d.get("by") not in COUNT_SCOPES:
-        raise fail(f"count.by must be one of {', '.join(COUNT_SCOPES)}")
+        if key not in keys:
+            raise fail(f"unknown key '{name}.{key}' (allowed: {', '.join(sorted(keys))})")
+    if d.get("by") not in scopes:
+        raise fail(f"{name}.by must be one of {', '.join(scopes)}")
+    return d, fail
+
+
+def _count_spec(rdef: RuleDef) -> CountSpec:
+    d, fail = _block(rdef, "count", COUNT_KEYS, COUNT_SCOPES)
     threshold = d.get("threshold")
     if not isinstance(threshold, int) or isinstance(threshold, bool) or threshold < 1:
         raise fail("count.threshold must be a whole number >= 1")
@@ -378,19 +384,8 @@ def _count_spec(rdef: RuleDef) -> CountSpec:
 
 
 def _sequence_spec(rdef: RuleDef) -> SequenceSpec:
-    d = rdef.raw["sequence"]
+    d, fail = _block(rdef, "sequence", SEQUENCE_KEYS, SEQUENCE_SCOPES)
     where = rdef.lines["sequence"]
-
-    def fail(reason: str) -> RuleError:
-        return error_at(where, "rule", rdef.id, reason)
-
-    if not isinstance(d, dict):
-        raise fail("'sequence' must be a mapping")
-    for key in d:
-        if key not in SEQUENCE_KEYS:
-            raise fail(f"unknown key 'sequence.{key}' (allowed: {', '.join(sorted(SEQUENCE_KEYS))})")
-    if d.get("by") not in SEQUENCE_SCOPES:
-        raise fail(f"sequence.by must be one of {', '.join(SEQUENCE_SCOPES)}")
     order = d.get("order", "strict")
     if order not in ("strict", "any"):
         raise fail("sequence.order must be 'strict' or 'any'")
