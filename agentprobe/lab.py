@@ -18,6 +18,8 @@ from pathlib import Path
 
 HOST_ADDR = "198.51.100.1"
 OUTSIDE_ADDR = "198.51.100.2"
+INTERNAL_HOST_ADDR = "10.213.0.1"
+INTERNAL_ADDR = "10.213.0.2"
 
 POOL_SCRIPT = r'''
 import json, socket, sys, threading
@@ -103,6 +105,9 @@ class Internet:
         _run("ip", "-n", self.ns, "addr", "add", f"{OUTSIDE_ADDR}/24", "dev", b)
         _run("ip", "-n", self.ns, "link", "set", b, "up")
         _run("ip", "-n", self.ns, "link", "set", "lo", "up")
+        # an internal (RFC 1918) address of our own, for the probing scenario
+        _run("ip", "addr", "add", f"{INTERNAL_HOST_ADDR}/24", "dev", a)
+        _run("ip", "-n", self.ns, "addr", "add", f"{INTERNAL_ADDR}/24", "dev", b)
 
     def exec_argv(self, *argv: str) -> list[str]:
         return ["ip", "netns", "exec", self.ns, *argv]

