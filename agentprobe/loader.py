@@ -40,24 +40,15 @@ def ebpf_dir() -> Path:
 _INCLUDE = re.compile(r'^#include "([a-z_]+\.bpf\.[ch])"\s*$', re.M)
 
 
-def program_text() -> str:
-    """agentprobe.bpf.c with its per-concern files inlined: BCC rewrites map
-    calls and generates tracepoint argument structs only in the main text."""
+def program_text(main: str = "agentprobe.bpf.c") -> str:
+    """A program with its per-concern files inlined: BCC rewrites map calls and
+    generates tracepoint argument structs only in the main text."""
     root = ebpf_dir()
 
     def inline(m: re.Match) -> str:
         return _INCLUDE.sub(inline, (root / m.group(1)).read_text())
 
-    return _INCLUDE.sub(inline, (root / "agentprobe.bpf.c").read_text())
-
-
-def lsm_program_text() -> str:
-    root = ebpf_dir()
-
-    def inline(m: re.Match) -> str:
-        return _INCLUDE.sub(inline, (root / m.group(1)).read_text())
-
-    return _INCLUDE.sub(inline, (root / "lsm.bpf.c").read_text())
+    return _INCLUDE.sub(inline, (root / main).read_text())
 
 
 def import_bcc():
@@ -269,7 +260,7 @@ class ProbeSet:
         devnull = os.open(os.devnull, os.O_WRONLY)
         try:
             os.dup2(devnull, 2)
-            self._lsm = self.bcc.BPF(text=lsm_program_text().encode(), cflags=self._cflags(False))
+            self._lsm = self.bcc.BPF(text=program_text("lsm.bpf.c").encode(), cflags=self._cflags(False))
         except Exception as e:
             self._lsm = None
             try:

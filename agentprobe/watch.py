@@ -23,7 +23,7 @@ from . import __version__, abi, btf
 from .cgroups import DEFAULT_AGENT_CGROUP, CgroupError, CgroupLock, CgroupSet, WatchedCgroup, find_v2_mount
 from .enrich import Enricher
 from .errors import AgentprobeError
-from .events import DecodeError, decode
+from .events import GPU_DEVICE_KINDS, DecodeError, decode
 from .sinks import Sink, check_output, open_sink
 from .stream import encode
 
@@ -129,7 +129,8 @@ class Watcher:
         self.enricher: Enricher | None = None
         self.created_default: Path | None = None
         self.clock_offset_ns = time.time_ns() - time.monotonic_ns()
-        self._clock_offset = self.clock_offset_ns
+        self._nvml = None
+        self._status_path: Path | None = None
         self._started = 0
         self._frozen: dict[str, dict] = {}
 
@@ -175,7 +176,7 @@ class Watcher:
     def start(self) -> None:
         from .loader import LoaderOptions, ProbeSet
 
-        self.enricher = Enricher(self._cgroup_name, self._clock_offset)
+        self.enricher = Enricher(self._cgroup_name, self.clock_offset_ns)
         self._probes = ProbeSet(
             LoaderOptions(buffer=self.options.buffer, extra_gpu_majors=self.options.extra_gpu_majors,
                           deny_exec_names=tuple((self.options.deny or {}).get("exec_names", ()))),
@@ -247,7 +248,7 @@ class Watcher:
 
     def _meta(self, type_: str, fields: dict) -> dict:
         now = time.monotonic_ns()
-        rec = {"v": 1, "type": type_, "ts": now + self._clock_offset, "ktime": now,
+        rec = {"v": 1, "type": type_, "ts": now + self.clock_offset_ns, "ktime": now,
                "node": self.enricher.node if self.enricher else platform.node()}
         rec.update(fields)
         return rec
@@ -407,10 +408,9 @@ class Watcher:
         return pids
 
     def _sample_nvml(self) -> None:
-        nvml = getattr(self, "_nvml", None)
-        if nvml is None or not nvml.available:
+        if self._nvml is None or not self._nvml.available:
             return
-        for s in nvml.sample(self._agent_pids()):
+        for s in self._nvml.sample(self._agent_pids()):
             info = self.enricher.tree.get(s["pid"])
             cid = self._gpu_pids.get(s["pid"], 0)
             rec = self.enricher.synthetic("gpu", s["pid"], cid, time.monotonic_ns(), {
@@ -432,8 +432,6 @@ class Watcher:
             last = max(i[3] for i in items)
             kinds = self._probes.gpu_majors
             major = dev >> 20
-            from .events import GPU_DEVICE_KINDS
-
             rec = self.enricher.synthetic("gpu", pid, self._gpu_pids.get(pid, 0), last, {
                 "kind": "counts",
                 "device": {"major": major, "minor": dev & 0xFFFFF,
@@ -470,7 +468,7 @@ class Watcher:
             pass  # status is a convenience; the stream is the record
 
     def _remove_status(self) -> None:
-        path = getattr(self, "_status_path", None)
+        path = self._status_path
         if path is not None:
             try:
                 path.unlink()
@@ -496,9 +494,8 @@ class Watcher:
             self.emit(stop)
             self._probes.close()
             self._probes = None
-            nvml = getattr(self, "_nvml", None)
-            if nvml is not None:
-                nvml.close()
+            if self._nvml is not None:
+                self._nvml.close()
         for s in self.sinks:
             try:
                 s.close()
