@@ -38,6 +38,16 @@ FIELDS: dict[tuple[str, str], str] = {
     ("linux_binprm", "file"): "AP_OFF_LINUX_BINPRM_FILE",
     ("file", "f_path.dentry"): "AP_OFF_FILE_F_PATH_DENTRY",
     ("dentry", "d_name.name"): "AP_OFF_DENTRY_D_NAME_NAME",
+    ("task_struct", "mm"): "AP_OFF_TASK_STRUCT_MM",
+    ("mm_struct", "arg_start"): "AP_OFF_MM_STRUCT_ARG_START",
+    ("mm_struct", "arg_end"): "AP_OFF_MM_STRUCT_ARG_END",
+    ("linux_binprm", "filename"): "AP_OFF_LINUX_BINPRM_FILENAME",
+}
+# read only by the fentry ioctl probe, which is built only where these exist (x86-64)
+OPTIONAL_FIELDS = {
+    ("pt_regs", "di"): "AP_OFF_PT_REGS_DI",
+    ("pt_regs", "si"): "AP_OFF_PT_REGS_SI",
+    ("pt_regs", "dx"): "AP_OFF_PT_REGS_DX",
 }
 
 
@@ -156,4 +166,10 @@ class Btf:
 def kernel_offsets(path: Path = VMLINUX_BTF) -> dict[str, int]:
     """The -D constants for every field the eBPF programs read."""
     btf = Btf.from_file(path)
-    return {const: btf.offset(s, m) for (s, m), const in FIELDS.items()}
+    out = {const: btf.offset(s, m) for (s, m), const in FIELDS.items()}
+    for (s, m), const in OPTIONAL_FIELDS.items():
+        try:
+            out[const] = btf.offset(s, m)
+        except BtfError:
+            pass
+    return out

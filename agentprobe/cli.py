@@ -79,8 +79,21 @@ def main() -> None:
               help="Freeze without destroying the frozen processes' TCP connections.")
 @click.option("--status-dir", default="/run/agentprobe", show_default=True, metavar="DIR",
               help="Where the watcher keeps its state for `agentprobe status`.")
+@click.option("--probes", "probe_mode", type=click.Choice(["auto", "syscalls"]), default="auto", show_default=True,
+              help="auto: exec on sched_process_exec and connect on the agent cgroups' own hooks, which cost "
+                   "processes outside agent cgroups nothing; syscalls: the syscall tracepoints, which also "
+                   "report failed execs, AF_UNIX connects and connect results, but slow every syscall of "
+                   "every process a little.")
+@click.option("--gpu-probe", type=click.Choice(["auto", "fentry", "on-demand", "always"]), default="auto",
+              show_default=True,
+              help="How NVIDIA ioctls are seen. fentry: on the ioctl syscall only (where the kernel allows "
+                   "fentry); on-demand: the ioctl tracepoint, attached while an agent holds a GPU device open; "
+                   "always: that tracepoint throughout. auto: fentry, else on-demand.")
+@click.option("--gpu-idle-detach", type=float, default=5.0, show_default=True, metavar="SECONDS",
+              help="With the on-demand GPU probe: detach it this long after the last agent holding a GPU exits.")
 def watch(cgroups, globs, outputs, buffer, no_view, duration, gpu_interval, gpu_majors, rescan,
-          rule_files, no_default_rules, dry_run, in_kernel_deny, no_cut_network, status_dir) -> None:
+          rule_files, no_default_rules, dry_run, in_kernel_deny, no_cut_network, status_dir,
+          probe_mode, gpu_probe, gpu_idle_detach) -> None:
     """Trace exec, connect and NVIDIA ioctls of agent processes, apply the detection
     rules, freeze agent cgroups that misbehave, and stream everything as msgpack."""
     from . import view
@@ -90,7 +103,8 @@ def watch(cgroups, globs, outputs, buffer, no_view, duration, gpu_interval, gpu_
     outputs = list(outputs) or [DEFAULT_OUTPUT]
     opts = WatchOptions(cgroups=list(cgroups), cgroup_globs=list(globs), outputs=outputs, buffer=buffer,
                         duration=duration, gpu_interval=gpu_interval, extra_gpu_majors=tuple(gpu_majors),
-                        rescan_interval=rescan, status_dir=status_dir)
+                        rescan_interval=rescan, status_dir=status_dir, probe_mode=probe_mode,
+                        gpu_probe=gpu_probe, gpu_idle_detach=gpu_idle_detach)
     term = sys.stderr if "-" in outputs else sys.stdout
 
     def show(rec: dict) -> None:

@@ -59,13 +59,18 @@ import fcntl, json, os, socket, struct, sys, time
 def iowr(nr, size):
     return (3 << 30) | (size << 16) | (ord("F") << 8) | nr
 for dev in sys.argv[1:3]:
-    fd = os.open(dev, os.O_PATH)
+    try:
+        os.open(dev, os.O_RDWR)  # as CUDA does; the imitation node has no driver (ENXIO)
+    except OSError:
+        pass
+    fd = os.open(dev, os.O_PATH)  # an fd whose ioctls still enter the kernel
     alloc = bytearray(struct.pack("<IIII", 1, 2, 3, 0x41)) + bytearray(48)   # RM_ALLOC root client
-    for _ in range(50):
+    for _ in range(50):  # spread over 0.25 s, as a real CUDA start-up is
         try:
             fcntl.ioctl(fd, iowr(0x2B, len(alloc)), alloc)
         except OSError:
             pass
+        time.sleep(0.005)
 s = socket.create_connection((sys.argv[3], int(sys.argv[4])), timeout=5)
 s.sendall(json.dumps({"id": 1, "method": "mining.subscribe", "params": ["kworker/1.0"]}).encode() + b"\n")
 s.recv(4096)

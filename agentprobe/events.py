@@ -100,11 +100,12 @@ class ConnectEvent(Event):
     fd: int = -1
     retval: int = 0
     addr_fault: bool = False
+    at_hook: bool = False  # seen before completion (cgroup hook): 0 means attempted, not succeeded
 
     @property
     def result(self) -> str:
         if self.retval == 0:
-            return "ok"
+            return "attempted" if self.at_hook else "ok"
         if self.retval == -EINPROGRESS:
             return "in_progress"
         return "error"
@@ -146,8 +147,15 @@ class GpuEvent(Event):
     first_device: bool = False
     first_cmd: bool = False
     xfer: bool = False
+    opened: bool = False  # an open of the device (cgroup device hook), not an ioctl
 
     def fields(self) -> dict:
+        if self.opened:
+            return {
+                "kind": "open",
+                "device": {"major": self.major, "minor": self.minor, "kind": self.device_kind},
+                "access": [n for bit, n in ((1, "mknod"), (2, "read"), (4, "write")) if self.cmd & bit],
+            }
         return {
             "kind": "first_use",
             "device": {"major": self.major, "minor": self.minor, "kind": self.device_kind},
@@ -245,6 +253,14 @@ def _base(h: abi.Header, type_: str) -> dict:
     return {"type": type_, "ktime_ns": h.ktime_ns, "cgroup_id": h.cgroup_id, "proc": _process(h)}
 
 
+def split_arg_area(raw: bytes) -> list[str]:
+    """A process's argument area: NUL-terminated elements, the last one cut when the area was."""
+    parts = raw.split(b"\0")
+    if parts and parts[-1] == b"":
+        parts.pop()
+    return [_text(p) for p in parts]
+
+
 def split_args(raw: bytes, argc: int) -> list[str]:
     parts = raw.split(b"\0")
     return [_text(p) for p in parts[:argc]]
@@ -282,13 +298,22 @@ def decode(data: bytes) -> Event:
     r = cls.from_buffer_copy(data[: ct.sizeof(cls)])
     h = r.h
     if rtype == abi.EV_EXEC:
+        raw_args = bytes(r.args)[: r.args_size]
+        if r.flags & abi.EXEC_ARGV_RAW:
+            argv = split_arg_area(raw_args)
+            argc_total = len(argv)
+        else:
+            argv = split_args(raw_args, r.argc)
+            argc_total = r.argc_total
+        fname = _text(r.filename)
         return ExecEvent(
             **_base(h, "exec"),
-            filename=_text(r.filename),
-            argv=split_args(bytes(r.args)[: r.args_size], r.argc),
-            argc_total=r.argc_total,
+            filename=fname,
+            argv=argv,
+            argc_total=argc_total,
             retval=r.retval,
-            execveat=bool(r.flags & abi.EXEC_EXECVEAT),
+            # sched_process_exec sees fexecve/execveat(AT_EMPTY_PATH) as /dev/fd/N
+            execveat=bool(r.flags & abi.EXEC_EXECVEAT) or fname.startswith("/dev/fd/"),
             dirfd=r.dirfd,
             at_flags=r.at_flags,
             args_truncated=bool(r.flags & abi.EXEC_ARGS_TRUNC),
@@ -306,6 +331,7 @@ def decode(data: bytes) -> Event:
             fd=r.fd,
             retval=r.retval,
             addr_fault=bool(r.flags & abi.CONNECT_ADDR_FAULT),
+            at_hook=bool(r.flags & abi.CONNECT_AT_HOOK),
             **addr,
         )
     if rtype == abi.EV_GPU:
@@ -321,6 +347,7 @@ def decode(data: bytes) -> Event:
             first_device=bool(r.flags & abi.GPU_FIRST_DEVICE),
             first_cmd=bool(r.flags & abi.GPU_FIRST_CMD),
             xfer=bool(r.flags & abi.GPU_XFER),
+            opened=bool(r.flags & abi.GPU_OPEN),
         )
     if rtype == abi.EV_PAYLOAD:
         fam = socket.AF_INET if r.family == socket.AF_INET else socket.AF_INET6

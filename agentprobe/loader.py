@@ -113,9 +113,44 @@ CGROUP_PROGRAMS = (
     ("ap_connect4", 18, 10),  # BPF_PROG_TYPE_CGROUP_SOCK_ADDR, BPF_CGROUP_INET4_CONNECT
     ("ap_connect6", 18, 11),  # BPF_PROG_TYPE_CGROUP_SOCK_ADDR, BPF_CGROUP_INET6_CONNECT
     ("ap_egress", 8, 1),      # BPF_PROG_TYPE_CGROUP_SKB, BPF_CGROUP_INET_EGRESS
+    ("ap_device", 15, 6),     # BPF_PROG_TYPE_CGROUP_DEVICE, BPF_CGROUP_DEVICE
 )
 BPF_F_ALLOW_MULTI = 2
-_BPFTOOL_ATTACH_NAMES = {10: "connect4", 11: "connect6", 1: "egress"}
+_BPFTOOL_ATTACH_NAMES = {10: "connect4", 11: "connect6", 1: "egress", 6: "device"}
+
+IOCTL_TRACEPOINT = b"syscalls:sys_enter_ioctl"
+IOCTL_TP_FN = b"tracepoint__syscalls__sys_enter_ioctl"
+# the syscall function whose fentry sees every ioctl, per architecture (its argument: the user's pt_regs)
+IOCTL_SYSCALL_FN = {"x86_64": "__x64_sys_ioctl"}
+PROBE_MODES = ("auto", "syscalls")
+GPU_PROBES = ("auto", "fentry", "on-demand", "always")
+
+
+def fentry_refusal(bcc, fn: str) -> str | None:
+    """None when the kernel loads and attaches an fentry program on `fn`, else why not."""
+    saved = os.dup(2)  # libbpf prints the refusal itself; the reason below says it better
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        b = bcc.BPF(text=f"KFUNC_PROBE({fn}, void *regs) {{ return 0; }}".encode())
+        b.cleanup()
+        return None
+    except Exception as e:
+        msg = str(e)
+        if "privileges" in msg:
+            return f"EPERM (kernel lockdown: {_lockdown()})"
+        return msg.splitlines()[0] if msg else type(e).__name__
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _lockdown() -> str:
+    try:
+        return Path("/sys/kernel/security/lockdown").read_text().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return "unknown"
 
 
 def detach_stale(cgroup_dir: str) -> int:
@@ -146,6 +181,12 @@ class LoaderOptions:
     perf_pages: int = 256  # per CPU
     extra_gpu_majors: tuple[int, ...] = ()
     deny_exec_names: tuple[str, ...] = ()  # basenames refused in the kernel where BPF-LSM is allowed
+    # auto: exec on sched_process_exec, connect on the cgroup hooks (no syscall tracepoint);
+    # syscalls: sys_enter/exit tracepoints (also failed execs, AF_UNIX connects, connect results)
+    probe_mode: str = "auto"
+    # auto: fentry where the kernel allows it, else on-demand; on-demand: sys_enter_ioctl attached
+    # only while an agent holds an NVIDIA device open; always: sys_enter_ioctl attached throughout
+    gpu_probe: str = "auto"
 
 
 class ProbeSet:
@@ -166,6 +207,9 @@ class ProbeSet:
         self.buffer = ""
         self._bpf = None
         self._gpu_last: dict[tuple, int] = {}
+        self.gpu_probe = ""  # fentry | on-demand | always, once loaded
+        self.ioctl_attached = False
+        self.paths: dict[str, str] = {}
         try:
             self._load()
         except BaseException:
@@ -180,12 +224,40 @@ class ProbeSet:
         return flags
 
     def _compile(self, ringbuf: bool):
-        return self.bcc.BPF(text=program_text().encode(), cflags=self._cflags(ringbuf))
+        flags = self._cflags(ringbuf)
+        if self.options.probe_mode == "syscalls":
+            flags.append("-DAP_SYSCALL_PROBES")
+        if self.gpu_probe == "fentry":
+            flags.append(f"-DAP_GPU_FENTRY={self._ioctl_fn}")
+        return self.bcc.BPF(text=program_text().encode(), cflags=flags)
+
+    def _choose_gpu_probe(self) -> None:
+        want = self.options.gpu_probe
+        if want not in GPU_PROBES:
+            raise LoaderError(f"unknown GPU probe {want!r} ({', '.join(GPU_PROBES)})")
+        self._gpu_why = ""
+        self._ioctl_fn = IOCTL_SYSCALL_FN.get(platform.machine(), "")
+        if want in ("auto", "fentry"):
+            if not self._ioctl_fn or "AP_OFF_PT_REGS_DI" not in self.offsets:
+                why = f"no fentry ioctl probe for {platform.machine()}"
+            else:
+                why = fentry_refusal(self.bcc, self._ioctl_fn)
+            if why is None:
+                self.gpu_probe = "fentry"
+                return
+            if want == "fentry":
+                raise LoaderError(f"--gpu-probe fentry: the kernel refused fentry on {self._ioctl_fn}: {why}")
+            self._gpu_why = f"fentry refused: {why}"
+            want = "on-demand"
+        self.gpu_probe = want
 
     def _load(self) -> None:
         want = self.options.buffer
         if want not in ("auto", "ringbuf", "perf"):
             raise LoaderError(f"unknown buffer type {want!r} (auto, ringbuf or perf)")
+        if self.options.probe_mode not in PROBE_MODES:
+            raise LoaderError(f"unknown probe mode {self.options.probe_mode!r} ({', '.join(PROBE_MODES)})")
+        self._choose_gpu_probe()
         ringbuf_ok = want in ("auto", "ringbuf") and _kernel_at_least(5, 8)
         if want == "ringbuf" and not ringbuf_ok:
             raise LoaderError("the BPF ring buffer needs Linux 5.8 or newer: use --buffer perf")
@@ -203,9 +275,11 @@ class ProbeSet:
         b = self._bpf
         try:
             self._cg_fns = [(b.load_func(name.encode(), ptype, attach_type=atype), atype)
-                            for name, ptype, atype in CGROUP_PROGRAMS]
+                            for name, ptype, atype in CGROUP_PROGRAMS if name != "ap_device"]
         except Exception as e:
             raise LoaderError(f"cannot load the cgroup socket programs: {e}") from None
+        self._load_device_hook()
+        self._describe_paths()
         majors = b[b"gpu_majors"]
         all_majors = dict(gpu_majors())
         for m in self.options.extra_gpu_majors:
@@ -218,6 +292,60 @@ class ProbeSet:
             b[b"events"].open_ring_buffer(cb)
         else:
             b[b"events"].open_perf_buffer(cb, page_cnt=self.options.perf_pages)
+
+    def _load_device_hook(self) -> None:
+        """The device hook reports GPU opens; on-demand ioctl tracing depends on it."""
+        try:
+            fn = self._bpf.load_func(b"ap_device", 15, attach_type=6)
+            self._cg_fns.append((fn, 6))
+            self.device_hook = "cgroup device hook on the watched cgroups"
+        except Exception as e:
+            self.device_hook = f"unavailable ({str(e).splitlines()[0] if str(e) else e})"
+            if self.gpu_probe == "on-demand":
+                self.gpu_probe = "always"
+                self._gpu_why = (self._gpu_why + "; " if self._gpu_why else "") + "no device hook"
+        if self.gpu_probe == "on-demand":
+            self.detach_ioctl()
+        elif self.gpu_probe == "always":
+            self.ioctl_attached = True
+
+    def _describe_paths(self) -> None:
+        """Which mechanism each probe took on this kernel (the start record carries it)."""
+        syscalls = self.options.probe_mode == "syscalls"
+        why = f" ({self._gpu_why})" if self._gpu_why else ""
+        self.paths = {
+            "exec": ("tracepoint syscalls:sys_enter/exit_execve(at)" if syscalls
+                     else "raw_tracepoint sched_process_exec"),
+            "connect": ("tracepoint syscalls:sys_enter/exit_connect" if syscalls
+                        else "cgroup connect4/6 hooks on the watched cgroups"),
+            "gpu_ioctl": {
+                "fentry": f"fentry {self._ioctl_fn}",
+                "on-demand": "tracepoint syscalls:sys_enter_ioctl, attached while an agent holds a GPU device"
+                             + why,
+                "always": "tracepoint syscalls:sys_enter_ioctl" + why,
+            }[self.gpu_probe],
+            "gpu_open": self.device_hook,
+        }
+
+    # ---- on-demand ioctl tracing ----
+    def attach_ioctl(self) -> bool:
+        """Attach sys_enter_ioctl (on-demand mode); True when it was not attached before."""
+        if self.ioctl_attached or self.gpu_probe != "on-demand":
+            return False
+        self._bpf.attach_tracepoint(tp=IOCTL_TRACEPOINT, fn_name=IOCTL_TP_FN)
+        self.ioctl_attached = True
+        return True
+
+    def detach_ioctl(self) -> bool:
+        if self.gpu_probe != "on-demand":
+            return False
+        try:
+            self._bpf.detach_tracepoint(IOCTL_TRACEPOINT)
+        except Exception:
+            pass  # not attached
+        was = self.ioctl_attached
+        self.ioctl_attached = False
+        return was
 
     def _callback(self, *args) -> int:
         # ring buffer: (ctx, data, size); perf buffer: (cpu, data, size)
@@ -260,13 +388,13 @@ class ProbeSet:
         devnull = os.open(os.devnull, os.O_WRONLY)
         try:
             os.dup2(devnull, 2)
-            self._lsm = self.bcc.BPF(text=program_text("lsm.bpf.c").encode(), cflags=self._cflags(False))
+            flags = self._cflags(False)  # its own (perf) buffer, polled beside the main one
+            if self.options.probe_mode == "syscalls":
+                flags.append("-DAP_SYSCALL_PROBES")
+            self._lsm = self.bcc.BPF(text=program_text("lsm.bpf.c").encode(), cflags=flags)
         except Exception as e:
             self._lsm = None
-            try:
-                lockdown = Path("/sys/kernel/security/lockdown").read_text().split("[")[1].split("]")[0]
-            except (OSError, IndexError):
-                lockdown = "unknown"
+            lockdown = _lockdown()
             why = "EPERM" if "privileges" in str(e) else str(e)
             self.lsm_status = f"unavailable: the kernel refused the LSM program ({why}; kernel lockdown: {lockdown})"
             return
@@ -280,6 +408,7 @@ class ProbeSet:
             key = names.Key()
             ct.memmove(ct.addressof(key), raw, len(raw))
             names[key] = ct.c_uint8(1)
+        self._lsm[b"events"].open_perf_buffer(self._callback, page_cnt=8)
         self.lsm_status = f"bpf-lsm bprm_check_security ({len(self.options.deny_exec_names)} names)"
 
     # ---- in-kernel deny ----
@@ -354,11 +483,19 @@ class ProbeSet:
             self._bpf.ring_buffer_poll(timeout_ms)
         else:
             self._bpf.perf_buffer_poll(timeout_ms)
+        if self._lsm is not None:
+            self._lsm.perf_buffer_poll(0)
 
     def lost_counts(self) -> dict[int, int]:
         """Records the kernel could not write, by record type, since load."""
-        table = self._bpf[b"lost"]
-        return {t: int(table.sum(ct.c_int(t)).value) for t in range(abi.EV_TYPES)}
+        counts = {}
+        for b in (self._bpf, self._lsm):
+            if b is None:
+                continue
+            table = b[b"lost"]
+            for t in range(abi.EV_TYPES):
+                counts[t] = counts.get(t, 0) + int(table.sum(ct.c_int(t)).value)
+        return counts
 
     def gpu_counts(self) -> list[tuple[abi.GpuKey, int, int, int]]:
         """(key, new ioctls since last call, first_ns, last_ns) for keys that moved."""

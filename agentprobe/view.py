@@ -74,6 +74,8 @@ def detail(rec: dict) -> str:
         where = f"{dev.get('kind')} {dev.get('major')}:{dev.get('minor')}"
         if rec.get("kind") == "counts":
             return f"{where} {rec.get('total')} ioctls in {rec.get('interval_ns', 0) / 1e9:.1f}s"
+        if rec.get("kind") == "open":
+            return f"{where} opened ({'+'.join(rec.get('access') or [])})"
         first = " first use of device" if rec.get("first_device") else ""
         return f"{where} {_gpu_name(rec)}{first}"
     if t == "payload":
@@ -100,6 +102,8 @@ def detail(rec: dict) -> str:
         return clean(f"agentprobe {rec.get('version')} watching {cgs or '(none yet)'} ({rec.get('buffer')})")
     if t == "stop":
         return f"stopped: {rec.get('events_total')} events, {rec.get('lost_total')} lost"
+    if t == "probe":
+        return clean(f"{rec.get('probe')} probe {rec.get('change')}")
     if t == "cgroup":
         return clean(f"{rec.get('change')} {rec.get('cgroup', {}).get('path')}")
     return clean(str({k: v for k, v in rec.items() if k not in ("v", "node")}))

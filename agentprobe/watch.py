@@ -66,6 +66,9 @@ class WatchOptions:
     status_dir: str = "/run/agentprobe"
     # in-kernel deny: {"ports": [...], "allow": [CIDR...], "deny": [CIDR...]}, or None for off
     deny: dict | None = None
+    probe_mode: str = "auto"  # auto | syscalls (see loader.LoaderOptions)
+    gpu_probe: str = "auto"   # auto | fentry | on-demand | always
+    gpu_idle_detach: float = 5.0  # on-demand ioctl probe: detach this long after the last GPU holder exits
 
 
 @dataclass
@@ -133,6 +136,8 @@ class Watcher:
         self._status_path: Path | None = None
         self._started = 0
         self._frozen: dict[str, dict] = {}
+        self._gpu_holders: set[int] = set()  # agent processes that opened a GPU device (or inherited it)
+        self._gpu_idle_since: float | None = None
 
     # ---- set-up ----
     def prepare(self) -> None:
@@ -179,7 +184,8 @@ class Watcher:
         self.enricher = Enricher(self._cgroup_name, self.clock_offset_ns)
         self._probes = ProbeSet(
             LoaderOptions(buffer=self.options.buffer, extra_gpu_majors=self.options.extra_gpu_majors,
-                          deny_exec_names=tuple((self.options.deny or {}).get("exec_names", ()))),
+                          deny_exec_names=tuple((self.options.deny or {}).get("exec_names", ())),
+                          probe_mode=self.options.probe_mode, gpu_probe=self.options.gpu_probe),
             self._on_raw,
             cgroup_root=self.root,
         )
@@ -199,6 +205,7 @@ class Watcher:
         self._nvml = NvmlSampler()
         self._discover_running()
         start = self._start_record()
+        self._update_ioctl_probe()
         for s in self.sinks:
             if hasattr(s, "start_record"):
                 s.start_record = encode(start)
@@ -221,9 +228,7 @@ class Watcher:
             "gpu_majors": {str(k): v for k, v in self._probes.gpu_majors.items()},
             "nvml": self._nvml.reason,
             "probes": {
-                "exec": "tracepoint syscalls:sys_enter/exit_execve(at)",
-                "connect": "tracepoint syscalls:sys_enter/exit_connect",
-                "gpu_ioctl": "tracepoint syscalls:sys_enter_ioctl, aggregated in the kernel",
+                **self._probes.paths,
                 "fork_exit": "raw_tracepoint sched_process_fork/exit",
                 "first_bytes": "cgroup_skb/egress + cgroup connect4/6 on the watched cgroups",
                 "deny": ("cgroup connect4/6 on the watched cgroups: EPERM before any packet"
@@ -245,6 +250,44 @@ class Watcher:
                 continue
             for pid in pids:
                 self.enricher.discover(pid)
+                if self._holds_gpu(pid):
+                    self._gpu_holders.add(pid)
+
+    def _holds_gpu(self, pid: int) -> bool:
+        """Has this running process a GPU device open (found at start or when a cgroup is added)?"""
+        majors = self._probes.gpu_majors if self._probes else {}
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            return False
+        for fd in fds:
+            try:
+                st = os.stat(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if (st.st_mode & 0o170000) == 0o020000 and os.major(st.st_rdev) in majors:
+                return True
+        return False
+
+    def _update_ioctl_probe(self) -> None:
+        """On-demand ioctl tracing: attached while some agent process holds a GPU device."""
+        p = self._probes
+        if p is None or p.gpu_probe != "on-demand":
+            return
+        if self._gpu_holders:
+            self._gpu_idle_since = None
+            if p.attach_ioctl():
+                self.emit(self._meta("probe", {"probe": "gpu_ioctl", "change": "attached",
+                                                "holders": sorted(self._gpu_holders)[:16]}))
+        elif p.ioctl_attached:
+            now = time.monotonic()
+            if self._gpu_idle_since is None:
+                self._gpu_idle_since = now
+            elif now - self._gpu_idle_since >= self.options.gpu_idle_detach:
+                self._flush_gpu_counts()
+                p.detach_ioctl()
+                self._gpu_idle_since = None
+                self.emit(self._meta("probe", {"probe": "gpu_ioctl", "change": "detached"}))
 
     def _meta(self, type_: str, fields: dict) -> dict:
         now = time.monotonic_ns()
@@ -271,11 +314,18 @@ class Watcher:
             return
         if ev.type == "gpu":
             self._gpu_pids[ev.proc.pid] = ev.cgroup_id
+        elif ev.type == "fork" and ev.proc.pid in self._gpu_holders:
+            self._gpu_holders.add(ev.child_pid)  # the child inherits the open device
         self.emit(rec)
-        if ev.type == "exit" and ev.proc.pid in self._gpu_pids:
-            self._flush_gpu_counts()
-            self._probes.forget_process(ev.proc.pid)
-            del self._gpu_pids[ev.proc.pid]
+        if ev.type == "gpu" and ev.opened and ev.proc.pid not in self._gpu_holders:
+            self._gpu_holders.add(ev.proc.pid)
+            self._update_ioctl_probe()
+        if ev.type == "exit":
+            self._gpu_holders.discard(ev.proc.pid)
+            if ev.proc.pid in self._gpu_pids:
+                self._flush_gpu_counts()
+                self._probes.forget_process(ev.proc.pid)
+                del self._gpu_pids[ev.proc.pid]
 
     def emit(self, rec: dict, from_stage: int = 0) -> None:
         rec["seq"] = self._seq
@@ -326,6 +376,7 @@ class Watcher:
                     next_rescan = now + self.options.rescan_interval
                 if now >= next_gpu:
                     self._flush_gpu_counts()
+                    self._update_ioctl_probe()
                     next_gpu = now + self.options.gpu_interval
                 self.flush()
                 if deadline and now >= deadline:

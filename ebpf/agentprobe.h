@@ -47,14 +47,20 @@ typedef uint64_t __u64;
 #define AP_EXEC_ARG_TRUNC (1u << 2)     /* at least one element cut at AP_ARG_LEN */
 #define AP_EXEC_FILENAME_TRUNC (1u << 3)
 #define AP_EXEC_ARGV_FAULT (1u << 4)    /* argv could not be read completely */
+#define AP_EXEC_ARGV_RAW (1u << 5)      /* args is the new image's argument area (sched_process_exec):
+                                         * user space counts the elements */
 
 /* ---- connect flags ---- */
 #define AP_CONNECT_ADDR_FAULT (1u << 0) /* sockaddr could not be read */
+#define AP_CONNECT_AT_HOOK (1u << 1)    /* seen by the cgroup connect hook, before the
+                                         * connect completes: retval is 0 (attempted) or -EPERM (refused) */
 
 /* ---- gpu flags ---- */
 #define AP_GPU_FIRST_DEVICE (1u << 0)   /* first ioctl of this process on this device */
 #define AP_GPU_FIRST_CMD (1u << 1)      /* first ioctl of this process with this command */
 #define AP_GPU_XFER (1u << 2)           /* command came wrapped in NV_ESC_IOCTL_XFER_CMD */
+#define AP_GPU_OPEN (1u << 3)           /* an open of the device (cgroup device hook); cmd holds the
+                                         * access bits: 1 mknod, 2 read, 4 write */
 
 /* ---- kinds of GPU device majors (value of the gpu_majors map) ---- */
 #define AP_GPU_DEV_NVIDIA 1 /* major 195: /dev/nvidiaN, nvidiactl, nvidia-modeset */

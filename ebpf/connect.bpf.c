@@ -1,9 +1,70 @@
-/* connect.bpf.c - connect(2) destinations (IPv4, IPv6, AF_UNIX) and results.
+/* connect.bpf.c - connect(2) destinations.
  *
- * The raw sockaddr is copied as the process passed it and decoded in user
- * space; the result comes from sys_exit_connect (-EINPROGRESS for a
- * non-blocking connect).
+ * Default: the record comes from the cgroup connect4/6 hooks (payload.bpf.c
+ * calls ap_connect4/6_record), which run only for tasks of the watched cgroups,
+ * so the training job pays nothing. They also see connects that never call
+ * connect(2): io_uring, TCP Fast Open sendto. They run before the connect
+ * completes: the record says "attempted", or refused (-EPERM) when the
+ * in-kernel deny refused it. AF_UNIX connects are not seen on this path.
+ *
+ * With AP_SYSCALL_PROBES: sys_enter/exit_connect, with the raw sockaddr (also
+ * AF_UNIX) and the result (-EINPROGRESS for a non-blocking connect), at the
+ * cost of putting every syscall of every task on the slow path.
  */
+
+#ifndef AP_SYSCALL_PROBES
+/* The sockaddr the process passed, rebuilt from the hook's context. A
+ * connect4 program may not touch user_ip6 (nor connect6 user_ip4): hence v4/v6. */
+static __always_inline struct ap_connect_event *ap_connect_begin(struct bpf_sock_addr *ctx, int allowed)
+{
+	u32 zero = 0;
+	struct ap_connect_event *e = (struct ap_connect_event *)scratch.lookup(&zero);
+	if (!e)
+		return 0;
+	ap_fill_header(&e->h, AP_EV_CONNECT);
+	e->retval = allowed ? 0 : -1; /* -EPERM */
+	e->fd = -1;
+	e->flags = AP_CONNECT_AT_HOOK;
+	e->sock_type = ctx->type;
+	e->_pad = 0;
+	__builtin_memset(e->addr, 0, sizeof(e->addr));
+	u16 family = ctx->user_family;
+	u16 port = (u16)ctx->user_port; /* network order */
+	e->family = family;
+	__builtin_memcpy(&e->addr[0], &family, 2);
+	__builtin_memcpy(&e->addr[2], &port, 2);
+	return e;
+}
+
+static __always_inline void ap_connect4_record(struct bpf_sock_addr *ctx, int allowed)
+{
+	struct ap_connect_event *e = ap_connect_begin(ctx, allowed);
+	if (!e)
+		return;
+	u32 ip = ctx->user_ip4;
+	__builtin_memcpy(&e->addr[4], &ip, 4);
+	e->addrlen = 16;
+	ap_submit(ctx, e, sizeof(*e), AP_EV_CONNECT);
+}
+
+static __always_inline void ap_connect6_record(struct bpf_sock_addr *ctx, int allowed)
+{
+	struct ap_connect_event *e = ap_connect_begin(ctx, allowed);
+	if (!e)
+		return;
+	u32 ip6[4];
+	ip6[0] = ctx->user_ip6[0];
+	ip6[1] = ctx->user_ip6[1];
+	ip6[2] = ctx->user_ip6[2];
+	ip6[3] = ctx->user_ip6[3];
+	__builtin_memcpy(&e->addr[8], ip6, 16);
+	e->addrlen = 28;
+	ap_submit(ctx, e, sizeof(*e), AP_EV_CONNECT);
+}
+#else
+static __always_inline void ap_connect4_record(struct bpf_sock_addr *ctx, int allowed) {}
+static __always_inline void ap_connect6_record(struct bpf_sock_addr *ctx, int allowed) {}
+
 
 BPF_HASH(connect_pending, u32, struct ap_connect_event, AP_MAX_PENDING);
 
@@ -59,3 +120,4 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect)
 	connect_pending.delete(&tid);
 	return 0;
 }
+#endif /* AP_SYSCALL_PROBES */

@@ -1,8 +1,64 @@
-/* exec.bpf.c - execve(2) and execveat(2) with argv and result.
+/* exec.bpf.c - execve(2) and execveat(2) with argv.
  *
- * sys_enter stashes filename and argv per thread, sys_exit completes the
- * record with the return value, so failed execs are reported as such.
+ * Default: sched_process_exec, a raw tracepoint that runs only on successful
+ * execs and costs other syscalls nothing; argv is the new image's argument
+ * area (mm->arg_start..arg_end), copied whole. With AP_SYSCALL_PROBES (the
+ * fallback, or to see failed execs): sys_enter stashes filename and argv per
+ * thread, sys_exit completes the record with the return value. Those syscall
+ * tracepoints put every syscall of every task on the slow path.
  */
+
+#ifndef AP_SYSCALL_PROBES
+_Static_assert(AP_ARGS_LEN == 4096, "the size mask in sched_process_exec assumes 4096");
+
+RAW_TRACEPOINT_PROBE(sched_process_exec)
+{
+	if (!ap_in_scope())
+		return 0;
+	u32 zero = 0;
+	struct ap_exec_event *e = scratch.lookup(&zero);
+	if (!e)
+		return 0;
+	ap_fill_header(&e->h, AP_EV_EXEC);
+	e->retval = 0;
+	e->flags = AP_EXEC_ARGV_RAW;
+	e->argc = 0;
+	e->argc_total = 0;
+	e->args_size = 0;
+	e->dirfd = -100;
+	e->at_flags = 0;
+	void *bprm = (void *)ctx->args[2];
+	const char *fname = (const char *)ap_read_ptr(bprm, AP_OFF_LINUX_BINPRM_FILENAME);
+	long n = bpf_probe_read_kernel_str(e->filename, sizeof(e->filename), fname);
+	if (n == sizeof(e->filename))
+		e->flags |= AP_EXEC_FILENAME_TRUNC;
+
+	void *task = (void *)bpf_get_current_task();
+	void *mm = (void *)ap_read_ptr(task, AP_OFF_TASK_STRUCT_MM);
+	u64 start = mm ? ap_read_ptr(mm, AP_OFF_MM_STRUCT_ARG_START) : 0;
+	u64 end = mm ? ap_read_ptr(mm, AP_OFF_MM_STRUCT_ARG_END) : 0;
+	u64 len = end > start ? end - start : 0;
+	if (len >= AP_ARGS_LEN) {
+		if (len > AP_ARGS_LEN)
+			e->flags |= AP_EXEC_ARGS_TRUNC;
+		if (bpf_probe_read_user(e->args, AP_ARGS_LEN, (void *)start) == 0)
+			e->args_size = AP_ARGS_LEN;
+		else
+			e->flags |= AP_EXEC_ARGV_FAULT;
+	} else if (len > 0) {
+		/* the verifier wants the size bounded on the register itself */
+		u64 sz = len - 1;
+		asm volatile("%[sz] &= 4095" : [sz] "+r"(sz));
+		sz += 1;
+		if (bpf_probe_read_user(e->args, sz, (void *)start) == 0)
+			e->args_size = sz;
+		else
+			e->flags |= AP_EXEC_ARGV_FAULT;
+	}
+	ap_submit(ctx, e, sizeof(*e), AP_EV_EXEC);
+	return 0;
+}
+#else
 
 BPF_HASH(exec_pending, u32, struct ap_exec_event, AP_MAX_PENDING);
 
@@ -120,3 +176,4 @@ TRACEPOINT_PROBE(syscalls, sys_exit_execveat)
 {
 	return ap_exec_exit(args, args->ret);
 }
+#endif /* AP_SYSCALL_PROBES */

@@ -1,10 +1,18 @@
-/* gpu.bpf.c - NVIDIA driver ioctls, aggregated in the kernel.
+/* gpu.bpf.c - NVIDIA driver ioctls, aggregated in the kernel, and device opens.
  *
  * The device is recognised by the char-device major of the fd's inode (read
  * through BTF offsets), never by a path. Every ioctl bumps a counter keyed by
  * (process, device, command, detail); only the first use of a device and the
  * first use of each command by a process become records. User space reads
  * the counters periodically.
+ *
+ * Where the ioctls are seen (the loader picks, `watch` says which):
+ *   AP_GPU_FENTRY   fentry on the ioctl syscall function: only ioctl pays, and
+ *                   only a trampoline and the scope check (kernels that allow it);
+ *   otherwise       syscalls:sys_enter_ioctl, which puts every syscall on the
+ *                   slow path: user space attaches it only while an agent holds
+ *                   an NVIDIA device open, as the device hook below reports.
+ * The cgroup device hook runs only for the watched cgroups' tasks.
  */
 
 #define AP_NV_ESC_IOCTL_XFER_CMD 211
@@ -17,11 +25,11 @@ BPF_TABLE("lru_hash", struct ap_gpu_key, struct ap_gpu_count, gpu_counts, AP_MAX
 /* (pid, dev) pairs already reported */
 BPF_TABLE("lru_hash", u64, u8, gpu_seen, AP_MAX_GPU_KEYS);
 
-TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
+static __always_inline int ap_gpu_ioctl(void *ctx, int fd, u32 cmd, u64 arg)
 {
 	if (!ap_in_scope())
 		return 0;
-	void *file = ap_fd_file(args->fd);
+	void *file = ap_fd_file(fd);
 	if (!file)
 		return 0;
 	void *inode = (void *)ap_read_ptr(file, AP_OFF_FILE_F_INODE);
@@ -33,14 +41,13 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
 	if (!kind)
 		return 0;
 
-	u32 cmd = args->cmd;
 	u32 flags = 0;
 	struct ap_gpu_key key = {};
 	key.pid = bpf_get_current_pid_tgid() >> 32;
 	key.dev = rdev;
 	if (*kind == AP_GPU_DEV_NVIDIA) {
 		/* the driver looks only at _IOC_NR and _IOC_SIZE */
-		u64 argp = args->arg;
+		u64 argp = arg;
 		key.nr = cmd & 0xff;
 		if (key.nr == AP_NV_ESC_IOCTL_XFER_CMD) {
 			u32 inner = 0;
@@ -91,7 +98,58 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
 	e->cmd = cmd;
 	e->nr = key.nr;
 	e->detail = key.detail;
-	e->fd = args->fd;
-	ap_submit(args, e, sizeof(*e), AP_EV_GPU);
+	e->fd = fd;
+	ap_submit(ctx, e, sizeof(*e), AP_EV_GPU);
 	return 0;
+}
+
+#ifdef AP_GPU_FENTRY
+/* AP_GPU_FENTRY names the arch's syscall function (__x64_sys_ioctl), whose
+ * one argument is the user's registers */
+#define AP_KFUNC_PROBE(fn, args...) KFUNC_PROBE(fn, args) /* expands AP_GPU_FENTRY first */
+AP_KFUNC_PROBE(AP_GPU_FENTRY, void *regs)
+{
+	int fd = (int)ap_read_ptr(regs, AP_OFF_PT_REGS_DI);
+	u32 cmd = (u32)ap_read_ptr(regs, AP_OFF_PT_REGS_SI);
+	u64 arg = ap_read_ptr(regs, AP_OFF_PT_REGS_DX);
+	return ap_gpu_ioctl(ctx, fd, cmd, arg);
+}
+#else
+TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
+{
+	return ap_gpu_ioctl(args, args->fd, args->cmd, args->arg);
+}
+#endif
+
+#define AP_DEVCG_DEV_CHAR 2
+#define AP_DEVCG_ACC_READ 2
+#define AP_DEVCG_ACC_WRITE 4
+
+/* cgroup device hook: an agent task opens (or mknods) a GPU device node.
+ * Always allows: it reports, the rules decide. */
+int ap_device(struct bpf_cgroup_dev_ctx *ctx)
+{
+	u32 type = ctx->access_type & 0xffff;
+	u32 access = ctx->access_type >> 16;
+	if (type != AP_DEVCG_DEV_CHAR || !(access & (AP_DEVCG_ACC_READ | AP_DEVCG_ACC_WRITE)))
+		return 1;
+	u32 major = ctx->major;
+	u32 *kind = gpu_majors.lookup(&major);
+	if (!kind)
+		return 1;
+	u32 zero = 0;
+	struct ap_gpu_event *e = (struct ap_gpu_event *)scratch.lookup(&zero);
+	if (!e)
+		return 1;
+	ap_fill_header(&e->h, AP_EV_GPU);
+	e->major = major;
+	e->minor = ctx->minor;
+	e->dev_kind = *kind;
+	e->flags = AP_GPU_OPEN;
+	e->cmd = access;
+	e->nr = 0;
+	e->detail = 0;
+	e->fd = -1;
+	ap_submit(ctx, e, sizeof(*e), AP_EV_GPU);
+	return 1;
 }

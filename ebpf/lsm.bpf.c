@@ -3,11 +3,13 @@
  * Loaded as a program of its own, only where the kernel allows BPF-LSM
  * (lsm=...,bpf and no lockdown refusal); elsewhere the user-space rules and
  * the freeze stand alone. bprm_check_security runs before the new image
- * replaces the old one: returning -EPERM makes execve fail, and the exec
- * tracepoint reports the failed exec like any other.
+ * replaces the old one: returning -EPERM makes execve fail. With the syscall
+ * exec probes the exec tracepoint reports the failed exec; otherwise (failed
+ * execs never reach sched_process_exec) this program writes that exec record
+ * itself, to its own buffer: filename, retval -EPERM, no argv (the new
+ * image's arguments are not readable yet).
  */
-#include "agentprobe.h"
-#include "scope.bpf.h"
+#include "common.bpf.h"
 
 #define AP_EPERM 1
 #define AP_NAME_LEN 16
@@ -40,7 +42,24 @@ LSM_PROBE(bprm_check_security, void *bprm)
 	struct ap_name key = {};
 	if (bpf_probe_read_kernel_str(key.name, sizeof(key.name), name) <= 1)
 		return 0;
-	if (deny_exec_names.lookup(&key))
-		return -AP_EPERM;
-	return 0;
+	if (!deny_exec_names.lookup(&key))
+		return 0;
+#ifndef AP_SYSCALL_PROBES
+	u32 zero = 0;
+	struct ap_exec_event *e = scratch.lookup(&zero);
+	if (e) {
+		ap_fill_header(&e->h, AP_EV_EXEC);
+		e->retval = -AP_EPERM;
+		e->flags = AP_EXEC_ARGV_RAW;
+		e->argc = 0;
+		e->argc_total = 0;
+		e->args_size = 0;
+		e->dirfd = -100;
+		e->at_flags = 0;
+		const char *fname = (const char *)ap_read_ptr(bprm, AP_OFF_LINUX_BINPRM_FILENAME);
+		bpf_probe_read_kernel_str(e->filename, sizeof(e->filename), fname);
+		ap_submit(ctx, e, sizeof(*e), AP_EV_EXEC);
+	}
+#endif
+	return -AP_EPERM;
 }

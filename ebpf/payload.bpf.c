@@ -35,13 +35,17 @@ static __always_inline int ap_remember_owner(struct bpf_sock_addr *ctx)
 int ap_connect4(struct bpf_sock_addr *ctx)
 {
 	ap_remember_owner(ctx);
-	return ap_connect4_verdict(ctx);
+	int allowed = ap_connect4_verdict(ctx);
+	ap_connect4_record(ctx, allowed);
+	return allowed;
 }
 
 int ap_connect6(struct bpf_sock_addr *ctx)
 {
 	ap_remember_owner(ctx);
-	return ap_connect6_verdict(ctx);
+	int allowed = ap_connect6_verdict(ctx);
+	ap_connect6_record(ctx, allowed);
+	return allowed;
 }
 
 int ap_egress(struct __sk_buff *skb)

@@ -62,7 +62,8 @@ def test_constants_match():
         "AP_EXEC_ARG_TRUNC": abi.EXEC_ARG_TRUNC, "AP_EXEC_FILENAME_TRUNC": abi.EXEC_FILENAME_TRUNC,
         "AP_EXEC_ARGV_FAULT": abi.EXEC_ARGV_FAULT, "AP_CONNECT_ADDR_FAULT": abi.CONNECT_ADDR_FAULT,
         "AP_GPU_FIRST_DEVICE": abi.GPU_FIRST_DEVICE, "AP_GPU_FIRST_CMD": abi.GPU_FIRST_CMD,
-        "AP_GPU_XFER": abi.GPU_XFER, "AP_GPU_DEV_NVIDIA": abi.GPU_DEV_NVIDIA,
+        "AP_GPU_XFER": abi.GPU_XFER, "AP_GPU_OPEN": abi.GPU_OPEN, "AP_EXEC_ARGV_RAW": abi.EXEC_ARGV_RAW,
+        "AP_CONNECT_AT_HOOK": abi.CONNECT_AT_HOOK, "AP_GPU_DEV_NVIDIA": abi.GPU_DEV_NVIDIA,
         "AP_GPU_DEV_UVM": abi.GPU_DEV_UVM, "AP_GPU_DEV_CAPS": abi.GPU_DEV_CAPS,
     }
     assert {k: defines.get(k) for k in expect} == expect

@@ -244,16 +244,22 @@ def test_benign_agent_work_raises_nothing(agents, episode, tmp_path):
 
 # ---------------------------------------------------------------- every other default rule, by a real process
 GPU_LOOP = r"""
-import fcntl, os, struct, sys
+import fcntl, os, struct, sys, time
 def iowr(nr, size):
     return (3 << 30) | (size << 16) | (ord("F") << 8) | nr
-fd = os.open(sys.argv[1], os.O_PATH)
+try:
+    os.open(sys.argv[1], os.O_RDWR)  # as CUDA does; the imitation node has no driver (ENXIO)
+except OSError:
+    pass
+fd = os.open(sys.argv[1], os.O_PATH)  # an fd whose ioctls still enter the kernel
 alloc = bytearray(struct.pack("<IIII", 1, 2, 3, 0x41)) + bytearray(48)   # RM_ALLOC root client: a CUDA context
-for _ in range(int(sys.argv[2])):
+for i in range(int(sys.argv[2]) + 50):
     try:
         fcntl.ioctl(fd, iowr(0x2B, len(alloc)), alloc)
     except OSError:
         pass
+    if i < 50:
+        time.sleep(0.005)  # a real CUDA start-up takes a while; the ioctl probe may attach during it
 """
 
 

@@ -241,12 +241,107 @@ def test_killed_watcher_leftovers_are_detached_at_next_start(agent_cgroup, tmp_p
     from watcher import WatcherProcess
 
     w = WatcherProcess(["--cgroup", str(agent_cgroup.path), "-o", str(tmp_path / "a")])
-    assert cgroup_attachments(agent_cgroup.path) == ["ap_connect4", "ap_connect6", "ap_egress"]
+    assert cgroup_attachments(agent_cgroup.path) == ["ap_connect4", "ap_connect6", "ap_device", "ap_egress"]
     w.stop(signal.SIGKILL)
     # cgroup attachments outlive a killed loader
-    assert cgroup_attachments(agent_cgroup.path) == ["ap_connect4", "ap_connect6", "ap_egress"]
+    assert cgroup_attachments(agent_cgroup.path) == ["ap_connect4", "ap_connect6", "ap_device", "ap_egress"]
     w = WatcherProcess(["--cgroup", str(agent_cgroup.path), "-o", str(tmp_path / "b")])
-    assert cgroup_attachments(agent_cgroup.path) == ["ap_connect4", "ap_connect6", "ap_egress"]
+    assert cgroup_attachments(agent_cgroup.path) == ["ap_connect4", "ap_connect6", "ap_device", "ap_egress"]
     rc, _, err = w.stop()
     assert rc == 0, err
     assert cgroup_attachments(agent_cgroup.path) == []
+
+
+def syscall_tracepoints_of(pid: int) -> list[str]:
+    """The syscall tracepoints a process has BPF programs on (they slow every syscall of every task)."""
+    out = subprocess.run(["bpftool", "perf", "list"], capture_output=True, text=True, check=True).stdout
+    return sorted(line.split()[-1] for line in out.splitlines()
+                  if line.startswith(f"pid {pid} ") and "tracepoint" in line and " sys_" in line)
+
+
+GPU_HOLDER = r"""
+import fcntl, os, struct, sys, time
+try:
+    os.open(sys.argv[1], os.O_RDWR)   # as CUDA opens nvidiactl; no driver here (ENXIO), the hook saw it
+except OSError:
+    pass
+fd = os.open(sys.argv[1], os.O_PATH)
+alloc = bytearray(struct.pack("<IIII", 1, 2, 3, 0x41)) + bytearray(48)
+for _ in range(100):
+    try:
+        fcntl.ioctl(fd, (3 << 30) | (len(alloc) << 16) | (ord("F") << 8) | 0x2B, alloc)
+    except OSError:
+        pass
+    time.sleep(0.01)
+"""
+
+
+def test_gpu_ioctl_probe_attached_only_while_an_agent_holds_a_gpu(agent_cgroup, tmp_path):
+    """On-demand GPU tracing: no syscall tracepoint at all while no agent holds a GPU device; the
+    ioctl tracepoint from the agent's first GPU open until shortly after the last holder exits."""
+    from watcher import WatcherProcess
+
+    node = tmp_path / "nvidiactl"
+    os.mknod(node, 0o600 | 0o020000, os.makedev(195, 255))
+    out = tmp_path / "s.msgpack"
+    w = WatcherProcess(["--cgroup", str(agent_cgroup.path), "-o", str(out), "--no-view", "--gpu-probe", "on-demand",
+                        "--gpu-interval", "0.2", "--gpu-idle-detach", "0.5"])
+    try:
+        assert syscall_tracepoints_of(w.proc.pid) == []  # exec and connect need none
+        holder = agent_cgroup.popen([sys.executable, "-c", GPU_HOLDER, str(node)])
+        deadline = time.monotonic() + 10
+        while syscall_tracepoints_of(w.proc.pid) != ["sys_enter_ioctl"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert syscall_tracepoints_of(w.proc.pid) == ["sys_enter_ioctl"]
+        assert holder.wait(20) == 0
+        deadline = time.monotonic() + 10
+        while syscall_tracepoints_of(w.proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert syscall_tracepoints_of(w.proc.pid) == []
+    finally:
+        w.stop()
+    recs = list(read_records(str(out)))
+    assert recs[0]["probes"]["gpu_ioctl"].startswith("tracepoint syscalls:sys_enter_ioctl, attached while")
+    seq = [(r["type"], r.get("kind") or r.get("change")) for r in recs
+           if r["type"] in ("gpu", "probe") or (r["type"] == "exit" and r["proc"]["pid"] == holder.pid)]
+    assert seq[:3] == [("gpu", "open"), ("probe", "attached"), ("gpu", "first_use")]
+    assert ("gpu", "counts") in seq and seq[-1] == ("probe", "detached")
+    assert seq.index(("exit", None)) < len(seq) - 1
+    opened = next(r for r in recs if r["type"] == "gpu")
+    assert opened["proc"]["pid"] == holder.pid and opened["device"] == {"major": 195, "minor": 255,
+                                                                          "kind": "nvidia"}
+
+
+@pytest.mark.parametrize("args, tracepoints", [
+    (["--probes", "auto", "--gpu-probe", "on-demand"], []),
+    (["--probes", "auto", "--gpu-probe", "always"], ["sys_enter_ioctl"]),
+    (["--probes", "syscalls", "--gpu-probe", "on-demand"],
+     ["sys_enter_connect", "sys_enter_execve", "sys_enter_execveat", "sys_exit_connect", "sys_exit_execve",
+      "sys_exit_execveat"]),
+])
+def test_probe_modes_attach_exactly_their_syscall_tracepoints(agent_cgroup, tmp_path, args, tracepoints):
+    from watcher import WatcherProcess
+
+    w = WatcherProcess(["--cgroup", str(agent_cgroup.path), "-o", str(tmp_path / "s"), "--no-view", *args])
+    try:
+        assert syscall_tracepoints_of(w.proc.pid) == tracepoints
+    finally:
+        w.stop()
+
+
+def test_gpu_probe_fentry_where_the_kernel_allows_it(agentprobe_cmd, agent_cgroup, tmp_path):
+    """In the test VMs (AGENTPROBE_EXPECT_FENTRY=1) fentry loads and ioctls go through it; where the
+    kernel refuses fentry, asking for it is one clear line and exit 3, and auto falls back."""
+    r = run_cli(agentprobe_cmd, "--cgroup", str(agent_cgroup.path), "-o", str(tmp_path / "s"), "--gpu-probe", "fentry")
+    recs = list(read_records(str(tmp_path / "s"))) if r.returncode == 0 else []
+    if os.environ.get("AGENTPROBE_EXPECT_FENTRY") == "1":
+        assert r.returncode == 0, r.stderr
+        assert recs[0]["probes"]["gpu_ioctl"] == "fentry __x64_sys_ioctl"
+    else:
+        assert r.returncode == 3 and r.stderr.count("\n") == 1
+        assert r.stderr.startswith("agentprobe: --gpu-probe fentry: the kernel refused fentry on __x64_sys_ioctl")
+        r = run_cli(agentprobe_cmd, "--cgroup", str(agent_cgroup.path), "-o", str(tmp_path / "t"))
+        assert r.returncode == 0, r.stderr
+        probes = next(read_records(str(tmp_path / "t")))["probes"]
+        assert probes["gpu_ioctl"].startswith("tracepoint syscalls:sys_enter_ioctl, attached while an agent holds")
+        assert "fentry refused" in probes["gpu_ioctl"]

@@ -361,7 +361,7 @@ _field("net.abstract", BOOL, "abstract unix socket", _of_type("connect", _top("a
 _field("net.v4mapped", BOOL, "IPv4-mapped IPv6 destination", lambda ev: (
     bool(ev.rec.get("v4mapped")) if ev.rec.get("type") == "connect" else None))
 
-_field("gpu.kind", STR, "first_use (first time a process issues this ioctl) or counts",
+_field("gpu.kind", STR, "first_use (first time a process issues this ioctl), open (device opened), counts or nvml",
        _of_type("gpu", _top("kind")))
 _field("gpu.device", STR, "nvidia, nvidia-uvm or nvidia-caps", _device_kind)
 _field("gpu.major", INT, "device major", _device("major"))
