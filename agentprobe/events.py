@@ -61,6 +61,7 @@ class ExecEvent(Event):
     arg_truncated: bool = False
     filename_truncated: bool = False
     argv_fault: bool = False
+    killed: bool = False  # a denied name, killed in the kernel before its first instruction
 
     @property
     def failed(self) -> bool:
@@ -82,6 +83,8 @@ class ExecEvent(Event):
         }
         if self.failed:
             out["error"] = errno.errorcode.get(-self.retval, str(-self.retval))
+        if self.killed:
+            out["killed"] = True
         if self.execveat:
             out["execveat"] = {"dirfd": self.dirfd, "flags": self.at_flags}
         return out
@@ -320,6 +323,7 @@ def decode(data: bytes) -> Event:
             arg_truncated=bool(r.flags & abi.EXEC_ARG_TRUNC),
             filename_truncated=bool(r.flags & abi.EXEC_FILENAME_TRUNC),
             argv_fault=bool(r.flags & abi.EXEC_ARGV_FAULT),
+            killed=bool(r.flags & abi.EXEC_KILLED),
         )
     if rtype == abi.EV_CONNECT:
         addr = decode_sockaddr(r.family, bytes(r.addr), r.addrlen)

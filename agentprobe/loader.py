@@ -272,6 +272,12 @@ class ProbeSet:
         self.buffer = "ringbuf" if ringbuf_ok else "perf"
         if self.options.deny_exec_names:
             self._load_lsm()
+            if self._lsm is None and self.options.probe_mode != "syscalls":
+                # no BPF-LSM: the exec probe kills a denied name before its first instruction
+                _fill_names(self._bpf[b"kill_exec_names"], self.options.deny_exec_names)
+                self.lsm_status = (f"sched_process_exec: SIGKILL before the first instruction "
+                                   f"({len(self.options.deny_exec_names)} names; BPF-LSM "
+                                   f"{self.lsm_status.removeprefix('unavailable: ')})")
         b = self._bpf
         try:
             self._cg_fns = [(b.load_func(name.encode(), ptype, attach_type=atype), atype)
@@ -402,12 +408,7 @@ class ProbeSet:
             os.dup2(saved, 2)
             os.close(saved)
             os.close(devnull)
-        names = self._lsm[b"deny_exec_names"]
-        for name in self.options.deny_exec_names:
-            raw = name.encode()[:15]
-            key = names.Key()
-            ct.memmove(ct.addressof(key), raw, len(raw))
-            names[key] = ct.c_uint8(1)
+        _fill_names(self._lsm[b"deny_exec_names"], self.options.deny_exec_names)
         self._lsm[b"events"].open_perf_buffer(self._callback, page_cnt=8)
         self.lsm_status = f"bpf-lsm bprm_check_security ({len(self.options.deny_exec_names)} names)"
 
@@ -542,6 +543,15 @@ class ProbeSet:
                 self._bpf.cleanup()
             finally:
                 self._bpf = None
+
+
+def _fill_names(table, names: Iterable[str]) -> None:
+    """Basenames as the kernel maps want them: the first 15 bytes, zero-padded."""
+    for name in names:
+        raw = name.encode()[:15]
+        key = table.Key()
+        ct.memmove(ct.addressof(key), raw, len(raw))
+        table[key] = ct.c_uint8(1)
 
 
 def _kernel_at_least(major: int, minor: int) -> bool:

@@ -47,6 +47,7 @@ typedef uint64_t __u64;
 #define AP_EXEC_ARG_TRUNC (1u << 2)     /* at least one element cut at AP_ARG_LEN */
 #define AP_EXEC_FILENAME_TRUNC (1u << 3)
 #define AP_EXEC_ARGV_FAULT (1u << 4)    /* argv could not be read completely */
+#define AP_EXEC_KILLED (1u << 6)        /* a denied name: SIGKILL sent before its first instruction */
 #define AP_EXEC_ARGV_RAW (1u << 5)      /* args is the new image's argument area (sched_process_exec):
                                          * user space counts the elements */
 

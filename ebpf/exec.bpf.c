@@ -11,6 +11,28 @@
 #ifndef AP_SYSCALL_PROBES
 _Static_assert(AP_ARGS_LEN == 4096, "the size mask in sched_process_exec assumes 4096");
 
+#define AP_SIGKILL 9
+
+struct ap_exec_name {
+	char name[16];
+};
+/* Basenames killed at exec where BPF-LSM cannot refuse them: the signal is
+ * pending before the new image runs its first instruction. Empty: off. */
+BPF_HASH(kill_exec_names, struct ap_exec_name, u8, 1024);
+
+static __always_inline int ap_exec_denied(void *bprm)
+{
+	void *file = (void *)ap_read_ptr(bprm, AP_OFF_LINUX_BINPRM_FILE);
+	void *dentry = file ? (void *)ap_read_ptr(file, AP_OFF_FILE_F_PATH_DENTRY) : 0;
+	const char *name = dentry ? (const char *)ap_read_ptr(dentry, AP_OFF_DENTRY_D_NAME_NAME) : 0;
+	if (!name)
+		return 0;
+	struct ap_exec_name key = {};
+	if (bpf_probe_read_kernel_str(key.name, sizeof(key.name), name) <= 1)
+		return 0;
+	return kill_exec_names.lookup(&key) != 0;
+}
+
 RAW_TRACEPOINT_PROBE(sched_process_exec)
 {
 	if (!ap_in_scope())
@@ -28,6 +50,8 @@ RAW_TRACEPOINT_PROBE(sched_process_exec)
 	e->dirfd = -100;
 	e->at_flags = 0;
 	void *bprm = (void *)ctx->args[2];
+	if (ap_exec_denied(bprm) && bpf_send_signal(AP_SIGKILL) == 0)
+		e->flags |= AP_EXEC_KILLED;
 	const char *fname = (const char *)ap_read_ptr(bprm, AP_OFF_LINUX_BINPRM_FILENAME);
 	long n = bpf_probe_read_kernel_str(e->filename, sizeof(e->filename), fname);
 	if (n == sizeof(e->filename))

@@ -343,6 +343,8 @@ _field("proc.aexes", STRS, "executables of every known ancestor", _aexes)
 _field("exec.filename", STR, "path as passed to execve", _of_type("exec", _top("filename")))
 _field("exec.failed", BOOL, "execve failed", _of_type("exec", _top("failed")))
 _field("exec.error", STR, "errno name of a failed execve", _of_type("exec", _top("error")))
+_field("exec.killed", BOOL, "a denied name killed by the exec probe before its first instruction (no BPF-LSM)",
+       lambda ev: bool(ev.rec.get("killed")) if ev.rec.get("type") == "exec" else None)
 _field("exec.truncated", BOOL, "argv or filename was cut by the kernel limits", _truncated)
 _field("exec.execveat", BOOL, "the call was execveat", lambda ev: (
     ("execveat" in ev.rec) if ev.rec.get("type") == "exec" else None))
