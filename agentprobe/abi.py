@@ -163,6 +163,21 @@ class GpuCount(ct.Structure):
     _fields_ = [("count", ct.c_uint64), ("first_ns", ct.c_uint64), ("last_ns", ct.c_uint64)]
 
 
+class ConnKey(ct.Structure):
+    _fields_ = [
+        ("pid", ct.c_uint32),
+        ("family", ct.c_uint16),
+        ("port", ct.c_uint16),
+        ("addr", ct.c_uint8 * 16),
+        ("sock_type", ct.c_uint16),
+        ("refused", ct.c_uint16),
+    ]
+
+
+class ConnCount(ct.Structure):
+    _fields_ = [("count", ct.c_uint64), ("first_ns", ct.c_uint64), ("last_ns", ct.c_uint64)]
+
+
 RECORDS: dict[int, type[ct.Structure]] = {
     EV_EXEC: ExecRecord,
     EV_CONNECT: ConnectRecord,
@@ -188,4 +203,6 @@ C_STRUCTS: dict[str, type[ct.Structure]] = {
     "ap_lpm_v6": LpmV6,
     "ap_gpu_key": GpuKey,
     "ap_gpu_count": GpuCount,
+    "ap_conn_key": ConnKey,
+    "ap_conn_count": ConnCount,
 }

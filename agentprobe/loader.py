@@ -207,6 +207,7 @@ class ProbeSet:
         self.buffer = ""
         self._bpf = None
         self._gpu_last: dict[tuple, int] = {}
+        self._conn_last: dict[bytes, int] = {}
         self.gpu_probe = ""  # fentry | on-demand | always, once loaded
         self.ioctl_attached = False
         self.paths: dict[str, str] = {}
@@ -511,6 +512,27 @@ class ProbeSet:
                 out.append((abi.GpuKey(*ident), delta, v.first_ns, v.last_ns))
         for ident in set(self._gpu_last) - seen:
             del self._gpu_last[ident]
+        return out
+
+    def conn_counts(self, expire_ns: int) -> list[tuple[abi.ConnKey, int, int, int]]:
+        """(key, repeats since last call, first_ns, last_ns) of connects counted in the kernel
+        instead of recorded; keys quiet since `expire_ns` (monotonic) are dropped."""
+        if self.options.probe_mode == "syscalls":
+            return []
+        table = self._bpf[b"conn_repeats"]
+        out = []
+        for k, v in table.items():
+            ident = bytes(k)
+            delta = v.count - self._conn_last.get(ident, 0)
+            if delta > 0:
+                self._conn_last[ident] = v.count
+                out.append((abi.ConnKey.from_buffer_copy(ident), delta, v.first_ns, v.last_ns))
+            if v.last_ns < expire_ns:
+                try:
+                    del table[k]
+                except KeyError:
+                    pass
+                self._conn_last.pop(ident, None)
         return out
 
     def forget_process(self, pid: int) -> None:

@@ -102,6 +102,11 @@ def detail(rec: dict) -> str:
         return clean(f"agentprobe {rec.get('version')} watching {cgs or '(none yet)'} ({rec.get('buffer')})")
     if t == "stop":
         return f"stopped: {rec.get('events_total')} events, {rec.get('lost_total')} lost"
+    if t == "connect_counts":
+        fam6 = rec.get("family") == "inet6"
+        dest = f"[{rec.get('address')}]:{rec.get('port')}" if fam6 else f"{rec.get('address')}:{rec.get('port')}"
+        refused = " refused" if rec.get("refused") else ""
+        return f"{dest} {rec.get('count')} more connects{refused} in {rec.get('interval_ns', 0) / 1e9:.1f}s"
     if t == "probe":
         return clean(f"{rec.get('probe')} probe {rec.get('change')}")
     if t == "cgroup":

@@ -7,10 +7,12 @@ flushed and closed, with a `stop` record last.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import platform
 import signal
+import socket
 import sys
 import time
 from collections import Counter
@@ -23,7 +25,7 @@ from . import __version__, abi, btf
 from .cgroups import DEFAULT_AGENT_CGROUP, CgroupError, CgroupLock, CgroupSet, WatchedCgroup, find_v2_mount
 from .enrich import Enricher
 from .errors import AgentprobeError
-from .events import GPU_DEVICE_KINDS, DecodeError, decode
+from .events import GPU_DEVICE_KINDS, SOCK_TYPES, DecodeError, decode
 from .sinks import Sink, check_output, open_sink
 from .stream import encode
 
@@ -136,6 +138,7 @@ class Watcher:
         self._status_path: Path | None = None
         self._started = 0
         self._frozen: dict[str, dict] = {}
+        self._conn_pids: dict[int, int] = {}  # pid -> cgroup id, processes with connects
         self._gpu_holders: set[int] = set()  # agent processes that opened a GPU device (or inherited it)
         self._gpu_idle_since: float | None = None
 
@@ -314,6 +317,10 @@ class Watcher:
             return
         if ev.type == "gpu":
             self._gpu_pids[ev.proc.pid] = ev.cgroup_id
+        elif ev.type == "connect":
+            self._conn_pids[ev.proc.pid] = ev.cgroup_id  # kept after exit: counts are flushed later
+            if len(self._conn_pids) > 65536:
+                del self._conn_pids[next(iter(self._conn_pids))]
         elif ev.type == "fork" and ev.proc.pid in self._gpu_holders:
             self._gpu_holders.add(ev.child_pid)  # the child inherits the open device
         self.emit(rec)
@@ -370,6 +377,7 @@ class Watcher:
                 now = time.monotonic()
                 if now >= next_lost:
                     self._check_losses()
+                    self._flush_conn_counts()
                     next_lost = now + self.options.lost_interval
                 if now >= next_rescan:
                     self.rescan()
@@ -397,6 +405,7 @@ class Watcher:
         if self._probes is not None:
             self._probes.poll(0)
             self._flush_gpu_counts()
+            self._flush_conn_counts()
             self._check_losses()
 
     def rescan(self) -> None:
@@ -469,6 +478,22 @@ class Watcher:
                 "sm_util": s["sm_util"], "mem_util": s["mem_util"]})
             if info is None:
                 rec["proc"]["comm"] = ""
+            self.emit(rec)
+
+    def _flush_conn_counts(self) -> None:
+        """Connects the kernel counted instead of recording (repeats of a recorded one within a
+        second): one `connect_counts` record per process and destination."""
+        if self._probes is None:
+            return
+        for key, n, first, last in self._probes.conn_counts(time.monotonic_ns() - 10 * 10**9):
+            fam = "inet" if key.family == socket.AF_INET else "inet6"
+            raw = bytes(key.addr)[: 4 if fam == "inet" else 16]
+            addr = ipaddress.ip_address(raw)
+            mapped = getattr(addr, "ipv4_mapped", None)
+            rec = self.enricher.synthetic("connect_counts", key.pid, self._conn_pids.get(key.pid, 0), last, {
+                "family": fam, "address": str(mapped or addr), "port": socket.ntohs(key.port),
+                "sock_type": SOCK_TYPES.get(key.sock_type, "unknown"), "refused": bool(key.refused),
+                "count": n, "interval_ns": max(0, last - first)})
             self.emit(rec)
 
     def _flush_gpu_counts(self) -> None:

@@ -182,6 +182,24 @@ struct ap_sock_owner {
 	char comm[AP_COMM_LEN];
 };
 
+/* key and value of the in-kernel aggregation of repeated connects (conn_repeats
+ * map): the first connect of a process to a destination in a window is a record,
+ * the repeats within it are only counted */
+struct ap_conn_key {
+	__u32 pid;
+	__u16 family;
+	__u16 port;     /* network byte order, as in the sockaddr */
+	__u8 addr[16];  /* 4 bytes used for AF_INET */
+	__u16 sock_type;
+	__u16 refused;  /* 1: refused by the in-kernel deny */
+};
+
+struct ap_conn_count {
+	__u64 count;    /* repeats after the recorded connect */
+	__u64 first_ns; /* the recorded connect: the window starts here */
+	__u64 last_ns;
+};
+
 /* key and value of the in-kernel GPU ioctl aggregation (gpu_counts map) */
 struct ap_gpu_key {
 	__u32 pid;

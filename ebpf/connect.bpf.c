@@ -13,6 +13,42 @@
  */
 
 #ifndef AP_SYSCALL_PROBES
+#ifndef AP_CONN_WINDOW_NS
+#define AP_CONN_WINDOW_NS 1000000000ULL
+#endif
+#ifndef AP_MAX_CONN_KEYS
+#define AP_MAX_CONN_KEYS 65536
+#endif
+BPF_TABLE("lru_hash", struct ap_conn_key, struct ap_conn_count, conn_repeats, AP_MAX_CONN_KEYS);
+
+/* 1 when this connect repeats one recorded less than a window ago: counted, no
+ * record. A connect flood to one destination costs a map update per connect. */
+static __always_inline int ap_connect_repeat(struct ap_connect_event *e, int allowed)
+{
+	struct ap_conn_key k = {};
+	k.pid = e->h.pid;
+	k.family = e->family;
+	__builtin_memcpy(&k.port, &e->addr[2], 2);
+	if (e->family == 2)
+		__builtin_memcpy(k.addr, &e->addr[4], 4);
+	else
+		__builtin_memcpy(k.addr, &e->addr[8], 16);
+	k.sock_type = e->sock_type;
+	k.refused = !allowed;
+	u64 now = e->h.ktime_ns;
+	struct ap_conn_count *c = conn_repeats.lookup(&k);
+	if (c && now - c->first_ns < AP_CONN_WINDOW_NS) {
+		__sync_fetch_and_add(&c->count, 1);
+		c->last_ns = now;
+		return 1;
+	}
+	struct ap_conn_count init = {.count = 0, .first_ns = now, .last_ns = now};
+	if (c) /* a new window: the repeats of the last one stay for user space */
+		init.count = c->count;
+	conn_repeats.update(&k, &init);
+	return 0;
+}
+
 /* The sockaddr the process passed, rebuilt from the hook's context. A
  * connect4 program may not touch user_ip6 (nor connect6 user_ip4): hence v4/v6. */
 static __always_inline struct ap_connect_event *ap_connect_begin(struct bpf_sock_addr *ctx, int allowed)
@@ -44,7 +80,8 @@ static __always_inline void ap_connect4_record(struct bpf_sock_addr *ctx, int al
 	u32 ip = ctx->user_ip4;
 	__builtin_memcpy(&e->addr[4], &ip, 4);
 	e->addrlen = 16;
-	ap_submit(ctx, e, sizeof(*e), AP_EV_CONNECT);
+	if (!ap_connect_repeat(e, allowed))
+		ap_submit(ctx, e, sizeof(*e), AP_EV_CONNECT);
 }
 
 static __always_inline void ap_connect6_record(struct bpf_sock_addr *ctx, int allowed)
@@ -59,7 +96,8 @@ static __always_inline void ap_connect6_record(struct bpf_sock_addr *ctx, int al
 	ip6[3] = ctx->user_ip6[3];
 	__builtin_memcpy(&e->addr[8], ip6, 16);
 	e->addrlen = 28;
-	ap_submit(ctx, e, sizeof(*e), AP_EV_CONNECT);
+	if (!ap_connect_repeat(e, allowed))
+		ap_submit(ctx, e, sizeof(*e), AP_EV_CONNECT);
 }
 #else
 static __always_inline void ap_connect4_record(struct bpf_sock_addr *ctx, int allowed) {}

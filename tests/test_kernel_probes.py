@@ -7,6 +7,7 @@ import socket
 import subprocess
 import textwrap
 import threading
+import time
 
 import pytest
 
@@ -442,8 +443,19 @@ def test_many_threads_connecting_concurrently(capture, watched, tcp_servers):
     """))
     evs = capture.settle(0.5)
     cs = connects(evs)
-    assert len(cs) == 160 and all(c.port == port and c.result == attempted(capture) for c in cs)
-    assert len({c.proc.tid for c in cs}) == 8
+    if capture.mode == "syscalls":
+        assert len(cs) == 160 and all(c.port == port and c.result == "ok" for c in cs)
+        assert len({c.proc.tid for c in cs}) == 8
+        return
+    # repeats of a recorded connect within a second are counted in the kernel, not recorded
+    # (threads racing on the first connect may each get a record: more records, never fewer)
+    assert 1 <= len(cs) <= 16 and all(c.port == port and c.result == "attempted" for c in cs)
+    ((key, repeats, _, _),) = capture.probes.conn_counts(0)
+    assert (key.pid, socket.ntohs(key.port), bytes(key.addr)[:4], key.refused) == (
+        cs[0].proc.pid, port, socket.inet_aton("127.0.0.1"), 0)
+    assert len(cs) + repeats == 160
+    assert capture.probes.conn_counts(time.monotonic_ns() + 1) == []  # reported once, then expired
+    assert capture.probes._bpf[b"conn_repeats"].items() == []
 
 
 # ---------------------------------------------------------------- first bytes (cgroup egress hook)

@@ -345,3 +345,34 @@ def test_gpu_probe_fentry_where_the_kernel_allows_it(agentprobe_cmd, agent_cgrou
         probes = next(read_records(str(tmp_path / "t")))["probes"]
         assert probes["gpu_ioctl"].startswith("tracepoint syscalls:sys_enter_ioctl, attached while an agent holds")
         assert "fentry refused" in probes["gpu_ioctl"]
+
+
+def test_repeated_connects_are_counted_in_the_kernel(agent_cgroup, tmp_path):
+    """A connect flood to one destination: the first of each second is a record, the rest are
+    counted in the kernel and reported as connect_counts; every connect is accounted for."""
+    from watcher import WatcherProcess
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))  # bound, not listening: every connect is refused at once
+    port = srv.getsockname()[1]
+    out = tmp_path / "s.msgpack"
+    w = WatcherProcess(["--cgroup", str(agent_cgroup.path), "-o", str(out), "--no-view"])
+    try:
+        r = agent_cgroup.run([sys.executable, "-c", f"""
+import socket
+for _ in range(2000):
+    s = socket.socket(); s.connect_ex(("127.0.0.1", {port})); s.close()
+print("done")"""], text=True)
+        assert r.stdout.strip() == "done"
+        time.sleep(1.5)
+    finally:
+        w.stop()
+        srv.close()
+    recs = list(read_records(str(out)))
+    conns = [x for x in recs if x["type"] == "connect" and x.get("port") == port]
+    counts = [x for x in recs if x["type"] == "connect_counts" and x["port"] == port]
+    assert 1 <= len(conns) < 100 and counts
+    assert len(conns) + sum(c["count"] for c in counts) == 2000
+    assert {(c["address"], c["family"], c["sock_type"], c["refused"], c["cgroup"]["id"]) for c in counts} == {
+        ("127.0.0.1", "inet", "stream", False, agent_cgroup.id)}
+    assert {c["proc"]["pid"] for c in counts} == {conns[0]["proc"]["pid"]}
