@@ -553,7 +553,7 @@ def test_exec_deny_where_bpf_lsm_is_allowed(agent_cgroup, outside_cgroup, tmp_pa
                 agent_cgroup.run([str(miner), "--donate-level", "1"])
             (ev,) = execs(cap.wait(lambda e: isinstance(e, ExecEvent)), str(miner))
             # written by the LSM program itself: the new image's argv is not readable yet
-            assert ev.retval == -1 and ev.argv == [] and ev.proc.cgroup_id == agent_cgroup.id
+            assert ev.retval == -1 and ev.argv == [] and ev.cgroup_id == agent_cgroup.id
             assert agent_cgroup.run(["/bin/true"]).returncode == 0  # other programs run
         else:  # no BPF-LSM: the exec probe kills it before its first instruction
             assert cap.probes.lsm_status.startswith("sched_process_exec: SIGKILL before the first instruction")
