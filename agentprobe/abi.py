@@ -14,8 +14,8 @@ SOCKADDR_LEN = 112
 MAX_CGROUP_LEVEL = 32
 PAYLOAD_LEN = 64
 
-EV_EXEC, EV_CONNECT, EV_GPU, EV_FORK, EV_EXIT, EV_PAYLOAD, EV_DENY = 1, 2, 3, 4, 5, 6, 7
-EV_TYPES = 8
+EV_EXEC, EV_CONNECT, EV_GPU, EV_FORK, EV_EXIT, EV_PAYLOAD, EV_DENY, EV_MOVE = 1, 2, 3, 4, 5, 6, 7, 8
+EV_TYPES = 9
 
 EXEC_EXECVEAT = 1 << 0
 EXEC_ARGS_TRUNC = 1 << 1
@@ -104,6 +104,11 @@ class ExitRecord(ct.Structure):
     _fields_ = [("h", Header), ("exit_code", ct.c_int32), ("_pad", ct.c_uint32)]
 
 
+class MoveRecord(ct.Structure):
+    _fields_ = [("h", Header), ("moved_pid", ct.c_uint32), ("dst_level", ct.c_uint32),
+                ("dst_cgroup_id", ct.c_uint64), ("src_cgroup_id", ct.c_uint64)]
+
+
 class PayloadRecord(ct.Structure):
     _fields_ = [
         ("h", Header),
@@ -186,6 +191,7 @@ RECORDS: dict[int, type[ct.Structure]] = {
     EV_EXIT: ExitRecord,
     EV_PAYLOAD: PayloadRecord,
     EV_DENY: DenyRecord,
+    EV_MOVE: MoveRecord,
 }
 
 # C struct name -> Python mirror, for the ABI test
@@ -199,6 +205,7 @@ C_STRUCTS: dict[str, type[ct.Structure]] = {
     "ap_payload_event": PayloadRecord,
     "ap_sock_owner": SockOwner,
     "ap_deny_event": DenyRecord,
+    "ap_move_event": MoveRecord,
     "ap_lpm_v4": LpmV4,
     "ap_lpm_v6": LpmV6,
     "ap_gpu_key": GpuKey,

@@ -165,6 +165,30 @@ class CgroupSet:
         return self._names.get(cid)
 
 
+def path_of_id(root: Path, cid: int, max_depth: int = 12) -> str | None:
+    """Path (relative to the v2 mount) of the cgroup whose id is `cid`, anywhere in the hierarchy."""
+    if cid == 1:
+        return "/"
+    todo = [(root, 0)]
+    while todo:
+        d, depth = todo.pop()
+        try:
+            entries = list(os.scandir(d))
+        except OSError:
+            continue
+        for e in entries:
+            if not e.is_dir(follow_symlinks=False):
+                continue
+            try:
+                if e.inode() == cid:
+                    return "/" + str(Path(e.path).relative_to(root))
+            except (OSError, ValueError):
+                continue
+            if depth < max_depth:
+                todo.append((Path(e.path), depth + 1))
+    return None
+
+
 def glob_regex(pattern: str) -> re.Pattern:
     """A cgroup glob as a regex over relative paths: `*` and `?` stay within one
     level, `**` spans any number of levels (also none)."""

@@ -241,6 +241,16 @@ class DenyEvent(Event):
                 "reason": self.reason}
 
 
+@dataclass
+class MoveEvent(Event):
+    """An agent process was moved to another cgroup. proc is the task that moved it."""
+
+    moved_pid: int = 0
+    dst_cgroup_id: int = 0
+    dst_level: int = 0
+    src_cgroup_id: int = 0
+
+
 GPU_DEVICE_KINDS = {abi.GPU_DEV_NVIDIA: "nvidia", abi.GPU_DEV_UVM: "nvidia-uvm", abi.GPU_DEV_CAPS: "nvidia-caps"}
 
 
@@ -378,6 +388,9 @@ def decode(data: bytes) -> Event:
             port=r.port,
             reason={abi.DENY_PORT: "pool_port", abi.DENY_HOST: "denied_host"}.get(r.reason, str(r.reason)),
         )
+    if rtype == abi.EV_MOVE:
+        return MoveEvent(**_base(h, "cgroup_move"), moved_pid=r.moved_pid, dst_cgroup_id=r.dst_cgroup_id,
+                         dst_level=r.dst_level, src_cgroup_id=r.src_cgroup_id)
     if rtype == abi.EV_FORK:
         return ForkEvent(**_base(h, "fork"), child_pid=r.child_pid)
     return ExitEvent(**_base(h, "exit"), exit_code=r.exit_code)

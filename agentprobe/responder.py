@@ -37,6 +37,7 @@ class Outcome:
     error: str | None = None
     confirmed_ns: int | None = None  # CLOCK_MONOTONIC when the freeze was confirmed
     sockets_cut: int = 0
+    pulled_back: int | None = None  # pid moved back into the agent cgroup before the freeze
 
 
 def own_cgroup_v2() -> str:
@@ -269,10 +270,12 @@ class Responder:
             return [self._response(record, action, target, Outcome("refused", str(e)))]
         if self.dry_run:
             return [self._response(record, action, target, Outcome("dry_run"))]
+        pulled_back = self._pull_back(record, target)
         if action == "freeze":
-            if target in self.frozen and self.freezer.is_frozen(target):
+            if target in self.frozen and self.freezer.is_frozen(target) and pulled_back is None:
                 return [self._response(record, action, target, Outcome("already_frozen"))]
             out = self.freezer.freeze(target)
+            out.pulled_back = pulled_back
             if out.outcome == "frozen":
                 self.frozen[target] = {"rule": record.get("rule"), "alert_seq": record.get("seq"),
                                        "ts": record.get("ts")}
@@ -284,6 +287,23 @@ class Responder:
         else:
             out = self.freezer.kill(target)
         return [self._response(record, action, target, out)]
+
+    def _pull_back(self, alert: dict, target: str) -> int | None:
+        """An agent process that moved itself out of the agent cgroups goes back into the one it
+        left before that is frozen or killed: it is not to escape the response."""
+        evidence = alert.get("evidence") or [{}]
+        trigger = evidence[-1] if isinstance(evidence[-1], dict) else {}
+        if trigger.get("type") != "cgroup_move" or (trigger.get("to") or {}).get("watched"):
+            return None
+        pid = (alert.get("proc") or {}).get("pid")
+        if not isinstance(pid, int) or pid <= 0:
+            return None
+        try:
+            with open(os.path.join(self.freezer._dir(target), "cgroup.procs"), "w") as f:
+                f.write(str(pid))
+            return pid
+        except OSError:
+            return None  # it exited meanwhile
 
     def _response(self, alert: dict, action: str, target: str | None, out: Outcome) -> dict:
         now = time.monotonic_ns()
@@ -300,6 +320,8 @@ class Responder:
             rec["error"] = out.error
         if action == "freeze" and out.outcome == "frozen":
             rec["sockets_cut"] = out.sockets_cut
+        if out.pulled_back:
+            rec["pulled_back"] = out.pulled_back
         return rec
 
 

@@ -22,15 +22,15 @@ from pathlib import Path
 from typing import Protocol
 
 from . import __version__, abi, btf
-from .cgroups import DEFAULT_AGENT_CGROUP, CgroupError, CgroupLock, CgroupSet, WatchedCgroup, find_v2_mount
+from .cgroups import DEFAULT_AGENT_CGROUP, CgroupError, CgroupLock, CgroupSet, WatchedCgroup, find_v2_mount, path_of_id
 from .enrich import Enricher
 from .errors import AgentprobeError
-from .events import GPU_DEVICE_KINDS, SOCK_TYPES, DecodeError, decode
+from .events import GPU_DEVICE_KINDS, SOCK_TYPES, DecodeError, MoveEvent, decode
 from .sinks import Sink, check_output, open_sink
 from .stream import encode
 
 EV_NAMES = {abi.EV_EXEC: "exec", abi.EV_CONNECT: "connect", abi.EV_GPU: "gpu", abi.EV_FORK: "fork",
-            abi.EV_EXIT: "exit", abi.EV_PAYLOAD: "payload", abi.EV_DENY: "deny"}
+            abi.EV_EXIT: "exit", abi.EV_PAYLOAD: "payload", abi.EV_DENY: "deny", abi.EV_MOVE: "cgroup_move"}
 
 # exit codes, documented in `agentprobe watch --help`
 EXIT_OK = 0
@@ -309,6 +309,9 @@ class Watcher:
         except DecodeError:
             self.summary.decode_errors += 1
             return
+        if isinstance(ev, MoveEvent):
+            self.emit(self._move_record(ev))
+            return
         try:
             rec = self.enricher.record(ev)
         except Exception as e:  # one bad record must not stop the watcher
@@ -333,6 +336,19 @@ class Watcher:
                 self._flush_gpu_counts()
                 self._probes.forget_process(ev.proc.pid)
                 del self._gpu_pids[ev.proc.pid]
+
+    def _move_record(self, ev: MoveEvent) -> dict:
+        """An agent process moved to another cgroup: the record is about the moved process, in the
+        agent cgroup it left (what a freeze acts on), with where it went and who moved it."""
+        to_path = self._cgroup_name(ev.dst_cgroup_id) or path_of_id(self.root, ev.dst_cgroup_id)
+        watched = [c.path for c in self.watched.values()]
+        inside = to_path is not None and any(
+            to_path == w or to_path.startswith(w.rstrip("/") + "/") for w in watched)
+        return self.enricher.synthetic("cgroup_move", ev.moved_pid, ev.src_cgroup_id, ev.ktime_ns, {
+            "to": {"id": ev.dst_cgroup_id, "path": to_path, "watched": inside},
+            "mover": {"pid": ev.proc.pid, "comm": ev.proc.comm, "uid": ev.proc.uid,
+                      "cgroup_id": ev.cgroup_id},
+        })
 
     def emit(self, rec: dict, from_stage: int = 0) -> None:
         rec["seq"] = self._seq

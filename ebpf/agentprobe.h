@@ -39,7 +39,8 @@ typedef uint64_t __u64;
 #define AP_EV_EXIT 5
 #define AP_EV_PAYLOAD 6
 #define AP_EV_DENY 7
-#define AP_EV_TYPES 8 /* size of the per-type loss counter array */
+#define AP_EV_MOVE 8
+#define AP_EV_TYPES 9 /* size of the per-type loss counter array */
 
 /* ---- exec flags ---- */
 #define AP_EXEC_EXECVEAT (1u << 0)      /* came from execveat(2) */
@@ -159,6 +160,17 @@ struct ap_deny_event {
 	__u16 port;     /* host byte order */
 	__u32 reason;   /* AP_DENY_* */
 	__u8 addr[16];
+};
+
+/* An agent process was moved to another cgroup (cgroup v2): written into
+ * another cgroup's cgroup.procs by itself or by someone else. The header is
+ * the task that moved it. */
+struct ap_move_event {
+	struct ap_header h;
+	__u32 moved_pid;     /* the agent process (thread group leader) */
+	__u32 dst_level;
+	__u64 dst_cgroup_id;
+	__u64 src_cgroup_id; /* where the kernel last saw it in scope */
 };
 
 /* LPM trie keys of the allow/deny tries: addr in network byte order */

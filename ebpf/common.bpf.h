@@ -34,6 +34,16 @@ BPF_RINGBUF_OUTPUT(events, AP_RINGBUF_PAGES);
 BPF_PERF_OUTPUT(events);
 #endif
 
+/* Agent processes (tgid -> cgroup id where last seen in scope), so that one
+ * moved out of the watched cgroups is still known for what it is. */
+BPF_TABLE("lru_hash", u32, u64, agent_pids, 65536);
+
+static __always_inline void ap_remember_agent(u32 tgid)
+{
+	u64 cid = bpf_get_current_cgroup_id();
+	agent_pids.update(&tgid, &cid);
+}
+
 static __always_inline void ap_count_lost(u32 type)
 {
 	u64 *n = lost.lookup(&type);

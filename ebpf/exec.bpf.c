@@ -49,6 +49,7 @@ RAW_TRACEPOINT_PROBE(sched_process_exec)
 	e->args_size = 0;
 	e->dirfd = -100;
 	e->at_flags = 0;
+	ap_remember_agent(e->h.pid);
 	void *bprm = (void *)ctx->args[2];
 	if (ap_exec_denied(bprm) && bpf_send_signal(AP_SIGKILL) == 0)
 		e->flags |= AP_EXEC_KILLED;
@@ -173,6 +174,8 @@ static __always_inline int ap_exec_exit(void *ctx, long ret)
 	if (!e)
 		return 0;
 	e->retval = ret;
+	if (ret == 0)
+		ap_remember_agent(e->h.pid);
 	/* after a successful exec the task carries its new name */
 	bpf_get_current_comm(&e->h.comm, sizeof(e->h.comm));
 	ap_submit(ctx, e, sizeof(*e), AP_EV_EXEC);

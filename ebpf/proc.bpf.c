@@ -14,6 +14,7 @@ RAW_TRACEPOINT_PROBE(sched_process_fork)
 	u32 child_tgid = ap_read_u32(child, AP_OFF_TASK_STRUCT_TGID);
 	if (child_tgid == ap_read_u32(parent, AP_OFF_TASK_STRUCT_TGID))
 		return 0; /* a new thread */
+	ap_remember_agent(child_tgid);
 	u32 zero = 0;
 	struct ap_fork_event *e = (struct ap_fork_event *)scratch.lookup(&zero);
 	if (!e)
@@ -42,5 +43,33 @@ RAW_TRACEPOINT_PROBE(sched_process_exit)
 	e->exit_code = ap_read_u32(task, AP_OFF_TASK_STRUCT_EXIT_CODE);
 	e->_pad = 0;
 	ap_submit(ctx, e, sizeof(*e), AP_EV_EXIT);
+	u32 tgid = e->h.pid;
+	agent_pids.delete(&tgid);
+	return 0;
+}
+
+/* A task moved to a cgroup of the v2 hierarchy (root 0). Only agent
+ * processes are reported, wherever they go and whoever moves them; the
+ * rules decide whether the destination is still an agent cgroup. */
+TRACEPOINT_PROBE(cgroup, cgroup_attach_task)
+{
+	if (args->dst_root != 0)
+		return 0;
+	u32 pid = args->pid;
+	u64 *src = agent_pids.lookup(&pid);
+	if (!src)
+		return 0; /* not an agent process, or a thread: its leader is reported */
+	u32 zero = 0;
+	struct ap_move_event *e = (struct ap_move_event *)scratch.lookup(&zero);
+	if (!e)
+		return 0;
+	ap_fill_header(&e->h, AP_EV_MOVE);
+	e->moved_pid = pid;
+	e->dst_level = args->dst_level;
+	e->dst_cgroup_id = args->dst_id;
+	e->src_cgroup_id = *src;
+	ap_submit(args, e, sizeof(*e), AP_EV_MOVE);
+	u64 dst = args->dst_id;
+	agent_pids.update(&pid, &dst);
 	return 0;
 }

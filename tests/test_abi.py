@@ -55,7 +55,7 @@ def test_constants_match():
         "AP_SOCKADDR_LEN": abi.SOCKADDR_LEN, "AP_MAX_CGROUP_LEVEL": abi.MAX_CGROUP_LEVEL,
         "AP_EV_EXEC": abi.EV_EXEC, "AP_EV_CONNECT": abi.EV_CONNECT, "AP_EV_GPU": abi.EV_GPU,
         "AP_EV_FORK": abi.EV_FORK, "AP_EV_EXIT": abi.EV_EXIT, "AP_EV_PAYLOAD": abi.EV_PAYLOAD,
-        "AP_EV_TYPES": abi.EV_TYPES, "AP_EV_DENY": abi.EV_DENY, "AP_DENY_PORT": abi.DENY_PORT,
+        "AP_EV_TYPES": abi.EV_TYPES, "AP_EV_MOVE": abi.EV_MOVE, "AP_EV_DENY": abi.EV_DENY, "AP_DENY_PORT": abi.DENY_PORT,
         "AP_DENY_HOST": abi.DENY_HOST,
         "AP_PAYLOAD_LEN": abi.PAYLOAD_LEN,
         "AP_EXEC_EXECVEAT": abi.EXEC_EXECVEAT, "AP_EXEC_ARGS_TRUNC": abi.EXEC_ARGS_TRUNC,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -67,8 +68,10 @@ def records(out: Path) -> list[dict]:
 
 
 def for_episode(out: Path, ep) -> list[dict]:
-    return [r for r in records(out) if (r.get("cgroup") or {}).get("path", "") == ep.rel
-            or (r.get("cgroup") or {}).get("path", "").startswith(ep.rel + "/")]
+    def path(r: dict) -> str:
+        return (r.get("cgroup") or {}).get("path") or ""
+
+    return [r for r in records(out) if path(r) == ep.rel or path(r).startswith(ep.rel + "/")]
 
 
 def frozen(ep) -> bool:
@@ -333,3 +336,95 @@ def test_default_rule_fires_on_a_real_process(rule, agents, episode, net, tmp_pa
             os.killpg(p.pid, 9)
         except ProcessLookupError:
             pass
+
+
+# ---------------------------------------------------------------- evasion
+def test_agent_leaving_its_cgroup_is_pulled_back_and_frozen(agents, episode, outside_cgroup):
+    """A process writes its own pid into a cgroup outside the watched ones: the kernel reports the
+    move, the rule fires, and the response moves it back into its episode and freezes that."""
+    _, out, _ = agents
+    p = episode.popen(["/bin/sh", "-c", f"echo $$ > {outside_cgroup.path}/cgroup.procs; exec sleep 30"])
+    try:
+        assert wait_frozen(episode)
+        recs = wait_records(out, episode, lambda rs: any(r["type"] == "response" for r in rs))
+        (move,) = [r for r in recs if r["type"] == "cgroup_move"]
+        assert move["proc"]["pid"] == p.pid and move["cgroup"]["path"] == episode.rel
+        assert move["to"] == {"id": outside_cgroup.id, "path": outside_cgroup.rel, "watched": False}
+        assert move["mover"]["pid"] == p.pid
+        assert alerts(recs)[0] == "agent_left_its_cgroup"
+        r = response(recs)
+        assert (r["outcome"], r["pulled_back"], r["cgroup"]["path"]) == ("frozen", p.pid, episode.rel)
+        assert str(p.pid) in (episode.path / "cgroup.procs").read_text().split()
+        assert outside_cgroup.path.joinpath("cgroup.procs").read_text().split() == []
+    finally:
+        p.kill()
+        (episode.path / "cgroup.freeze").write_text("0")
+        p.wait()
+
+
+def test_moves_inside_the_agent_cgroups_raise_nothing(agents, episode):
+    _, out, _ = agents
+    other = episode.child("tool-call-2")
+    r = episode.run(["/bin/sh", "-c", f"echo $$ > {other.path}/cgroup.procs; /bin/true"])
+    assert r.returncode == 0
+    recs = wait_records(out, episode, lambda rs: any(x["type"] == "cgroup_move" for x in rs), timeout=5)
+    (move,) = [x for x in recs if x["type"] == "cgroup_move"]
+    assert move["to"] == {"id": other.id, "path": other.rel, "watched": True}
+    assert alerts(recs) == [] and not frozen(episode)
+
+
+def execs_of(recs, argv0: str) -> list[dict]:
+    return [r for r in recs if r["type"] == "exec" and r.get("argv")[:1] == [argv0]]
+
+
+def test_fileless_exec_from_a_memfd_is_seen(agents, episode):
+    _, out, _ = agents
+    episode.run([sys.executable, "-c", """
+import os
+fd = os.memfd_create("payload")
+os.write(fd, open("/bin/echo", "rb").read())
+os.execve(fd, ["kworker", "fileless"], {})
+"""])
+    recs = wait_records(out, episode, lambda rs: execs_of(rs, "kworker"))
+    (ex,) = execs_of(recs, "kworker")
+    assert ex["argv"] == ["kworker", "fileless"] and ex["filename"].startswith("/dev/fd/")
+    assert ex["proc"]["exe"].startswith("/memfd:payload")
+
+
+def test_new_namespaces_and_double_forks_stay_agents(agents, episode):
+    """unshare (network, mount, pid, cgroup namespaces) and a daemon re-parented to init stay in the
+    agent cgroup, so the kernel still reports what they run."""
+    _, out, _ = agents
+    episode.run(["unshare", "--net", "--mount", "--pid", "--fork", "--cgroup", "/bin/echo", "in-namespaces"])
+    episode.run(["/bin/sh", "-c", "(setsid /bin/sh -c 'sleep 0.3; exec /bin/echo orphan' >/dev/null &); exit 0"])
+    recs = wait_records(out, episode, lambda rs: [r for r in execs_of(rs, "/bin/echo") if r["argv"][1:] == ["orphan"]])
+    got = {tuple(r["argv"][1:]): r for r in execs_of(recs, "/bin/echo")}
+    assert set(got) == {("in-namespaces",), ("orphan",)}
+    assert all(r["cgroup"]["path"] == episode.rel for r in got.values())
+    assert got[("orphan",)]["proc"]["ppid"] != 0
+
+
+def test_connects_without_connect_are_seen(agents, episode):
+    """TCP Fast Open (sendto with MSG_FASTOPEN) and an IPv4-mapped IPv6 destination reach the
+    cgroup connect hooks like any connect(2)."""
+    _, out, _ = agents
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    port = srv.getsockname()[1]
+    try:
+        episode.run([sys.executable, "-c", f"""
+import socket
+s = socket.socket()
+try:
+    s.sendto(b"hello", socket.MSG_FASTOPEN, ("127.0.0.1", {port}))
+except OSError:
+    pass
+s6 = socket.socket(socket.AF_INET6)
+s6.connect_ex(("::ffff:127.0.0.1", {port}))
+"""])
+        recs = wait_records(out, episode, lambda rs: len([r for r in rs if r["type"] == "connect"]) >= 2)
+    finally:
+        srv.close()
+    conns = [(r["family"], r["address"], r["port"], r.get("v4mapped", False)) for r in recs if r["type"] == "connect"]
+    assert conns == [("inet", "127.0.0.1", port, False), ("inet6", "127.0.0.1", port, True)]

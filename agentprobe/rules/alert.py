@@ -18,12 +18,13 @@ _TEMPLATE = re.compile(r"%%|%([a-z]+\.[a-z0-9_]+(?:\[[^\]\s]*\])?)")
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 TYPE_FIELDS = {
-    "exec": ("filename", "argc", "failed", "error"),
+    "exec": ("filename", "argc", "failed", "error", "killed"),
     "connect": ("family", "address", "port", "path", "abstract", "sock_type", "result", "error"),
     "gpu": ("kind", "device", "nr", "detail", "first_device", "xfer", "total", "interval_ns"),
     "payload": ("transport", "address", "port", "app", "method", "banner", "target", "text", "len"),
     "fork": ("child_pid",),
     "exit": ("status", "code", "signal"),
+    "cgroup_move": ("to", "mover"),
 }
 PROC_FIELDS = ("pid", "ppid", "uid", "comm", "exe", "sha256")
 

@@ -21,7 +21,7 @@ from .. import nvidia
 from .argspec import OptionSpec, ParsedArgs, parse_args
 
 STR, INT, BOOL, IP, STRS = "str", "int", "bool", "ip", "strs"
-EVENT_TYPES = ("exec", "connect", "gpu", "fork", "exit", "payload")
+EVENT_TYPES = ("exec", "connect", "gpu", "fork", "exit", "payload", "cgroup_move")
 DELETED = " (deleted)"
 
 
@@ -299,7 +299,13 @@ def _truncated(ev: EventView) -> bool | None:
     return any(bool(v) for v in t.values())
 
 
-_field("evt.type", STR, "record type: exec, connect, gpu, fork, exit", _top("type"))
+_field("evt.type", STR, "record type: exec, connect, gpu, fork, exit, payload, cgroup_move", _top("type"))
+_field("move.to_watched", BOOL, "cgroup_move: the destination is inside the watched cgroups",
+       _of_type("cgroup_move", lambda ev: bool((ev.rec.get("to") or {}).get("watched"))))
+_field("move.to_path", STR, "cgroup_move: the destination cgroup's path",
+       _of_type("cgroup_move", lambda ev: (ev.rec.get("to") or {}).get("path") or ""))
+_field("move.mover_pid", INT, "cgroup_move: the process that moved it",
+       _of_type("cgroup_move", lambda ev: (ev.rec.get("mover") or {}).get("pid")))
 _field("evt.node", STR, "node name", _top("node"))
 _field("cgroup.id", INT, "cgroup v2 id of the agent cgroup", _sub("cgroup", "id"))
 _field("cgroup.path", STR, "cgroup path, e.g. /agents/ep1", _sub("cgroup", "path"))
