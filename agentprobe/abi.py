@@ -15,7 +15,10 @@ MAX_CGROUP_LEVEL = 32
 PAYLOAD_LEN = 64
 
 EV_EXEC, EV_CONNECT, EV_GPU, EV_FORK, EV_EXIT, EV_PAYLOAD, EV_DENY, EV_MOVE = 1, 2, 3, 4, 5, 6, 7, 8
-EV_TYPES = 9
+EV_SOCKET, EV_BIND, EV_PACKET = 9, 10, 11
+EV_TYPES = 12
+PACKET_LEN = 128
+PACKETS_PER_SEC = 20
 
 EXEC_EXECVEAT = 1 << 0
 EXEC_ARGS_TRUNC = 1 << 1
@@ -27,6 +30,7 @@ EXEC_KILLED = 1 << 6
 
 CONNECT_ADDR_FAULT = 1 << 0
 CONNECT_AT_HOOK = 1 << 1
+CONNECT_SENDMSG = 1 << 2
 
 GPU_FIRST_DEVICE = 1 << 0
 GPU_FIRST_CMD = 1 << 1
@@ -109,6 +113,32 @@ class MoveRecord(ct.Structure):
                 ("dst_cgroup_id", ct.c_uint64), ("src_cgroup_id", ct.c_uint64)]
 
 
+class SocketRecord(ct.Structure):
+    _fields_ = [("h", Header), ("cookie", ct.c_uint64), ("family", ct.c_uint16), ("type", ct.c_uint16),
+                ("protocol", ct.c_uint16), ("_pad", ct.c_uint16)]
+
+
+class BindRecord(ct.Structure):
+    _fields_ = [("h", Header), ("family", ct.c_uint16), ("port", ct.c_uint16), ("type", ct.c_uint16),
+                ("protocol", ct.c_uint16), ("addr", ct.c_uint8 * 16)]
+
+
+class PacketRecord(ct.Structure):
+    _fields_ = [("h", Header), ("cookie", ct.c_uint64), ("family", ct.c_uint16), ("protocol", ct.c_uint8),
+                ("icmp_type", ct.c_uint8), ("dport", ct.c_uint16), ("_pad", ct.c_uint16), ("len", ct.c_uint32),
+                ("captured", ct.c_uint32), ("daddr", ct.c_uint8 * 16), ("data", ct.c_uint8 * 128)]
+
+
+class FlowKey(ct.Structure):
+    _fields_ = [("pid", ct.c_uint32), ("protocol", ct.c_uint8), ("v6", ct.c_uint8), ("dport", ct.c_uint16),
+                ("daddr", ct.c_uint8 * 16)]
+
+
+class FlowCount(ct.Structure):
+    _fields_ = [("packets", ct.c_uint64), ("bytes", ct.c_uint64), ("first_ns", ct.c_uint64),
+                ("last_ns", ct.c_uint64), ("max_len", ct.c_uint32), ("sampled", ct.c_uint32)]
+
+
 class PayloadRecord(ct.Structure):
     _fields_ = [
         ("h", Header),
@@ -175,7 +205,7 @@ class ConnKey(ct.Structure):
         ("port", ct.c_uint16),
         ("addr", ct.c_uint8 * 16),
         ("sock_type", ct.c_uint16),
-        ("refused", ct.c_uint16),
+        ("kind", ct.c_uint16),
     ]
 
 
@@ -192,6 +222,9 @@ RECORDS: dict[int, type[ct.Structure]] = {
     EV_PAYLOAD: PayloadRecord,
     EV_DENY: DenyRecord,
     EV_MOVE: MoveRecord,
+    EV_SOCKET: SocketRecord,
+    EV_BIND: BindRecord,
+    EV_PACKET: PacketRecord,
 }
 
 # C struct name -> Python mirror, for the ABI test
@@ -206,6 +239,11 @@ C_STRUCTS: dict[str, type[ct.Structure]] = {
     "ap_sock_owner": SockOwner,
     "ap_deny_event": DenyRecord,
     "ap_move_event": MoveRecord,
+    "ap_socket_event": SocketRecord,
+    "ap_bind_event": BindRecord,
+    "ap_packet_event": PacketRecord,
+    "ap_flow_key": FlowKey,
+    "ap_flow_count": FlowCount,
     "ap_lpm_v4": LpmV4,
     "ap_lpm_v6": LpmV6,
     "ap_gpu_key": GpuKey,

@@ -104,11 +104,12 @@ class ConnectEvent(Event):
     retval: int = 0
     addr_fault: bool = False
     at_hook: bool = False  # seen before completion (cgroup hook): 0 means attempted, not succeeded
+    sendmsg: bool = False  # a UDP sendto/sendmsg with a destination (no connect)
 
     @property
     def result(self) -> str:
         if self.retval == 0:
-            return "attempted" if self.at_hook else "ok"
+            return "sent" if self.sendmsg else "attempted" if self.at_hook else "ok"
         if self.retval == -EINPROGRESS:
             return "in_progress"
         return "error"
@@ -135,6 +136,8 @@ class ConnectEvent(Event):
             out["family_num"] = self.family_num
         if self.addr_fault:
             out["addr_fault"] = True
+        if self.sendmsg:
+            out["sendmsg"] = True
         return out
 
 
@@ -225,6 +228,66 @@ class PayloadEvent(Event):
         }
         out.update(classify(self.data, self.transport))
         return out
+
+
+@dataclass
+class SocketEvent(Event):
+    """An agent created a raw or ICMP socket."""
+
+    family: str = "inet"
+    sock_type: str = "raw"
+    protocol: int = 0
+    cookie: int = 0
+
+    def fields(self) -> dict:
+        return {"family": self.family, "sock_type": self.sock_type, "protocol": self.protocol,
+                "protocol_name": IP_PROTOCOLS.get(self.protocol, str(self.protocol)), "cookie": self.cookie}
+
+
+@dataclass
+class BindEvent(Event):
+    """An agent bound a socket to an address other than loopback."""
+
+    family: str = "inet"
+    address: str = ""
+    port: int = 0
+    sock_type: str = "stream"
+    protocol: int = 0
+
+    def fields(self) -> dict:
+        return {"family": self.family, "address": self.address, "port": self.port, "sock_type": self.sock_type,
+                "protocol": self.protocol}
+
+
+@dataclass
+class PacketEvent(Event):
+    """A sampled ICMP packet or DNS query of an agent socket."""
+
+    family: str = "inet"
+    protocol: int = 0
+    icmp_type: int = 0
+    address: str = ""
+    port: int = 0
+    cookie: int = 0
+    length: int = 0
+    data: bytes = b""
+
+    def fields(self) -> dict:
+        from .protocols import dns_query, printable
+
+        out = {"family": self.family, "protocol": IP_PROTOCOLS.get(self.protocol, str(self.protocol)),
+               "address": self.address, "cookie": self.cookie, "len": self.length, "data": self.data,
+               "text": printable(self.data)}
+        if self.protocol in (1, 58):
+            out["icmp_type"] = self.icmp_type
+            out["echo_request"] = self.icmp_type == (8 if self.protocol == 1 else 128)
+        else:
+            out["port"] = self.port
+            out["dns"] = dns_query(self.data)
+        return out
+
+
+IP_PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 255: "raw"}
 
 
 @dataclass
@@ -346,6 +409,7 @@ def decode(data: bytes) -> Event:
             retval=r.retval,
             addr_fault=bool(r.flags & abi.CONNECT_ADDR_FAULT),
             at_hook=bool(r.flags & abi.CONNECT_AT_HOOK),
+            sendmsg=bool(r.flags & abi.CONNECT_SENDMSG),
             **addr,
         )
     if rtype == abi.EV_GPU:
@@ -388,6 +452,20 @@ def decode(data: bytes) -> Event:
             port=r.port,
             reason={abi.DENY_PORT: "pool_port", abi.DENY_HOST: "denied_host"}.get(r.reason, str(r.reason)),
         )
+    if rtype in (abi.EV_SOCKET, abi.EV_BIND, abi.EV_PACKET):
+        fam = "inet" if r.family == socket.AF_INET else "inet6"
+        if rtype == abi.EV_SOCKET:
+            return SocketEvent(**_base(h, "socket"), family=fam, sock_type=SOCK_TYPES.get(r.type, str(r.type)),
+                               protocol=r.protocol, cookie=r.cookie)
+        raw = bytes(r.addr if rtype == abi.EV_BIND else r.daddr)[: 4 if fam == "inet" else 16]
+        addr = ipaddress.ip_address(raw)
+        text = str(getattr(addr, "ipv4_mapped", None) or addr)
+        if rtype == abi.EV_BIND:
+            return BindEvent(**_base(h, "bind"), family=fam, address=text, port=r.port,
+                             sock_type=SOCK_TYPES.get(r.type, str(r.type)), protocol=r.protocol)
+        return PacketEvent(**_base(h, "packet"), family=fam, protocol=r.protocol, icmp_type=r.icmp_type,
+                           address=text, port=r.dport, cookie=r.cookie, length=r.len,
+                           data=bytes(r.data)[: r.captured])
     if rtype == abi.EV_MOVE:
         return MoveEvent(**_base(h, "cgroup_move"), moved_pid=r.moved_pid, dst_cgroup_id=r.dst_cgroup_id,
                          dst_level=r.dst_level, src_cgroup_id=r.src_cgroup_id)

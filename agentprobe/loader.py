@@ -113,10 +113,16 @@ CGROUP_PROGRAMS = (
     ("ap_connect4", 18, 10),  # BPF_PROG_TYPE_CGROUP_SOCK_ADDR, BPF_CGROUP_INET4_CONNECT
     ("ap_connect6", 18, 11),  # BPF_PROG_TYPE_CGROUP_SOCK_ADDR, BPF_CGROUP_INET6_CONNECT
     ("ap_egress", 8, 1),      # BPF_PROG_TYPE_CGROUP_SKB, BPF_CGROUP_INET_EGRESS
+    ("ap_sock_create", 9, 2), # BPF_PROG_TYPE_CGROUP_SOCK, BPF_CGROUP_INET_SOCK_CREATE
+    ("ap_bind4", 18, 8),      # BPF_PROG_TYPE_CGROUP_SOCK_ADDR, BPF_CGROUP_INET4_BIND
+    ("ap_bind6", 18, 9),      # BPF_PROG_TYPE_CGROUP_SOCK_ADDR, BPF_CGROUP_INET6_BIND
+    ("ap_sendmsg4", 18, 14),  # BPF_PROG_TYPE_CGROUP_SOCK_ADDR, BPF_CGROUP_UDP4_SENDMSG
+    ("ap_sendmsg6", 18, 15),  # BPF_PROG_TYPE_CGROUP_SOCK_ADDR, BPF_CGROUP_UDP6_SENDMSG
     ("ap_device", 15, 6),     # BPF_PROG_TYPE_CGROUP_DEVICE, BPF_CGROUP_DEVICE
 )
 BPF_F_ALLOW_MULTI = 2
-_BPFTOOL_ATTACH_NAMES = {10: "connect4", 11: "connect6", 1: "egress", 6: "device"}
+_BPFTOOL_ATTACH_NAMES = {10: "connect4", 11: "connect6", 1: "egress", 6: "device", 2: "sock_create",
+                         8: "bind4", 9: "bind6", 14: "sendmsg4", 15: "sendmsg6"}
 
 IOCTL_TRACEPOINT = b"syscalls:sys_enter_ioctl"
 IOCTL_TP_FN = b"tracepoint__syscalls__sys_enter_ioctl"
@@ -208,6 +214,7 @@ class ProbeSet:
         self._bpf = None
         self._gpu_last: dict[tuple, int] = {}
         self._conn_last: dict[bytes, int] = {}
+        self._flow_last: dict[bytes, tuple[int, int, int]] = {}
         self.gpu_probe = ""  # fentry | on-demand | always, once loaded
         self.ioctl_attached = False
         self.paths: dict[str, str] = {}
@@ -517,8 +524,6 @@ class ProbeSet:
     def conn_counts(self, expire_ns: int) -> list[tuple[abi.ConnKey, int, int, int]]:
         """(key, repeats since last call, first_ns, last_ns) of connects counted in the kernel
         instead of recorded; keys quiet since `expire_ns` (monotonic) are dropped."""
-        if self.options.probe_mode == "syscalls":
-            return []
         table = self._bpf[b"conn_repeats"]
         out = []
         for k, v in table.items():
@@ -533,6 +538,27 @@ class ProbeSet:
                 except KeyError:
                     pass
                 self._conn_last.pop(ident, None)
+        return out
+
+    def flow_counts(self, expire_ns: int) -> list[tuple[abi.FlowKey, dict, int, int]]:
+        """(key, {packets, bytes, sampled} since last call and max_len, first_ns, last_ns) of the ICMP
+        and DNS packets counted in the kernel; keys quiet since `expire_ns` are dropped."""
+        table = self._bpf[b"flow_counts"]
+        out = []
+        for k, v in table.items():
+            ident = bytes(k)
+            last = self._flow_last.get(ident, (0, 0, 0))
+            if v.packets > last[0]:
+                self._flow_last[ident] = (v.packets, v.bytes, v.sampled)
+                out.append((abi.FlowKey.from_buffer_copy(ident),
+                            {"packets": v.packets - last[0], "bytes": v.bytes - last[1],
+                             "sampled": v.sampled - last[2], "max_len": v.max_len}, v.first_ns, v.last_ns))
+            if v.last_ns < expire_ns:
+                try:
+                    del table[k]
+                except KeyError:
+                    pass
+                self._flow_last.pop(ident, None)
         return out
 
     def forget_process(self, pid: int) -> None:

@@ -52,3 +52,55 @@ def classify(data: bytes, transport: str = "tcp") -> dict:
 def printable(data: bytes, limit: int = 64) -> str:
     """The bytes as text for people: printable ASCII kept, everything else \\xNN."""
     return "".join(chr(b) if 0x20 <= b < 0x7F else f"\\x{b:02x}" for b in data[:limit])
+
+
+def dns_query(data: bytes) -> dict:
+    """The question of a DNS query (UDP payload): {"qname", "qtype", "qdcount"}, decoded as far as the
+    bytes go ({} when they are not a query). Labels are read as bytes and shown escaped."""
+    if len(data) < 12:
+        return {}
+    flags = int.from_bytes(data[2:4], "big")
+    qdcount = int.from_bytes(data[4:6], "big")
+    if flags & 0x8000 or qdcount == 0:  # a response, or no question
+        return {}
+    labels: list[str] = []
+    pos = 12
+    truncated = False
+    while True:
+        if pos >= len(data):
+            truncated = True
+            break
+        n = data[pos]
+        if n == 0:
+            pos += 1
+            break
+        if n & 0xC0:  # compression pointers do not appear in a question's first name
+            return {}
+        label = data[pos + 1: pos + 1 + n]
+        if len(label) < n:
+            truncated = True
+        labels.append("".join(chr(b) if 0x21 <= b < 0x7F and b != 0x5C else f"\\x{b:02x}" for b in label))
+        pos += 1 + n
+        if truncated or len(labels) > 127:
+            break
+    out: dict = {"qname": ".".join(labels), "qdcount": qdcount}
+    if not truncated and pos + 2 <= len(data):
+        out["qtype"] = DNS_TYPES.get(int.from_bytes(data[pos:pos + 2], "big"), int.from_bytes(data[pos:pos + 2], "big"))
+    if truncated:
+        out["truncated"] = True
+    return out
+
+
+DNS_TYPES = {1: "A", 2: "NS", 5: "CNAME", 10: "NULL", 15: "MX", 16: "TXT", 28: "AAAA", 33: "SRV", 65: "HTTPS",
+             255: "ANY"}
+
+
+def entropy(text: str) -> float:
+    """Shannon entropy in bits per character."""
+    import math
+    from collections import Counter
+
+    if not text:
+        return 0.0
+    n = len(text)
+    return -sum(c / n * math.log2(c / n) for c in Counter(text).values())

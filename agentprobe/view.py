@@ -106,7 +106,8 @@ def detail(rec: dict) -> str:
         fam6 = rec.get("family") == "inet6"
         dest = f"[{rec.get('address')}]:{rec.get('port')}" if fam6 else f"{rec.get('address')}:{rec.get('port')}"
         refused = " refused" if rec.get("refused") else ""
-        return f"{dest} {rec.get('count')} more connects{refused} in {rec.get('interval_ns', 0) / 1e9:.1f}s"
+        what = "UDP sends" if rec.get("sendmsg") else "connects"
+        return f"{dest} {rec.get('count')} more {what}{refused} in {rec.get('interval_ns', 0) / 1e9:.1f}s"
     if t == "probe":
         return clean(f"{rec.get('probe')} probe {rec.get('change')}")
     if t == "cgroup":

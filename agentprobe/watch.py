@@ -25,12 +25,13 @@ from . import __version__, abi, btf
 from .cgroups import DEFAULT_AGENT_CGROUP, CgroupError, CgroupLock, CgroupSet, WatchedCgroup, find_v2_mount, path_of_id
 from .enrich import Enricher
 from .errors import AgentprobeError
-from .events import GPU_DEVICE_KINDS, SOCK_TYPES, DecodeError, MoveEvent, decode
+from .events import GPU_DEVICE_KINDS, IP_PROTOCOLS, SOCK_TYPES, DecodeError, MoveEvent, decode
 from .sinks import Sink, check_output, open_sink
 from .stream import encode
 
 EV_NAMES = {abi.EV_EXEC: "exec", abi.EV_CONNECT: "connect", abi.EV_GPU: "gpu", abi.EV_FORK: "fork",
-            abi.EV_EXIT: "exit", abi.EV_PAYLOAD: "payload", abi.EV_DENY: "deny", abi.EV_MOVE: "cgroup_move"}
+            abi.EV_EXIT: "exit", abi.EV_PAYLOAD: "payload", abi.EV_DENY: "deny", abi.EV_MOVE: "cgroup_move",
+            abi.EV_SOCKET: "socket", abi.EV_BIND: "bind", abi.EV_PACKET: "packet"}
 
 # exit codes, documented in `agentprobe watch --help`
 EXIT_OK = 0
@@ -320,7 +321,7 @@ class Watcher:
             return
         if ev.type == "gpu":
             self._gpu_pids[ev.proc.pid] = ev.cgroup_id
-        elif ev.type == "connect":
+        elif ev.type in ("connect", "packet", "socket"):
             self._conn_pids[ev.proc.pid] = ev.cgroup_id  # kept after exit: counts are flushed later
             if len(self._conn_pids) > 65536:
                 del self._conn_pids[next(iter(self._conn_pids))]
@@ -394,6 +395,7 @@ class Watcher:
                 if now >= next_lost:
                     self._check_losses()
                     self._flush_conn_counts()
+                    self._flush_flow_counts()
                     next_lost = now + self.options.lost_interval
                 if now >= next_rescan:
                     self.rescan()
@@ -422,6 +424,7 @@ class Watcher:
             self._probes.poll(0)
             self._flush_gpu_counts()
             self._flush_conn_counts()
+            self._flush_flow_counts()
             self._check_losses()
 
     def rescan(self) -> None:
@@ -508,9 +511,25 @@ class Watcher:
             mapped = getattr(addr, "ipv4_mapped", None)
             rec = self.enricher.synthetic("connect_counts", key.pid, self._conn_pids.get(key.pid, 0), last, {
                 "family": fam, "address": str(mapped or addr), "port": socket.ntohs(key.port),
-                "sock_type": SOCK_TYPES.get(key.sock_type, "unknown"), "refused": bool(key.refused),
+                "sock_type": SOCK_TYPES.get(key.sock_type, "unknown"), "refused": bool(key.kind & 1),
+                "sendmsg": bool(key.kind & 2),
                 "count": n, "interval_ns": max(0, last - first)})
             self.emit(rec)
+
+    def _flush_flow_counts(self) -> None:
+        """ICMP packets and DNS queries counted in the kernel: one `flow_counts` record per process and
+        destination whose counts moved (the sampled ones were also records of their own)."""
+        if self._probes is None:
+            return
+        for key, d, first, last in self._probes.flow_counts(time.monotonic_ns() - 10 * 10**9):
+            fam = "inet6" if key.v6 else "inet"
+            addr = ipaddress.ip_address(bytes(key.daddr)[: 4 if fam == "inet" else 16])
+            fields = {"protocol": IP_PROTOCOLS.get(key.protocol, str(key.protocol)), "family": fam,
+                      "address": str(addr), "packets": d["packets"], "bytes": d["bytes"], "max_len": d["max_len"],
+                      "sampled": d["sampled"], "interval_ns": max(0, last - first)}
+            if key.protocol == 17:
+                fields["port"] = key.dport
+            self.emit(self.enricher.synthetic("flow_counts", key.pid, self._conn_pids.get(key.pid, 0), last, fields))
 
     def _flush_gpu_counts(self) -> None:
         if self._probes is None:

@@ -6,4 +6,5 @@
 #include "gpu.bpf.c"
 #include "proc.bpf.c"
 #include "deny.bpf.c"
+#include "sock.bpf.c"
 #include "payload.bpf.c"

@@ -30,6 +30,8 @@ typedef uint64_t __u64;
 #define AP_SOCKADDR_LEN 112   /* raw sockaddr bytes kept (fits sockaddr_un) */
 #define AP_MAX_CGROUP_LEVEL 32
 #define AP_PAYLOAD_LEN 64     /* first bytes of a socket's first payload kept */
+#define AP_PACKET_LEN 128     /* bytes kept of a sampled ICMP echo or DNS query */
+#define AP_PACKETS_PER_SEC 20 /* sampled packets per process and second; the rest only counted */
 
 /* ---- record types ---- */
 #define AP_EV_EXEC 1
@@ -40,7 +42,10 @@ typedef uint64_t __u64;
 #define AP_EV_PAYLOAD 6
 #define AP_EV_DENY 7
 #define AP_EV_MOVE 8
-#define AP_EV_TYPES 9 /* size of the per-type loss counter array */
+#define AP_EV_SOCKET 9
+#define AP_EV_BIND 10
+#define AP_EV_PACKET 11
+#define AP_EV_TYPES 12 /* size of the per-type loss counter array */
 
 /* ---- exec flags ---- */
 #define AP_EXEC_EXECVEAT (1u << 0)      /* came from execveat(2) */
@@ -56,6 +61,7 @@ typedef uint64_t __u64;
 #define AP_CONNECT_ADDR_FAULT (1u << 0) /* sockaddr could not be read */
 #define AP_CONNECT_AT_HOOK (1u << 1)    /* seen by the cgroup connect hook, before the
                                          * connect completes: retval is 0 (attempted) or -EPERM (refused) */
+#define AP_CONNECT_SENDMSG (1u << 2)    /* a UDP sendto/sendmsg with a destination, not a connect */
 
 /* ---- gpu flags ---- */
 #define AP_GPU_FIRST_DEVICE (1u << 0)   /* first ioctl of this process on this device */
@@ -173,6 +179,63 @@ struct ap_move_event {
 	__u64 src_cgroup_id; /* where the kernel last saw it in scope */
 };
 
+/* An agent created a raw socket or an ICMP ("ping") socket (cgroup
+ * sock_create hook; inet families only). */
+struct ap_socket_event {
+	struct ap_header h;
+	__u64 cookie;
+	__u16 family;
+	__u16 type;     /* SOCK_RAW, SOCK_DGRAM (ping) */
+	__u16 protocol;
+	__u16 _pad;
+};
+
+/* An agent bound a socket to an address other than loopback (cgroup bind
+ * hooks): reachable from outside once it listens or receives. */
+struct ap_bind_event {
+	struct ap_header h;
+	__u16 family;
+	__u16 port;     /* host byte order; 0: an ephemeral port */
+	__u16 type;
+	__u16 protocol;
+	__u8 addr[16];  /* network byte order; 4 bytes used for AF_INET */
+};
+
+/* One outgoing ICMP packet or DNS query (UDP to port 53) of an agent socket
+ * (cgroup egress hook). At most AP_PACKETS_PER_SEC per process and second
+ * become records; every one is counted in flow_counts. */
+struct ap_packet_event {
+	struct ap_header h;   /* the socket's owner, from the connect/sendmsg/sock_create hooks; pid 0 if unknown */
+	__u64 cookie;
+	__u16 family;
+	__u8 protocol;  /* 1 ICMP, 58 ICMPv6, 17 UDP */
+	__u8 icmp_type; /* 8 / 128: echo request */
+	__u16 dport;    /* host byte order (UDP) */
+	__u16 _pad;
+	__u32 len;      /* payload bytes after the ICMP or UDP header */
+	__u32 captured; /* bytes copied into data */
+	__u8 daddr[16];
+	__u8 data[AP_PACKET_LEN];
+};
+
+/* key and value of the in-kernel ICMP/DNS packet counts (flow_counts map) */
+struct ap_flow_key {
+	__u32 pid;
+	__u8 protocol;
+	__u8 v6;        /* 1: daddr is IPv6 */
+	__u16 dport;
+	__u8 daddr[16];
+};
+
+struct ap_flow_count {
+	__u64 packets;
+	__u64 bytes;    /* payload bytes */
+	__u64 first_ns;
+	__u64 last_ns;
+	__u32 max_len;  /* largest payload */
+	__u32 sampled;  /* packets that became records */
+};
+
 /* LPM trie keys of the allow/deny tries: addr in network byte order */
 struct ap_lpm_v4 {
 	__u32 prefixlen;
@@ -203,7 +266,7 @@ struct ap_conn_key {
 	__u16 port;     /* network byte order, as in the sockaddr */
 	__u8 addr[16];  /* 4 bytes used for AF_INET */
 	__u16 sock_type;
-	__u16 refused;  /* 1: refused by the in-kernel deny */
+	__u16 kind;     /* bit 0: refused by the in-kernel deny; bit 1: UDP sendmsg */
 };
 
 struct ap_conn_count {

@@ -1,4 +1,4 @@
-/* connect.bpf.c - connect(2) destinations.
+/* connect.bpf.c - connect(2) destinations, and UDP sendto/sendmsg ones.
  *
  * Default: the record comes from the cgroup connect4/6 hooks (payload.bpf.c
  * calls ap_connect4/6_record), which run only for tasks of the watched cgroups,
@@ -12,7 +12,6 @@
  * cost of putting every syscall of every task on the slow path.
  */
 
-#ifndef AP_SYSCALL_PROBES
 #ifndef AP_CONN_WINDOW_NS
 #define AP_CONN_WINDOW_NS 1000000000ULL
 #endif
@@ -25,6 +24,7 @@ BPF_TABLE("lru_hash", struct ap_conn_key, struct ap_conn_count, conn_repeats, AP
  * record. A connect flood to one destination costs a map update per connect. */
 static __always_inline int ap_connect_repeat(struct ap_connect_event *e, int allowed)
 {
+	u16 kind = (allowed ? 0 : 1) | ((e->flags & AP_CONNECT_SENDMSG) ? 2 : 0);
 	struct ap_conn_key k = {};
 	k.pid = e->h.pid;
 	k.family = e->family;
@@ -34,7 +34,7 @@ static __always_inline int ap_connect_repeat(struct ap_connect_event *e, int all
 	else
 		__builtin_memcpy(k.addr, &e->addr[8], 16);
 	k.sock_type = e->sock_type;
-	k.refused = !allowed;
+	k.kind = kind;
 	u64 now = e->h.ktime_ns;
 	struct ap_conn_count *c = conn_repeats.lookup(&k);
 	if (c && now - c->first_ns < AP_CONN_WINDOW_NS) {
@@ -51,7 +51,8 @@ static __always_inline int ap_connect_repeat(struct ap_connect_event *e, int all
 
 /* The sockaddr the process passed, rebuilt from the hook's context. A
  * connect4 program may not touch user_ip6 (nor connect6 user_ip4): hence v4/v6. */
-static __always_inline struct ap_connect_event *ap_connect_begin(struct bpf_sock_addr *ctx, int allowed)
+static __always_inline struct ap_connect_event *ap_connect_begin(struct bpf_sock_addr *ctx, int allowed,
+								  u32 flags)
 {
 	u32 zero = 0;
 	struct ap_connect_event *e = (struct ap_connect_event *)scratch.lookup(&zero);
@@ -60,7 +61,7 @@ static __always_inline struct ap_connect_event *ap_connect_begin(struct bpf_sock
 	ap_fill_header(&e->h, AP_EV_CONNECT);
 	e->retval = allowed ? 0 : -1; /* -EPERM */
 	e->fd = -1;
-	e->flags = AP_CONNECT_AT_HOOK;
+	e->flags = AP_CONNECT_AT_HOOK | flags;
 	e->sock_type = ctx->type;
 	e->_pad = 0;
 	__builtin_memset(e->addr, 0, sizeof(e->addr));
@@ -72,9 +73,9 @@ static __always_inline struct ap_connect_event *ap_connect_begin(struct bpf_sock
 	return e;
 }
 
-static __always_inline void ap_connect4_record(struct bpf_sock_addr *ctx, int allowed)
+static __always_inline void ap_connect4_record(struct bpf_sock_addr *ctx, int allowed, u32 flags)
 {
-	struct ap_connect_event *e = ap_connect_begin(ctx, allowed);
+	struct ap_connect_event *e = ap_connect_begin(ctx, allowed, flags);
 	if (!e)
 		return;
 	u32 ip = ctx->user_ip4;
@@ -84,9 +85,9 @@ static __always_inline void ap_connect4_record(struct bpf_sock_addr *ctx, int al
 		ap_submit(ctx, e, sizeof(*e), AP_EV_CONNECT);
 }
 
-static __always_inline void ap_connect6_record(struct bpf_sock_addr *ctx, int allowed)
+static __always_inline void ap_connect6_record(struct bpf_sock_addr *ctx, int allowed, u32 flags)
 {
-	struct ap_connect_event *e = ap_connect_begin(ctx, allowed);
+	struct ap_connect_event *e = ap_connect_begin(ctx, allowed, flags);
 	if (!e)
 		return;
 	u32 ip6[4];
@@ -99,10 +100,8 @@ static __always_inline void ap_connect6_record(struct bpf_sock_addr *ctx, int al
 	if (!ap_connect_repeat(e, allowed))
 		ap_submit(ctx, e, sizeof(*e), AP_EV_CONNECT);
 }
-#else
-static __always_inline void ap_connect4_record(struct bpf_sock_addr *ctx, int allowed) {}
-static __always_inline void ap_connect6_record(struct bpf_sock_addr *ctx, int allowed) {}
 
+#ifdef AP_SYSCALL_PROBES
 
 BPF_HASH(connect_pending, u32, struct ap_connect_event, AP_MAX_PENDING);
 

@@ -2,7 +2,8 @@
  *
  * Attached to the watched cgroups themselves (cgroup connect and egress
  * hooks), so processes outside them never run this code. The connect hooks
- * remember which process owns a socket (by socket cookie); the egress hook
+ * remember which process owns a socket (by socket cookie, sock.bpf.c); ICMP
+ * packets and DNS queries go to ap_packet_sample (sock.bpf.c); the egress hook
  * copies the first AP_PAYLOAD_LEN bytes of each socket's first TCP segment or
  * UDP datagram that carries data. Every hook returns 1: it observes, never
  * blocks.
@@ -13,30 +14,15 @@ _Static_assert(AP_PAYLOAD_LEN == 64, "the length mask in ap_egress assumes 64");
 #define AP_ETH_P_IP 0x0800
 #define AP_ETH_P_IPV6 0x86DD
 
-BPF_TABLE("lru_hash", u64, struct ap_sock_owner, sock_owner, 65536);
 BPF_TABLE("lru_hash", u64, u8, payload_seen, 65536);
-
-static __always_inline int ap_remember_owner(struct bpf_sock_addr *ctx)
-{
-	u64 cookie = bpf_get_socket_cookie(ctx);
-	u64 pid_tgid = bpf_get_current_pid_tgid();
-	u64 uid_gid = bpf_get_current_uid_gid();
-	struct ap_sock_owner o = {};
-	o.pid = pid_tgid >> 32;
-	o.tid = (u32)pid_tgid;
-	o.uid = (u32)uid_gid;
-	o.gid = uid_gid >> 32;
-	o.cgroup_id = bpf_get_current_cgroup_id();
-	bpf_get_current_comm(&o.comm, sizeof(o.comm));
-	sock_owner.update(&cookie, &o);
-	return 1;
-}
 
 int ap_connect4(struct bpf_sock_addr *ctx)
 {
 	ap_remember_owner(ctx);
 	int allowed = ap_connect4_verdict(ctx);
-	ap_connect4_record(ctx, allowed);
+#ifndef AP_SYSCALL_PROBES
+	ap_connect4_record(ctx, allowed, 0);
+#endif
 	return allowed;
 }
 
@@ -44,7 +30,9 @@ int ap_connect6(struct bpf_sock_addr *ctx)
 {
 	ap_remember_owner(ctx);
 	int allowed = ap_connect6_verdict(ctx);
-	ap_connect6_record(ctx, allowed);
+#ifndef AP_SYSCALL_PROBES
+	ap_connect6_record(ctx, allowed, 0);
+#endif
 	return allowed;
 }
 
@@ -70,6 +58,12 @@ int ap_egress(struct __sk_buff *skb)
 	} else {
 		return 1;
 	}
+	if ((proto == AP_IPPROTO_ICMP && family == 2) || (proto == AP_IPPROTO_ICMPV6 && family == 10)) {
+		u8 icmp_type = 0;
+		bpf_skb_load_bytes(skb, l4_off, &icmp_type, 1);
+		ap_packet_sample(skb, family, proto, icmp_type, 0, family == 2 ? &hdr[16] : &hdr[24], l4_off + 8);
+		return 1;
+	}
 	if (proto != 6 && proto != 17)
 		return 1;
 
@@ -83,6 +77,12 @@ int ap_egress(struct __sk_buff *skb)
 		if (bpf_skb_load_bytes(skb, l4_off, l4, 8) < 0)
 			return 1;
 		payload_off = l4_off + 8;
+		u16 udp_dport = ((u16)l4[2] << 8) | l4[3];
+		if (udp_dport == AP_DNS_PORT) { /* every DNS query counts; a sample of them is kept */
+			ap_packet_sample(skb, family, proto, 0, udp_dport, family == 2 ? &hdr[16] : &hdr[24],
+					 payload_off);
+			return 1;
+		}
 	}
 	if (skb->len <= payload_off)
 		return 1; /* no data: SYN, ACK, ... */

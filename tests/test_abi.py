@@ -55,7 +55,9 @@ def test_constants_match():
         "AP_SOCKADDR_LEN": abi.SOCKADDR_LEN, "AP_MAX_CGROUP_LEVEL": abi.MAX_CGROUP_LEVEL,
         "AP_EV_EXEC": abi.EV_EXEC, "AP_EV_CONNECT": abi.EV_CONNECT, "AP_EV_GPU": abi.EV_GPU,
         "AP_EV_FORK": abi.EV_FORK, "AP_EV_EXIT": abi.EV_EXIT, "AP_EV_PAYLOAD": abi.EV_PAYLOAD,
-        "AP_EV_TYPES": abi.EV_TYPES, "AP_EV_MOVE": abi.EV_MOVE, "AP_EV_DENY": abi.EV_DENY,
+        "AP_EV_TYPES": abi.EV_TYPES, "AP_EV_MOVE": abi.EV_MOVE, "AP_EV_SOCKET": abi.EV_SOCKET,
+        "AP_EV_BIND": abi.EV_BIND, "AP_EV_PACKET": abi.EV_PACKET, "AP_PACKET_LEN": abi.PACKET_LEN,
+        "AP_PACKETS_PER_SEC": abi.PACKETS_PER_SEC, "AP_EV_DENY": abi.EV_DENY,
         "AP_DENY_PORT": abi.DENY_PORT,
         "AP_DENY_HOST": abi.DENY_HOST,
         "AP_PAYLOAD_LEN": abi.PAYLOAD_LEN,
@@ -65,7 +67,8 @@ def test_constants_match():
         "AP_GPU_FIRST_DEVICE": abi.GPU_FIRST_DEVICE, "AP_GPU_FIRST_CMD": abi.GPU_FIRST_CMD,
         "AP_GPU_XFER": abi.GPU_XFER, "AP_GPU_OPEN": abi.GPU_OPEN, "AP_EXEC_ARGV_RAW": abi.EXEC_ARGV_RAW,
         "AP_EXEC_KILLED": abi.EXEC_KILLED,
-        "AP_CONNECT_AT_HOOK": abi.CONNECT_AT_HOOK, "AP_GPU_DEV_NVIDIA": abi.GPU_DEV_NVIDIA,
+        "AP_CONNECT_AT_HOOK": abi.CONNECT_AT_HOOK, "AP_CONNECT_SENDMSG": abi.CONNECT_SENDMSG,
+        "AP_GPU_DEV_NVIDIA": abi.GPU_DEV_NVIDIA,
         "AP_GPU_DEV_UVM": abi.GPU_DEV_UVM, "AP_GPU_DEV_CAPS": abi.GPU_DEV_CAPS,
     }
     assert {k: defines.get(k) for k in expect} == expect

@@ -451,7 +451,7 @@ def test_many_threads_connecting_concurrently(capture, watched, tcp_servers):
     # (threads racing on the first connect may each get a record: more records, never fewer)
     assert 1 <= len(cs) <= 16 and all(c.port == port and c.result == "attempted" for c in cs)
     ((key, repeats, _, _),) = capture.probes.conn_counts(0)
-    assert (key.pid, socket.ntohs(key.port), bytes(key.addr)[:4], key.refused) == (
+    assert (key.pid, socket.ntohs(key.port), bytes(key.addr)[:4], key.kind) == (
         cs[0].proc.pid, port, socket.inet_aton("127.0.0.1"), 0)
     assert len(cs) + repeats == 160
     assert capture.probes.conn_counts(time.monotonic_ns() + 1) == []  # reported once, then expired
@@ -482,7 +482,7 @@ def test_first_bytes_of_each_socket_whatever_the_port(capture, watched, tcp_serv
     assert got == [
         ("tcp", "127.0.0.1", ssh_port, "ssh", p.pid),
         ("tcp", "::1", pool_port, "stratum", p.pid),
-        ("udp", "127.0.0.1", 5353, None, 0),  # sendto without connect: no owner from the connect hook
+        ("udp", "127.0.0.1", 5353, None, p.pid),  # sendto without connect: the owner from the sendmsg hook
     ]
     assert evs[0].data == b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n" and evs[0].fields()["banner"] == (
         "SSH-2.0-OpenSSH_9.2p1 Debian-2")
@@ -564,3 +564,86 @@ def test_exec_deny_where_bpf_lsm_is_allowed(agent_cgroup, outside_cgroup, tmp_pa
         assert outside_cgroup.run([str(miner)]).returncode == 0  # never outside the agent cgroups
     finally:
         cap.close()
+
+
+# ---------------------------------------------------------------- beyond connect (cgroup sock hooks)
+def test_raw_and_icmp_sockets_and_their_packets(capture, watched):
+    from agentprobe.events import PacketEvent, SocketEvent
+
+    r = watched.run(py("""
+        import socket, struct
+        def checksum(b):
+            s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+            s = (s >> 16) + (s & 0xFFFF); s += s >> 16
+            return ~s & 0xFFFF
+        socket.socket().close()                                   # TCP: not reported
+        s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+        payload = b"T" * 200
+        hdr = struct.pack("!BBHHH", 8, 0, 0, 0x4242, 1)
+        pkt = struct.pack("!BBHHH", 8, 0, checksum(hdr + payload), 0x4242, 1) + payload
+        for _ in range(3):
+            s.sendto(pkt, ("127.0.0.1", 0))
+        print("sent")
+    """), text=True)
+    assert r.stdout.strip() == "sent", r.stderr
+    evs = capture.wait(lambda e: isinstance(e, PacketEvent) and len(
+        [x for x in capture.events() if isinstance(x, PacketEvent)]) >= 3)
+    (sock,) = [e for e in evs if isinstance(e, SocketEvent)]
+    assert (sock.family, sock.sock_type, sock.protocol) == ("inet", "raw", 1)
+    pkts = [e for e in evs if isinstance(e, PacketEvent)]
+    assert len(pkts) == 3 and all(p.proc.pid == sock.proc.pid for p in pkts)
+    f = pkts[0].fields()
+    assert (f["protocol"], f["address"], f["icmp_type"], f["echo_request"], f["len"]) == (
+        "icmp", "127.0.0.1", 8, True, 200)
+    assert pkts[0].data[:8] == b"T" * 8 and len(pkts[0].data) == abi.PACKET_LEN
+    ((key, counts, _, _),) = capture.probes.flow_counts(0)
+    assert (key.pid, key.protocol, counts["packets"], counts["bytes"], counts["max_len"], counts["sampled"]) == (
+        sock.proc.pid, 1, 3, 600, 200, 3)
+    capture.probes.flow_counts(time.monotonic_ns() + 1)  # expire
+
+
+def test_binds_outside_loopback(capture, watched):
+    from agentprobe.events import BindEvent
+
+    watched.run(py("""
+        import socket
+        for fam, addr in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET, "0.0.0.0"),
+                          (socket.AF_INET6, "::1"), (socket.AF_INET6, "::")):
+            s = socket.socket(fam); s.bind((addr, 0)); s.close()
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("0.0.0.0", 0)); u.close()
+    """))
+    evs = capture.settle(0.5)
+    binds = [(e.family, e.address, e.sock_type) for e in evs if isinstance(e, BindEvent)]
+    assert binds == [("inet", "0.0.0.0", "stream"), ("inet6", "::", "stream"), ("inet", "0.0.0.0", "dgram")]
+
+
+def test_udp_sends_and_dns_queries_sampled_and_counted(capture, watched):
+    from agentprobe.events import PacketEvent
+
+    r = watched.run(py("""
+        import socket, struct
+        def query(name, qid):
+            q = struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0)
+            for label in name.split("."):
+                q += bytes([len(label)]) + label.encode()
+            return q + b"\\0" + struct.pack("!HH", 16, 1)
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for i in range(100):
+            u.sendto(query(f"{i:03d}aGVsbG8gd29ybGQgdGhpcyBpcyBleGZpbHRyYXRlZA.t.example.org", i), ("127.0.0.1", 53))
+        print("ok")
+    """), text=True)
+    assert r.stdout.strip() == "ok", r.stderr
+    evs = capture.settle(0.5)
+    # the UDP destination, once (repeats in the second are counted in the kernel)
+    sends = [e for e in connects(evs) if e.port == 53]
+    assert len(sends) == 1 and sends[0].sendmsg and sends[0].result == "sent" and sends[0].sock_type == "dgram"
+    pkts = [e for e in evs if isinstance(e, PacketEvent)]
+    assert len(pkts) == abi.PACKETS_PER_SEC  # sampled: the rest only counted
+    dns = pkts[0].fields()["dns"]
+    assert dns == {"qname": "000aGVsbG8gd29ybGQgdGhpcyBpcyBleGZpbHRyYXRlZA.t.example.org", "qdcount": 1,
+                   "qtype": "TXT"}
+    flows = capture.probes.flow_counts(time.monotonic_ns() + 1)
+    assert [(k.protocol, k.dport, c["packets"], c["sampled"]) for k, c, _, _ in flows] == [
+        (17, 53, 100, abi.PACKETS_PER_SEC)]
+    ((key, repeats, _, _),) = capture.probes.conn_counts(time.monotonic_ns() + 1)
+    assert (socket.ntohs(key.port), key.kind, repeats) == (53, 2, 99)  # kind 2: UDP sendmsg
