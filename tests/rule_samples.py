@@ -133,3 +133,31 @@ def exit_record(proc: Proc, code: int = 0, *, ktime: int = 6 * 10**9, cgroup: di
     rec = _header("exit", proc, ktime, cgroup, seq)
     rec.update({"status": code << 8, "code": code})
     return rec
+
+
+def packet_record(proc: Proc, address: str, *, protocol: str = "udp", port: int | None = 53, length: int = 40,
+                  qname: str | None = None, echo: bool = True, ktime: int = 3 * 10**9, cgroup: dict | None = None,
+                  seq: int | None = None) -> dict:
+    """A sampled ICMP packet or DNS query, as the watcher writes it (fields from events.PacketEvent)."""
+    rec = _header("packet", proc, ktime, cgroup, seq)
+    rec.update({"family": "inet6" if ":" in address else "inet", "protocol": protocol, "address": address,
+                "cookie": 1, "len": length, "data": b"", "text": ""})
+    if protocol in ("icmp", "icmpv6"):
+        rec.update({"icmp_type": 8 if echo else 0, "echo_request": echo})
+    else:
+        rec.update({"port": port, "dns": {"qname": qname, "qdcount": 1, "qtype": "A"} if qname else {}})
+    return rec
+
+
+def socket_record(proc: Proc, sock_type: str = "raw", protocol: int = 1, *, ktime: int = 10**9) -> dict:
+    rec = _header("socket", proc, ktime, None, None)
+    rec.update({"family": "inet", "sock_type": sock_type, "protocol": protocol,
+                "protocol_name": {1: "icmp", 58: "icmpv6", 255: "raw"}.get(protocol, str(protocol)), "cookie": 1})
+    return rec
+
+
+def bind_record(proc: Proc, address: str, port: int, sock_type: str = "stream", *, ktime: int = 10**9) -> dict:
+    rec = _header("bind", proc, ktime, None, None)
+    rec.update({"family": "inet6" if ":" in address else "inet", "address": address, "port": port,
+                "sock_type": sock_type, "protocol": 6 if sock_type == "stream" else 17})
+    return rec

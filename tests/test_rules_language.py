@@ -653,7 +653,7 @@ def test_record_types_are_inferred(tmp_path):
         """))
     rs = load_ruleset([path], defaults=False)
     assert rs.get("a").types == frozenset({"exec"})
-    assert rs.get("b").types == frozenset({"connect", "gpu"})
+    assert rs.get("b").types == frozenset({"connect", "packet", "flow_counts", "gpu"})  # net.*: destinations
     assert rs.get("c").types is None
     assert rs.get("d").types == frozenset({"exec", "connect"})
 

@@ -230,6 +230,10 @@ def test_no_btf(agent_cgroup, tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+OUR_CGROUP_PROGRAMS = ["ap_bind4", "ap_bind6", "ap_connect4", "ap_connect6", "ap_device", "ap_egress",
+                       "ap_sendmsg4", "ap_sendmsg6", "ap_sock_create"]
+
+
 def cgroup_attachments(path) -> list[str]:
     out = subprocess.run(["bpftool", "-j", "cgroup", "show", str(path)], capture_output=True, text=True).stdout
     import json
@@ -241,12 +245,12 @@ def test_killed_watcher_leftovers_are_detached_at_next_start(agent_cgroup, tmp_p
     from watcher import WatcherProcess
 
     w = WatcherProcess(["--cgroup", str(agent_cgroup.path), "-o", str(tmp_path / "a")])
-    assert cgroup_attachments(agent_cgroup.path) == ["ap_bind4", "ap_bind6", "ap_connect4", "ap_connect6", "ap_device", "ap_egress", "ap_sendmsg4", "ap_sendmsg6", "ap_sock_create"]
+    assert cgroup_attachments(agent_cgroup.path) == OUR_CGROUP_PROGRAMS
     w.stop(signal.SIGKILL)
     # cgroup attachments outlive a killed loader
-    assert cgroup_attachments(agent_cgroup.path) == ["ap_bind4", "ap_bind6", "ap_connect4", "ap_connect6", "ap_device", "ap_egress", "ap_sendmsg4", "ap_sendmsg6", "ap_sock_create"]
+    assert cgroup_attachments(agent_cgroup.path) == OUR_CGROUP_PROGRAMS
     w = WatcherProcess(["--cgroup", str(agent_cgroup.path), "-o", str(tmp_path / "b")])
-    assert cgroup_attachments(agent_cgroup.path) == ["ap_bind4", "ap_bind6", "ap_connect4", "ap_connect6", "ap_device", "ap_egress", "ap_sendmsg4", "ap_sendmsg6", "ap_sock_create"]
+    assert cgroup_attachments(agent_cgroup.path) == OUR_CGROUP_PROGRAMS
     rc, _, err = w.stop()
     assert rc == 0, err
     assert cgroup_attachments(agent_cgroup.path) == []

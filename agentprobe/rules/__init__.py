@@ -58,6 +58,29 @@ __all__ = ["deny_policy", "EngineLimits", "Rule", "RuleEngine", "RuleError", "Ru
 
 SSH_CLIENT_NAMES = "ssh_client_binaries"
 SSH_CLIENT_HASHES = "ssh_client_sha256"
+DNS_RESOLVERS = "dns_resolvers"
+
+
+def resolv_conf_nameservers(path: str | Path = "/etc/resolv.conf") -> list[str]:
+    """The nameserver addresses of resolv.conf (valid IPs only)."""
+    import ipaddress
+
+    out: list[str] = []
+    try:
+        lines = Path(path).read_text(errors="replace").splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "nameserver":
+            addr = parts[1].split("%")[0]
+            try:
+                ipaddress.ip_address(addr)
+            except ValueError:
+                continue
+            if addr not in out:
+                out.append(addr)
+    return out
 
 
 def load_ruleset(paths: Iterable[str | Path] = (), *, defaults: bool = True,
@@ -122,6 +145,10 @@ def build_engine(paths: Iterable[str | Path] = (), *, with_defaults: bool = True
     sources = load_sources(paths, defaults=with_defaults, extra_lists=extra_lists)
     if hash_local_ssh:
         _add_local_ssh_hashes(sources)
+        if DNS_RESOLVERS in sources.lists:  # this node's resolvers are where agents' DNS should go
+            add = [a for a in resolv_conf_nameservers() if a not in sources.lists[DNS_RESOLVERS].items]
+            if add:
+                add_list_items(sources, DNS_RESOLVERS, add)
     return RuleEngine(compile_sources(sources), dedup_window_s=dedup_window_s, limits=limits)
 
 

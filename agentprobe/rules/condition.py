@@ -55,8 +55,11 @@ OPS_BY_TYPE = {
 }
 OPS_BY_TYPE[STRS] = OPS_BY_TYPE[STR]
 # fields that exist only on one record type: a comparison on them implies the type
-TYPE_OF_PREFIX = {"exec": "exec", "net": "connect", "gpu": "gpu", "fork": "fork", "exit": "exit",
-                  "payload": "payload"}
+# record types a field prefix can be true for (a superset is safe: it only indexes rules by type)
+TYPE_OF_PREFIX = {"exec": ("exec",), "net": ("connect", "packet", "flow_counts"), "gpu": ("gpu",),
+                  "fork": ("fork",), "exit": ("exit",), "payload": ("payload",), "move": ("cgroup_move",),
+                  "socket": ("socket",), "bind": ("bind",), "packet": ("packet", "flow_counts"),
+                  "flow": ("flow_counts",), "dns": ("packet",)}
 
 LIST_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9]*(?:_[A-Za-z0-9]+)+$")
 MACRO_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -564,5 +567,5 @@ def event_types(node: Node, macro_types: Callable[[str], frozenset | None]) -> f
         return frozenset(v.text for v in node.values)
     prefix = node.field.split(".", 1)[0]
     if prefix in TYPE_OF_PREFIX:
-        return frozenset((TYPE_OF_PREFIX[prefix],))
+        return frozenset(TYPE_OF_PREFIX[prefix])
     return None

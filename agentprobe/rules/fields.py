@@ -21,7 +21,9 @@ from .. import nvidia
 from .argspec import OptionSpec, ParsedArgs, parse_args
 
 STR, INT, BOOL, IP, STRS = "str", "int", "bool", "ip", "strs"
-EVENT_TYPES = ("exec", "connect", "gpu", "fork", "exit", "payload", "cgroup_move")
+EVENT_TYPES = ("exec", "connect", "gpu", "fork", "exit", "payload", "cgroup_move", "socket", "bind", "packet",
+               "flow_counts")
+DESTINATION_TYPES = ("connect", "packet", "flow_counts")  # records whose address/port are a destination
 DELETED = " (deleted)"
 
 
@@ -204,7 +206,7 @@ def _make_getopt(part: str) -> Callable[[OptionSpec], Getter]:
 # ---- network ----
 @_memo
 def _ip(ev: EventView) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    if ev.rec.get("type") != "connect":
+    if ev.rec.get("type") not in DESTINATION_TYPES:
         return None
     addr = ev.rec.get("address")
     if not addr:
@@ -213,6 +215,33 @@ def _ip(ev: EventView) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return ipaddress.ip_address(addr)
     except ValueError:
         return None
+
+
+def _dns(ev: EventView) -> dict:
+    d = ev.rec.get("dns") if ev.rec.get("type") == "packet" else None
+    return d if isinstance(d, dict) else {}
+
+
+def _dns_len(ev: EventView) -> int | None:
+    d = _dns(ev)
+    return len(d["qname"]) if isinstance(d.get("qname"), str) else None
+
+
+def _dns_domain(ev: EventView) -> str | None:
+    name = _dns(ev).get("qname")
+    if not isinstance(name, str):
+        return None
+    return ".".join(name.rstrip(".").split(".")[-2:]).lower()
+
+
+def _dns_entropy(ev: EventView) -> int | None:
+    from ..protocols import entropy
+
+    name = _dns(ev).get("qname")
+    if not isinstance(name, str):
+        return None
+    sub = "".join(name.rstrip(".").split(".")[:-2])
+    return int(entropy(sub) * 100) if len(sub) >= 16 else 0
 
 
 @_memo
@@ -299,7 +328,32 @@ def _truncated(ev: EventView) -> bool | None:
     return any(bool(v) for v in t.values())
 
 
-_field("evt.type", STR, "record type: exec, connect, gpu, fork, exit, payload, cgroup_move", _top("type"))
+_field("evt.type", STR, "record type: exec, connect, gpu, fork, exit, payload, cgroup_move, socket, bind, packet, "
+       "flow_counts", _top("type"))
+_field("net.sendmsg", BOOL, "connect: a UDP sendto/sendmsg with a destination, not a connect",
+       _of_type("connect", lambda ev: bool(ev.rec.get("sendmsg"))))
+_field("socket.type", STR, "socket: raw, or dgram for an ICMP (ping) socket", _of_type("socket", _top("sock_type")))
+_field("socket.protocol", STR, "socket: icmp, icmpv6, udp, tcp, raw or the number",
+       _of_type("socket", _top("protocol_name")))
+_field("bind.address", STR, "bind: the local address (not loopback)", _of_type("bind", _top("address")))
+_field("bind.port", INT, "bind: the local port (0: ephemeral)", _of_type("bind", _top("port")))
+_field("bind.type", STR, "bind: stream, dgram, ...", _of_type("bind", _top("sock_type")))
+_field("packet.protocol", STR, "packet/flow_counts: icmp, icmpv6 or udp",
+       lambda ev: ev.rec.get("protocol") if ev.rec.get("type") in ("packet", "flow_counts") else None)
+_field("packet.len", INT, "packet: payload bytes after the ICMP/UDP header", _of_type("packet", _top("len")))
+_field("packet.echo_request", BOOL, "packet: an ICMP echo request", _of_type("packet", _top("echo_request")))
+_field("flow.packets", INT, "flow_counts: packets since the last record", _of_type("flow_counts", _top("packets")))
+_field("flow.max_len", INT, "flow_counts: largest payload", _of_type("flow_counts", _top("max_len")))
+_field("flow.bytes", INT, "flow_counts: payload bytes since the last record", _of_type("flow_counts", _top("bytes")))
+_field("dns.qname", STR, "packet: the DNS question's name", lambda ev: _dns(ev).get("qname"))
+_field("dns.qtype", STR, "packet: the DNS question's type (A, AAAA, TXT, NULL, ...)",
+       lambda ev: None if _dns(ev).get("qtype") is None else str(_dns(ev)["qtype"]))
+_field("dns.qname_len", INT, "packet: length of the question's name", lambda ev: _dns_len(ev))
+_field("dns.longest_label", INT, "packet: length of the question's longest label",
+       lambda ev: max((len(x) for x in _dns(ev).get("qname", "").split(".")), default=0) if _dns(ev) else None)
+_field("dns.label_entropy", INT, "packet: Shannon entropy x100 of the labels below the domain (bits per char)",
+       lambda ev: _dns_entropy(ev))
+_field("dns.domain", STR, "packet: the last two labels of the question's name", lambda ev: _dns_domain(ev))
 _field("move.to_watched", BOOL, "cgroup_move: the destination is inside the watched cgroups",
        _of_type("cgroup_move", lambda ev: bool((ev.rec.get("to") or {}).get("watched"))))
 _field("move.to_path", STR, "cgroup_move: the destination cgroup's path",
@@ -359,7 +413,8 @@ _field("net.family", STR, "inet, inet6, unix or unknown", _of_type("connect", _t
 _field("net.address", STR, "destination address as text (v4-mapped shown as IPv4)",
        _of_type("connect", _top("address")))
 _field("net.ip", IP, "destination address, compared with addresses and CIDRs", _ip)
-_field("net.port", INT, "destination port", _of_type("connect", _top("port")))
+_field("net.port", INT, "destination port (connect, and UDP packet/flow_counts records)",
+       lambda ev: ev.rec.get("port") if ev.rec.get("type") in DESTINATION_TYPES else None)
 _field("net.dest", STR, "ADDRESS:PORT ([v6]:PORT; unix: the path)", _dest)
 _field("net.sock_type", STR, "stream, dgram, raw, ...", _of_type("connect", _top("sock_type")))
 _field("net.result", STR, "ok, in_progress or error", _of_type("connect", _top("result")))
