@@ -32,6 +32,7 @@ else
 fi
 if [ "$WANT_TEST" = 1 ]; then
     pkgs+=(openssh-server openssh-client autossh socat ncat nats-server curl git make
+           ptunnel-ng dns2tcp iputils-ping  # covert-channel tests: real tunnel tools
            qemu-system-x86 mmdebstrap e2fsprogs)  # scripts/vm-run, scripts/vm-test
 fi
 

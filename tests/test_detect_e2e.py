@@ -428,3 +428,119 @@ s6.connect_ex(("::ffff:127.0.0.1", {port}))
         srv.close()
     conns = [(r["family"], r["address"], r["port"], r.get("v4mapped", False)) for r in recs if r["type"] == "connect"]
     assert conns == [("inet", "127.0.0.1", port, False), ("inet6", "127.0.0.1", port, True)]
+
+
+# ---------------------------------------------------------------- covert channels, real tunnel tools
+@pytest.fixture
+def netns_server(net, tmp_path):
+    """Start a server inside the outside namespace; killed at the end."""
+    procs: list[subprocess.Popen] = []
+
+    def start(*argv: str, udp_port: int | None = None) -> subprocess.Popen:
+        p = subprocess.Popen(net.exec_argv(*argv), stdout=open(tmp_path / "server.log", "ab"),
+                             stderr=subprocess.STDOUT)
+        procs.append(p)
+        deadline = time.monotonic() + 10
+        while udp_port and time.monotonic() < deadline:
+            r = subprocess.run(net.exec_argv("ss", "-Huln", f"sport = :{udp_port}"), capture_output=True, text=True)
+            if r.stdout.strip():
+                break
+            time.sleep(0.05)
+        time.sleep(0.3)
+        return p
+
+    yield start
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+SEND_THROUGH = r"""
+import socket, sys, time
+deadline = time.monotonic() + 10
+while True:
+    try:
+        s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5)
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.2)
+s.sendall(b"SSH-2.0-OpenSSH_9.2p1 tunnelled\r\n" + b"x" * 600)
+try:
+    print(s.recv(100))
+except OSError:
+    pass
+time.sleep(2)
+"""
+
+
+def test_icmp_tunnel_with_ptunnel_ng_renamed(agents, episode, net, netns_server, tmp_path):
+    """ptunnel-ng (renamed, so only behaviour can tell) carries an SSH session in ICMP echo packets."""
+    _, out, _ = agents
+    netns_server("ptunnel-ng", f"-r{net.addr}", "-R22", "-v-1")  # options take attached values
+    worker = tmp_path / "worker"
+    shutil.copy(shutil.which("ptunnel-ng"), worker)
+    (tmp_path / "send.py").write_text(SEND_THROUGH)
+    p = episode.popen(["/bin/sh", "-c", f"{worker} -p{net.addr} -l2299 -r{net.addr} -R22 -v-1 & "
+                                        f"{sys.executable} {tmp_path / 'send.py'} 2299; kill $!"],
+                      start_new_session=True)
+    try:
+        assert wait_frozen(episode, timeout=20)
+        recs = wait_records(out, episode, lambda rs: "icmp_tunnel" in alerts(rs))
+        assert {"raw_socket_opened", "icmp_tunnel"} <= set(alerts(recs))
+        pkts = [r for r in recs if r["type"] == "packet" and r["protocol"] == "icmp"]
+        assert pkts and pkts[0]["address"] == net.addr and max(x["len"] for x in pkts) > 128
+        assert response(recs)["outcome"] == "frozen"
+    finally:
+        os.killpg(p.pid, 9)
+        (episode.path / "cgroup.freeze").write_text("0")
+        p.wait()
+
+
+def test_dns_tunnel_with_dns2tcp_renamed(agents, episode, net, netns_server, tmp_path):
+    """dns2tcp (renamed) carries an SSH session in DNS queries to its own server."""
+    _, out, _ = agents
+    conf = tmp_path / "dns2tcpd.conf"
+    conf.write_text(f"listen = {net.addr}\nport = 53\nuser = root\ndomain = t.example.org\n"
+                    f"resources = ssh:{net.addr}:22\n")
+    netns_server("dns2tcpd", "-F", "-f", str(conf), udp_port=53)
+    helper = tmp_path / "resolver-helper"
+    shutil.copy(shutil.which("dns2tcpc"), helper)
+    (tmp_path / "send.py").write_text(SEND_THROUGH)
+    p = episode.popen(["/bin/sh", "-c", f"{helper} -z t.example.org -r ssh -l 2298 {net.addr} & "
+                                        f"{sys.executable} {tmp_path / 'send.py'} 2298; kill $!"],
+                      start_new_session=True)
+    try:
+        assert wait_frozen(episode, timeout=20)
+        recs = wait_records(out, episode, lambda rs: "dns_tunnel_query" in alerts(rs))
+        assert {"dns_to_unexpected_server", "dns_tunnel_query"} <= set(alerts(recs))
+        names = [r["dns"].get("qname", "") for r in recs if r["type"] == "packet" and r.get("port") == 53]
+        assert any(n.endswith("t.example.org") and len(n) > 60 for n in names)
+        assert response(recs)["outcome"] == "frozen"
+    finally:
+        os.killpg(p.pid, 9)
+        (episode.path / "cgroup.freeze").write_text("0")
+        p.wait()
+
+
+def test_dns_through_a_resolver_and_plain_ping_raise_no_tunnel_alert(agents, episode, net):
+    """A normal lookup sent to a resolver on loopback, and ping's small echo requests: no tunnel alerts."""
+    _, out, _ = agents
+    resolver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    resolver.bind(("127.0.0.53", 0))
+    port = resolver.getsockname()[1]
+    try:
+        episode.run([sys.executable, "-c", f"""
+import socket, struct
+q = struct.pack("!HHHHHH", 7, 0x0100, 1, 0, 0, 0) + b"\\x04pypi\\x03org\\x00" + struct.pack("!HH", 1, 1)
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.sendto(q, ("127.0.0.53", {port}))
+"""])
+        episode.run(["ping", "-c", "2", "-i", "0.2", "-W", "1", net.addr])
+        time.sleep(1.5)
+        recs = for_episode(out, episode)
+    finally:
+        resolver.close()
+    tunnel_rules = {"icmp_tunnel", "dns_tunnel_query", "dns_tunnel_many_names", "dns_to_unexpected_server"}
+    assert not tunnel_rules & set(alerts(recs)) and not frozen(episode)
+    assert [r["len"] for r in recs if r["type"] == "packet" and r["protocol"] == "icmp"] == [56, 56]
