@@ -233,8 +233,8 @@ class Enricher:
         p = ev.proc
         if isinstance(ev, ExecEvent) and not ev.failed:
             exe = _read_exe(p.pid)
-            if exe is None and ev.filename.startswith("/"):
-                exe = ev.filename
+            if exe is None and ev.filename.startswith("/") and not ev.filename.startswith("/dev/fd/"):
+                exe = os.path.realpath(ev.filename)  # gone already: the file it ran, links resolved
             sha = self.hasher.of_pid(p.pid) if exe is not None else None
             if sha is None and exe is not None:
                 sha = self.hasher.of_path(exe)

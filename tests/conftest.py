@@ -44,6 +44,20 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(pytest.mark.skip(reason=reason))
 
 
+@pytest.fixture(autouse=True)
+def _no_watcher_left_running():
+    """A test that fails between starting a watcher and stopping it leaves none behind. Module-wide
+    watchers (started by module fixtures) are stopped by their own fixtures."""
+    import watcher
+
+    before = set(map(id, watcher.RUNNING))
+    yield
+    for w in [w for w in watcher.RUNNING if id(w) not in before]:
+        if w.proc.poll() is None:
+            w.stop()
+        watcher.RUNNING.remove(w)
+
+
 def pytest_runtest_setup(item):
     for name, reason in item.user_properties:
         if name == "kernel_missing":

@@ -245,13 +245,17 @@ def test_killed_watcher_leftovers_are_detached_at_next_start(agent_cgroup, tmp_p
     from watcher import WatcherProcess
 
     w = WatcherProcess(["--cgroup", str(agent_cgroup.path), "-o", str(tmp_path / "a")])
-    assert cgroup_attachments(agent_cgroup.path) == OUR_CGROUP_PROGRAMS
-    w.stop(signal.SIGKILL)
+    try:
+        assert cgroup_attachments(agent_cgroup.path) == OUR_CGROUP_PROGRAMS
+    finally:
+        w.stop(signal.SIGKILL)
     # cgroup attachments outlive a killed loader
     assert cgroup_attachments(agent_cgroup.path) == OUR_CGROUP_PROGRAMS
     w = WatcherProcess(["--cgroup", str(agent_cgroup.path), "-o", str(tmp_path / "b")])
-    assert cgroup_attachments(agent_cgroup.path) == OUR_CGROUP_PROGRAMS
-    rc, _, err = w.stop()
+    try:
+        assert cgroup_attachments(agent_cgroup.path) == OUR_CGROUP_PROGRAMS
+    finally:
+        rc, _, err = w.stop()
     assert rc == 0, err
     assert cgroup_attachments(agent_cgroup.path) == []
 

@@ -10,10 +10,14 @@ import sys
 import time
 
 
+RUNNING: list[WatcherProcess] = []  # stopped by conftest after every test, whatever the test did
+
+
 class WatcherProcess:
     def __init__(self, args: list[str], ready_timeout: float = 60.0) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", "agentprobe", "watch", *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+        RUNNING.append(self)
         self.stderr_lines: list[str] = []
         deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline:
