@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 
-
 RUNNING: list[WatcherProcess] = []  # stopped by conftest after every test, whatever the test did
 
 
