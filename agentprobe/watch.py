@@ -15,7 +15,7 @@ import signal
 import socket
 import sys
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,6 +140,8 @@ class Watcher:
         self._started = 0
         self._frozen: dict[str, dict] = {}
         self._conn_pids: dict[int, int] = {}  # pid -> cgroup id, processes with connects
+        self._loopback_sessions: list[tuple] = []  # (when to look, tries, payload record, Forwarder)
+        self._recent_dest: OrderedDict[int, list[str]] = OrderedDict()  # pid -> outside destinations it connected
         self._gpu_holders: set[int] = set()  # agent processes that opened a GPU device (or inherited it)
         self._gpu_idle_since: float | None = None
 
@@ -351,6 +353,67 @@ class Watcher:
                       "cgroup_id": ev.cgroup_id},
         })
 
+    # ---- sessions carried by a local tunnel ----
+    CARRIED_APPS = ("ssh", "stratum")
+
+    def _watch_loopback_session(self, rec: dict) -> None:
+        """SSH or stratum sent to a loopback port: find the agent process that listens there now, before
+        any response cuts connections; where it forwards to may only show a moment later."""
+        if rec.get("type") != "payload" or rec.get("app") not in self.CARRIED_APPS:
+            return
+        from .forwarders import find_forwarder, is_loopback
+
+        client = (rec.get("proc") or {}).get("pid") or 0
+        if not client or not is_loopback(rec.get("address", "")) or len(self._loopback_sessions) >= 256:
+            return
+        agents, children = self._agent_family()
+        fwd = find_forwarder(client, rec.get("port", 0), agents, children)
+        if fwd is None:
+            return  # nobody of the agent's listens there (a node service)
+        self._loopback_sessions.append((time.monotonic(), 0, rec, fwd))
+
+    def _agent_family(self) -> tuple[list[int], dict[int, list[int]]]:
+        """Live agent pids, and their children by parent."""
+        agents = self._agent_pids()
+        children: dict[int, list[int]] = {}
+        for pid in agents:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(pid)
+        return agents, children
+
+    def _check_loopback_sessions(self) -> None:
+        """Name where each found forwarder goes (its and its children's outside peers, live or recorded),
+        and emit a `tunnel` record; a relay that connects out only after the client came is looked at
+        again a few times."""
+        if not self._loopback_sessions:
+            return
+        from .forwarders import outside_peers
+
+        now = time.monotonic()
+        due = [x for x in self._loopback_sessions if x[0] <= now]
+        self._loopback_sessions = [x for x in self._loopback_sessions if x[0] > now]
+        if not due:
+            return
+        _, children = self._agent_family()
+        for _, tries, rec, fwd in due:
+            family = [fwd.pid, *children.get(fwd.pid, [])]
+            client = (rec.get("proc") or {}).get("pid") or 0
+            for dest in outside_peers(client, family) + [d for p in family for d in self._recent_dest.get(p, [])]:
+                if dest not in fwd.to:
+                    fwd.to.append(dest)
+            if not fwd.to and tries < 5:
+                self._loopback_sessions.append((now + 0.3, tries + 1, rec, fwd))
+                continue
+            self.emit(self.enricher.synthetic("tunnel", fwd.pid, (rec.get("cgroup") or {}).get("id") or 0,
+                                              time.monotonic_ns(), {
+                "carried": rec.get("app"), "port": fwd.port, "to": fwd.to, "forwarder_pids": family,
+                "client": {"pid": client, "comm": (rec.get("proc") or {}).get("comm")},
+                "detail": rec.get("banner") or rec.get("method"), "payload_seq": rec.get("seq")}))
+
     def emit(self, rec: dict, from_stage: int = 0) -> None:
         rec["seq"] = self._seq
         self._seq += 1
@@ -360,6 +423,10 @@ class Watcher:
             s.write(data)
         if self.on_record:
             self.on_record(rec)
+        if rec["type"] == "payload":
+            self._watch_loopback_session(rec)
+        elif rec["type"] == "connect" and rec.get("family") in ("inet", "inet6"):
+            self._remember_dest(rec)
         for i in range(from_stage, len(self.stages)):
             for out in self.stages[i].process(rec):
                 self.emit(out, i + 1)
@@ -391,6 +458,7 @@ class Watcher:
         try:
             while not self._stop:
                 self._probes.poll(self.options.poll_ms)
+                self._check_loopback_sessions()
                 now = time.monotonic()
                 if now >= next_lost:
                     self._check_losses()

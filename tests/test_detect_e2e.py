@@ -544,3 +544,47 @@ u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.sendto(q, ("127.0.0.53",
     tunnel_rules = {"icmp_tunnel", "dns_tunnel_query", "dns_tunnel_many_names", "dns_to_unexpected_server"}
     assert not tunnel_rules & set(alerts(recs)) and not frozen(episode)
     assert [r["len"] for r in recs if r["type"] == "packet" and r["protocol"] == "icmp"] == [56, 56]
+
+
+def test_ssh_through_a_local_relay_names_the_relay_and_where_it_goes(agents, episode, net, tmp_path):
+    """A renamed socat listens on loopback and forwards to the outside sshd; ssh goes to the loopback
+    port. The SSH bytes on loopback lead to the relay, its outside peer is named, the episode frozen."""
+    _, out, _ = agents
+    relay = tmp_path / "relay"
+    shutil.copy(shutil.which("socat"), relay)
+    ssh = " ".join(net.ssh_argv("-p", "2296", "-N", "root@127.0.0.1"))
+    p = episode.popen(["/bin/sh", "-c", f"{relay} TCP-LISTEN:2296,bind=127.0.0.1,reuseaddr,fork "
+                                        f"TCP:{net.addr}:22 & sleep 0.5; {ssh}; kill $!"],
+                      start_new_session=True)
+    try:
+        assert wait_frozen(episode, timeout=20)
+        recs = wait_records(out, episode, lambda rs: "session_through_local_tunnel" in alerts(rs))
+        (t,) = [r for r in recs if r["type"] == "tunnel"]
+        assert t["carried"] == "ssh" and t["port"] == 2296 and t["to"] == [f"{net.addr}:22"]
+        assert t["proc"]["comm"] == "relay" and t["client"]["comm"] == "ssh"
+        alert = next(r for r in recs if r["type"] == "alert" and r["rule"] == "session_through_local_tunnel")
+        assert f"to {net.addr}:22" in alert["summary"] and "relay" in alert["summary"]
+        # the relay's own session to the outside is caught too (by port, or by the SSH bytes it forwards)
+        assert {"interactive_session_outside_allowlist", "ssh_protocol_outside_allowlist"} & set(alerts(recs))
+    finally:
+        os.killpg(p.pid, 9)
+        (episode.path / "cgroup.freeze").write_text("0")
+        p.wait()
+
+
+def test_ssh_to_a_local_sshd_of_the_node_is_not_a_tunnel(agents, episode, net):
+    """SSH bytes to a loopback port nobody of the agent's listens on (a node service): no tunnel."""
+    _, out, _ = agents
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    port = srv.getsockname()[1]
+    try:
+        episode.run([sys.executable, "-c", f"import socket; s = socket.create_connection(('127.0.0.1', {port})); "
+                                           "s.sendall(b'SSH-2.0-OpenSSH_9.2\\r\\n')"])
+        time.sleep(1.5)
+        recs = for_episode(out, episode)
+    finally:
+        srv.close()
+    assert [r["app"] for r in recs if r["type"] == "payload"] == ["ssh"]
+    assert not [r for r in recs if r["type"] == "tunnel"] and alerts(recs) == []

@@ -25,6 +25,7 @@ TYPE_FIELDS = {
     "fork": ("child_pid",),
     "exit": ("status", "code", "signal"),
     "cgroup_move": ("to", "mover"),
+    "tunnel": ("carried", "port", "to", "client", "detail"),
 }
 PROC_FIELDS = ("pid", "ppid", "uid", "comm", "exe", "sha256")
 

@@ -22,7 +22,7 @@ from .argspec import OptionSpec, ParsedArgs, parse_args
 
 STR, INT, BOOL, IP, STRS = "str", "int", "bool", "ip", "strs"
 EVENT_TYPES = ("exec", "connect", "gpu", "fork", "exit", "payload", "cgroup_move", "socket", "bind", "packet",
-               "flow_counts")
+               "flow_counts", "tunnel")
 DESTINATION_TYPES = ("connect", "packet", "flow_counts")  # records whose address/port are a destination
 DELETED = " (deleted)"
 
@@ -332,6 +332,13 @@ _field("evt.type", STR, "record type: exec, connect, gpu, fork, exit, payload, c
        "flow_counts", _top("type"))
 _field("net.sendmsg", BOOL, "connect: a UDP sendto/sendmsg with a destination, not a connect",
        _of_type("connect", lambda ev: bool(ev.rec.get("sendmsg"))))
+_field("tunnel.carried", STR, "tunnel: what a local forwarder carries (ssh, stratum)",
+       _of_type("tunnel", _top("carried")))
+_field("tunnel.port", INT, "tunnel: the loopback port it listens on", _of_type("tunnel", _top("port")))
+_field("tunnel.to", STRS, "tunnel: the outside ADDRESS:PORTs the forwarder is connected to",
+       _of_type("tunnel", lambda ev: list(ev.rec.get("to") or [])))
+_field("tunnel.to_outside", BOOL, "tunnel: the forwarder is connected outside loopback",
+       _of_type("tunnel", lambda ev: bool(ev.rec.get("to"))))
 _field("socket.type", STR, "socket: raw, or dgram for an ICMP (ping) socket", _of_type("socket", _top("sock_type")))
 _field("socket.protocol", STR, "socket: icmp, icmpv6, udp, tcp, raw or the number",
        _of_type("socket", _top("protocol_name")))

@@ -1,0 +1,119 @@
+"""Who carries a loopback connection on: the agent process listening on the port, and where it goes.
+
+A tunnel tool (socat, stunnel, chisel, an SSH -L, a home-made relay) listens on loopback and
+forwards what it receives. The first bytes of a loopback socket say what is carried (SSH, stratum);
+this module finds the listener among the agent's processes and the outside addresses it (or a
+child it forked per connection) is connected to. It reads /proc only: the views of the agent's own
+network namespace (/proc/PID/net/tcp*), and the descriptors of the agent's processes.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+TCP_ESTABLISHED, TCP_SYN_SENT, TCP_LISTEN = 0x01, 0x02, 0x0A
+
+
+@dataclass
+class TcpSocket:
+    local: tuple[str, int]
+    remote: tuple[str, int]
+    state: int
+    inode: int
+
+
+def _addr(hexaddr: str) -> tuple[str, int]:
+    ip_hex, port_hex = hexaddr.split(":")
+    raw = bytes.fromhex(ip_hex)
+    if len(raw) == 4:
+        ip = socket.inet_ntop(socket.AF_INET, raw[::-1])
+    else:  # four little-endian 32-bit words
+        ip = socket.inet_ntop(socket.AF_INET6, b"".join(struct.pack(">I", w) for w in struct.unpack("<4I", raw)))
+        mapped = ipaddress.IPv6Address(ip).ipv4_mapped
+        ip = str(mapped) if mapped else ip
+    return ip, int(port_hex, 16)
+
+
+def tcp_sockets(pid: int) -> list[TcpSocket]:
+    """TCP sockets of the network namespace process `pid` is in."""
+    out = []
+    for name in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/{pid}/net/{name}") as f:
+                lines = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            if len(parts) < 10:
+                continue
+            try:
+                out.append(TcpSocket(_addr(parts[1]), _addr(parts[2]), int(parts[3], 16), int(parts[9])))
+            except (ValueError, OSError):
+                continue
+    return out
+
+
+def socket_inodes(pid: int) -> set[int]:
+    out = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return out
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            out.add(int(link[8:-1]))
+    return out
+
+
+def is_loopback(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class Forwarder:
+    pid: int                      # the process listening on the loopback port
+    port: int
+    pids: list[int] = field(default_factory=list)  # it and its processes holding sockets
+    to: list[str] = field(default_factory=list)     # outside destinations, ADDRESS:PORT
+
+
+def outside_peers(netns_pid: int, pids: Iterable[int]) -> list[str]:
+    """Non-loopback TCP peers (ADDRESS:PORT) of the sockets `pids` hold, seen from `netns_pid`'s namespace."""
+    inodes: set[int] = set()
+    for p in pids:
+        inodes |= socket_inodes(p)
+    out: list[str] = []
+    for s in tcp_sockets(netns_pid):
+        if s.state in (TCP_ESTABLISHED, TCP_SYN_SENT) and s.inode in inodes and not is_loopback(s.remote[0]):
+            dest = f"[{s.remote[0]}]:{s.remote[1]}" if ":" in s.remote[0] else f"{s.remote[0]}:{s.remote[1]}"
+            if dest not in out:
+                out.append(dest)
+    return out
+
+
+def find_forwarder(client_pid: int, port: int, agent_pids: Iterable[int],
+                   children: dict[int, list[int]] | None = None) -> Forwarder | None:
+    """The agent process listening on loopback `port` in `client_pid`'s network namespace, with the
+    non-loopback TCP peers of it and its children (the ones a relay forks per connection)."""
+    socks = tcp_sockets(client_pid)
+    listening = {s.inode for s in socks if s.state == TCP_LISTEN and s.local[1] == port}
+    if not listening:
+        return None
+    owner = next((p for p in agent_pids if socket_inodes(p) & listening), None)
+    if owner is None:
+        return None
+    family = [owner] + list((children or {}).get(owner, []))
+    return Forwarder(owner, port, pids=family, to=outside_peers(client_pid, family))
