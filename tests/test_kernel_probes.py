@@ -8,6 +8,7 @@ import subprocess
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -647,3 +648,25 @@ def test_udp_sends_and_dns_queries_sampled_and_counted(capture, watched):
         (17, 53, 100, abi.PACKETS_PER_SEC)]
     ((key, repeats, _, _),) = capture.probes.conn_counts(time.monotonic_ns() + 1)
     assert (socket.ntohs(key.port), key.kind, repeats) == (53, 2, 99)  # kind 2: UDP sendmsg
+
+
+def test_io_uring_connect_never_calls_connect(capture, watched, tmp_path):
+    """IORING_OP_CONNECT reaches the cgroup connect hook, not sys_enter_connect: the default path
+    sees it; the syscall-tracepoint path cannot (documented)."""
+    helper = tmp_path / "uring_connect"
+    src = Path(__file__).parent / "helpers" / "uring_connect.c"
+    subprocess.run(["cc", "-O2", "-o", str(helper), str(src)], check=True)
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    port = srv.getsockname()[1]
+    try:
+        r = watched.run([str(helper), "127.0.0.1", str(port)], text=True)
+    finally:
+        srv.close()
+    assert r.stdout.strip() == "0"  # connected
+    cs = [e for e in connects(capture.settle(0.5)) if e.port == port]
+    if capture.mode == "auto":
+        assert [(e.address, e.result, e.proc.comm) for e in cs] == [("127.0.0.1", "attempted", "uring_connect")]
+    else:
+        assert cs == []
