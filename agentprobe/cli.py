@@ -148,7 +148,8 @@ def watch(cgroups, globs, outputs, buffer, no_view, duration, gpu_interval, gpu_
     by_type = ", ".join(f"{k} {v}" for k, v in sorted(s.events.items()))
     click.echo(f"agentprobe: stopped ({s.reason}): {s.events_total} records ({by_type}); "
                f"lost: {sum(s.lost_kernel.values())} in kernel, {s.lost_output} in outputs, "
-               f"{s.decode_errors} undecodable", err=True)
+               f"{s.decode_errors} undecodable"
+               + (f", {s.internal_errors} skipped by internal errors" if s.internal_errors else ""), err=True)
 
 
 def _rule_stage(rule_files, with_defaults: bool):

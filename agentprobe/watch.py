@@ -80,6 +80,7 @@ class Summary:
     lost_kernel: Counter = field(default_factory=Counter)
     lost_output: int = 0
     decode_errors: int = 0
+    internal_errors: int = 0
     reason: str = ""
 
     @property
@@ -308,6 +309,19 @@ class Watcher:
     # ---- the loop ----
     def _on_raw(self, data: bytes) -> None:
         try:
+            self._handle_raw(data)
+        except Exception as e:  # a bug must cost one record, counted and said, never the watcher
+            self._internal_error(e)
+
+    def _internal_error(self, e: Exception) -> None:
+        self.summary.internal_errors += 1
+        if self.summary.internal_errors <= 3:
+            import traceback
+
+            print(f"agentprobe: internal error (record skipped): {e!r}\n{traceback.format_exc()}", file=self.err)
+
+    def _handle_raw(self, data: bytes) -> None:
+        try:
             ev = decode(data)
         except DecodeError:
             self.summary.decode_errors += 1
@@ -385,6 +399,22 @@ class Watcher:
             children.setdefault(ppid, []).append(pid)
         return agents, children
 
+    def _remember_dest(self, rec: dict) -> None:
+        """Outside destinations each agent process connected to (the last 8), for naming relays."""
+        from .forwarders import is_loopback
+
+        addr, port, pid = rec.get("address") or "", rec.get("port"), (rec.get("proc") or {}).get("pid")
+        if not pid or is_loopback(addr):
+            return
+        dests = self._recent_dest.setdefault(pid, [])
+        self._recent_dest.move_to_end(pid)
+        dest = f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+        if dest not in dests:
+            dests.append(dest)
+            del dests[:-8]
+        if len(self._recent_dest) > 4096:
+            self._recent_dest.popitem(last=False)
+
     def _check_loopback_sessions(self) -> None:
         """Name where each found forwarder goes (its and its children's outside peers, live or recorded),
         and emit a `tunnel` record; a relay that connects out only after the client came is looked at
@@ -423,10 +453,13 @@ class Watcher:
             s.write(data)
         if self.on_record:
             self.on_record(rec)
-        if rec["type"] == "payload":
-            self._watch_loopback_session(rec)
-        elif rec["type"] == "connect" and rec.get("family") in ("inet", "inet6"):
-            self._remember_dest(rec)
+        try:  # bookkeeping for tunnel records: never in the way of the rules below
+            if rec["type"] == "payload":
+                self._watch_loopback_session(rec)
+            elif rec["type"] == "connect" and rec.get("family") in ("inet", "inet6"):
+                self._remember_dest(rec)
+        except Exception as e:
+            self._internal_error(e)
         for i in range(from_stage, len(self.stages)):
             for out in self.stages[i].process(rec):
                 self.emit(out, i + 1)
@@ -668,6 +701,7 @@ class Watcher:
                 "lost": dict(self.summary.lost_kernel),
                 "lost_output": self.summary.lost_output,
                 "decode_errors": self.summary.decode_errors,
+                "internal_errors": self.summary.internal_errors,
                 "lost_total": self.summary.lost_total,
             })
             self.emit(stop)

@@ -1,7 +1,9 @@
 /* loops.c - syscall loops for scripts/bench: prints nanoseconds per operation.
  *
  *   loops getppid|ioctl|connect|exec N      N operations, as fast as possible
- *   loops connect-rate RATE SECONDS         connects at RATE per second (throughput runs)
+ *   loops connect-rate RATE SECONDS         connects at RATE per second to one closed port
+ *   loops connect-sweep RATE SECONDS        the same, each to another closed port (1024-65535),
+ *                                           so no two are alike (no in-kernel aggregation)
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -60,15 +62,18 @@ int main(int argc, char **argv)
 			}
 			waitpid(p, 0, 0);
 		}
-	} else if (!strcmp(mode, "connect-rate") && argc >= 4) {
+	} else if ((!strcmp(mode, "connect-rate") || !strcmp(mode, "connect-sweep")) && argc >= 4) {
 		double rate = atof(argv[2]);
 		double secs = atof(argv[3]);
+		int sweep = !strcmp(mode, "connect-sweep");
 		long total = (long)(rate * secs);
 		long long start = now_ns();
 		for (long i = 0; i < total; i++) {
 			long long due = start + (long long)(i * 1e9 / rate);
 			while (now_ns() < due)
 				;
+			if (sweep)
+				sa.sin_port = htons(1024 + (getpid() * 7919 + i) % 64512);
 			one_connect(&sa);
 		}
 		n = total;

@@ -45,6 +45,8 @@ def agents(tmp_path_factory):
     finally:
         w.stop()
         remove_cgroup_tree(parent.path)
+    stop = records(out)[-1]  # every record of the whole module went through without a bug
+    assert stop["type"] == "stop" and stop["internal_errors"] == 0 and stop["decode_errors"] == 0, stop
 
 
 @pytest.fixture

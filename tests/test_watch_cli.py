@@ -64,7 +64,7 @@ def test_watch_records_to_file_and_stops_cleanly(agent_cgroup, tmp_path):
     assert ex["argv"] == ["/bin/echo", "from", "the agent"]
     assert ex["cgroup"] == {"id": agent_cgroup.id, "path": agent_cgroup.rel}
     assert ex["proc"]["exe"] == os.path.realpath("/bin/echo") and ex["proc"]["sha256"]
-    assert recs[-1]["reason"] == "signal" and recs[-1]["lost_total"] == 0
+    assert recs[-1]["reason"] == "signal" and recs[-1]["lost_total"] == 0 and recs[-1]["internal_errors"] == 0
     # the live view showed it, the summary counted it
     assert "EXEC" in stdout and "/bin/echo from 'the agent'" in stdout
     assert "agentprobe: stopped (signal):" in stderr and "exec 1" in stderr
