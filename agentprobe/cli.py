@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -91,9 +92,16 @@ def main() -> None:
                    "always: that tracepoint throughout. auto: fentry, else on-demand.")
 @click.option("--gpu-idle-detach", type=float, default=5.0, show_default=True, metavar="SECONDS",
               help="With the on-demand GPU probe: detach it this long after the last agent holding a GPU exits.")
+@click.option("--label-env", "label_env", multiple=True, metavar="NAMES",
+              help="Environment variables of agent processes that label their records, comma-separated "
+                   "(e.g. EPISODE_ID,TRAJECTORY_ID,TOOL_CALL_ID): read at each exec, inherited by children.")
+@click.option("--label-dir", metavar="DIR", type=click.Path(file_okay=False),
+              help="Also read cgroup labels from DIR/<cgroup id>.json files a sandbox manager writes "
+                   "(besides the cgroups' user.agentprobe.* attributes: `agentprobe label`).")
+@click.option("--no-verdicts", is_flag=True, help="No per-episode verdict records.")
 def watch(cgroups, globs, outputs, buffer, no_view, duration, gpu_interval, gpu_majors, rescan,
           rule_files, no_default_rules, dry_run, in_kernel_deny, no_cut_network, status_dir,
-          probe_mode, gpu_probe, gpu_idle_detach) -> None:
+          probe_mode, gpu_probe, gpu_idle_detach, label_env, label_dir, no_verdicts) -> None:
     """Trace exec, connect and NVIDIA ioctls of agent processes, apply the detection
     rules, freeze agent cgroups that misbehave, and stream everything as msgpack."""
     from . import view
@@ -104,6 +112,7 @@ def watch(cgroups, globs, outputs, buffer, no_view, duration, gpu_interval, gpu_
     opts = WatchOptions(cgroups=list(cgroups), cgroup_globs=list(globs), outputs=outputs, buffer=buffer,
                         duration=duration, gpu_interval=gpu_interval, extra_gpu_majors=tuple(gpu_majors),
                         rescan_interval=rescan, status_dir=status_dir, probe_mode=probe_mode,
+                        label_env=_label_env_names(label_env), label_dir=label_dir,
                         gpu_probe=gpu_probe, gpu_idle_detach=gpu_idle_detach)
     term = sys.stderr if "-" in outputs else sys.stdout
 
@@ -127,7 +136,8 @@ def watch(cgroups, globs, outputs, buffer, no_view, duration, gpu_interval, gpu_
         responder = Responder(CgroupFreezer(watcher.root, find_v1_freezer()), watcher.watched_paths,
                               dry_run=dry_run, cut_network=not no_cut_network,
                               clock_offset_ns=watcher.clock_offset_ns)
-        watcher.stages = [s for s in (rules_stage, responder) if s is not None]
+        verdicts = None if no_verdicts else watcher.verdict_stage()
+        watcher.stages = [s for s in (rules_stage, responder, verdicts) if s is not None]
         if watcher.created_default:
             click.echo(f"agentprobe: created default agent cgroup {watcher.created_default}", err=True)
         if not no_view:
@@ -150,6 +160,24 @@ def watch(cgroups, globs, outputs, buffer, no_view, duration, gpu_interval, gpu_
                f"lost: {sum(s.lost_kernel.values())} in kernel, {s.lost_output} in outputs, "
                f"{s.decode_errors} undecodable"
                + (f", {s.internal_errors} skipped by internal errors" if s.internal_errors else ""), err=True)
+
+
+def _label_env_names(values) -> tuple[str, ...]:
+    import re
+
+    names: list[str] = []
+    for v in values:
+        for n in v.split(","):
+            n = n.strip()
+            if not n:
+                continue
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", n):
+                raise click.BadParameter(f"{n!r} is not an environment variable name", param_hint="--label-env")
+            if n not in names:
+                names.append(n)
+    if len(names) > 16:
+        raise click.BadParameter("at most 16 names", param_hint="--label-env")
+    return tuple(names)
 
 
 def _rule_stage(rule_files, with_defaults: bool):
@@ -323,10 +351,40 @@ def _json_default(o):
 
 
 @main.command()
+@click.argument("cgroup")
+@click.argument("labels", nargs=-1, required=True, metavar="KEY=VALUE...")
+def label(cgroup, labels) -> None:
+    """Label an agent cgroup (KEY= removes a label): every record of its processes, its alerts and
+    its episode's verdict carry the labels. Stored as user.agentprobe.KEY attributes of the cgroup
+    directory, so the owner of a delegated cgroup can label it without root.
+
+    \b
+    Examples:
+      agentprobe label agents/ep-17 episode=17 trajectory=a91f policy=ckpt-2000
+      agentprobe label agents/ep-17 tool_call=
+    """
+    from .cgroups import find_v2_mount
+    from .labels import LabelError, parse_assignments, set_cgroup_labels
+
+    try:
+        root = find_v2_mount()
+        path = Path(cgroup) if cgroup.startswith("/") else root / cgroup
+        if not (path / "cgroup.procs").exists():
+            raise AgentprobeError(f"{path} is not a cgroup")
+        set_cgroup_labels(path, parse_assignments(list(labels)))
+    except LabelError as e:
+        _fail(AgentprobeError(str(e)))
+    except AgentprobeError as e:
+        _fail(e)
+
+
+@main.command()
 @click.argument("source")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line instead of readable lines.")
 @click.option("--type", "types", multiple=True, metavar="TYPE", help="Only records of TYPE (repeatable).")
-def read(source, as_json, types) -> None:
+@click.option("--verdicts", is_flag=True, help="Only the per-episode verdicts, one line each (with --json: "
+              "the records).")
+def read(source, as_json, types, verdicts) -> None:
     """Print a msgpack stream: FILE, '-' (stdin), unix:PATH or tcp:HOST:PORT of a running watcher.
 
     A corrupt or truncated stream prints every record before the damage, then
@@ -335,9 +393,11 @@ def read(source, as_json, types) -> None:
     from . import view
     from .stream import read_records
 
-    wanted = set(types)
+    wanted = set(types) | ({"verdict"} if verdicts else set())
     out = sys.stdout
-    if not as_json:
+    if verdicts and not as_json:
+        print(view.VERDICT_HEADER, file=out)
+    elif not as_json:
         print(view.HEADER, file=out)
     try:
         for rec in read_records(source):
@@ -345,6 +405,8 @@ def read(source, as_json, types) -> None:
                 continue
             if as_json:
                 out.write(json.dumps(rec, default=_json_default, ensure_ascii=True) + "\n")
+            elif verdicts:
+                out.write(view.verdict_line(rec) + "\n")
             else:
                 out.write(view.line(rec) + "\n")
         out.flush()

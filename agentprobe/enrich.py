@@ -40,6 +40,7 @@ class ProcInfo:
     sha256: str | None = None
     exited: bool = False
     children: set[int] = field(default_factory=set)
+    labels: dict[str, str] | None = None  # from --label-env, read at exec, inherited by children
 
 
 class ProcessTree:
@@ -72,7 +73,7 @@ class ProcessTree:
 
     def fork(self, parent: ProcInfo, child_pid: int) -> ProcInfo:
         child = ProcInfo(child_pid, parent.pid, parent.comm, parent.exe, parent.cmdline, parent.uid,
-                         parent.sha256)
+                         parent.sha256, labels=parent.labels)
         return self.add(child)
 
     def exit(self, pid: int) -> None:
@@ -183,8 +184,11 @@ class Enricher:
     """Turns typed events into stream records (dicts)."""
 
     def __init__(self, cgroup_name: Callable[[int], str | None], clock_offset_ns: int,
-                 node: str | None = None) -> None:
+                 node: str | None = None, cgroup_labels: Callable[[int, str], dict] | None = None,
+                 label_env: tuple[str, ...] = ()) -> None:
         self.tree = ProcessTree()
+        self._cgroup_labels = cgroup_labels
+        self.label_env = tuple(label_env)
         self.hasher = ExeHasher()
         self._cgroup_name = cgroup_name
         self._clock_offset_ns = clock_offset_ns
@@ -217,6 +221,28 @@ class Enricher:
             self.tree.add(info)
         return self.tree.get(chain[0].pid) if chain else None
 
+    def _env_labels(self, pid: int, ppid: int) -> dict[str, str] | None:
+        """--label-env variables of a process that just exec'd: its own, else (gone) its parent's."""
+        if not self.label_env:
+            return None
+        from .labels import env_labels
+
+        own = env_labels(pid, self.label_env)
+        if own is not None:
+            return own
+        parent = self.tree.get(ppid) or self.tree.get(pid)
+        return parent.labels if parent is not None else None
+
+    def labels_of(self, pid: int, cgroup_id: int, path: str | None) -> dict[str, str]:
+        """The record's labels: the cgroup's (and its ancestors'), then the process's env labels."""
+        out: dict[str, str] = {}
+        if self._cgroup_labels is not None and cgroup_id and path:
+            out.update(self._cgroup_labels(cgroup_id, path))
+        info = self.tree.get(pid)
+        if info is not None and info.labels:
+            out.update(info.labels)
+        return out
+
     def _proc_info(self, ev: Event) -> ProcInfo:
         p = ev.proc
         if p.pid == 0:  # a socket whose owner the kernel did not see
@@ -238,7 +264,8 @@ class Enricher:
             sha = self.hasher.of_pid(p.pid) if exe is not None else None
             if sha is None and exe is not None:
                 sha = self.hasher.of_path(exe)
-            info = self.tree.add(ProcInfo(p.pid, p.ppid, p.comm, exe, list(ev.argv), p.uid, sha))
+            labels = self._env_labels(p.pid, p.ppid)
+            info = self.tree.add(ProcInfo(p.pid, p.ppid, p.comm, exe, list(ev.argv), p.uid, sha, labels=labels))
         elif isinstance(ev, ForkEvent):
             parent = self._proc_info(ev)
             self.tree.fork(parent, ev.child_pid)
@@ -277,6 +304,9 @@ class Enricher:
         container = container_of(path) if path else None
         if container:
             rec["container"] = container
+        labels = self.labels_of(ev.proc.pid, ev.cgroup_id, path)
+        if labels:
+            rec["labels"] = labels
         return rec
 
     def _proc_dict(self, ev: Event, info: ProcInfo) -> dict:

@@ -318,6 +318,8 @@ class Responder:
             rec["latency_ms"] = (out.confirmed_ns - alert["ktime"]) / 1e6
         if out.error:
             rec["error"] = out.error
+        if isinstance(alert.get("labels"), dict):
+            rec["labels"] = dict(alert["labels"])
         if action == "freeze" and out.outcome == "frozen":
             rec["sockets_cut"] = out.sockets_cut
         if out.pulled_back:

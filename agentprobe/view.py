@@ -108,11 +108,27 @@ def detail(rec: dict) -> str:
         refused = " refused" if rec.get("refused") else ""
         what = "UDP sends" if rec.get("sendmsg") else "connects"
         return f"{dest} {rec.get('count')} more {what}{refused} in {rec.get('interval_ns', 0) / 1e9:.1f}s"
+    if t == "verdict":
+        state = "frozen" if rec.get("frozen") else ("clean" if rec.get("clean") else "alerted")
+        return clean(f"{(rec.get('cgroup') or {}).get('path')} {state}: {rec.get('alerts')} alerts "
+                     f"{sorted((rec.get('rules') or {}).items())} ({rec.get('reason')})")
     if t == "probe":
         return clean(f"{rec.get('probe')} probe {rec.get('change')}")
     if t == "cgroup":
         return clean(f"{rec.get('change')} {rec.get('cgroup', {}).get('path')}")
     return clean(str({k: v for k, v in rec.items() if k not in ("v", "node")}))
+
+
+VERDICT_HEADER = f"{'EPISODE':<32} {'VERDICT':<10} {'ALERTS':>6} {'FIRST RULE':<36} LABELS"
+
+
+def verdict_line(rec: dict) -> str:
+    """One line per episode verdict: for `agentprobe read --verdicts`."""
+    state = "frozen" if rec.get("frozen") else ("clean" if rec.get("clean") else "alerted")
+    first = (rec.get("first_alert") or {}).get("rule") or "-"
+    labels = " ".join(f"{k}={v}" for k, v in sorted((rec.get("labels") or {}).items()))
+    return clean(f"{(rec.get('cgroup') or {}).get('path') or '?':<32} {state:<10} {rec.get('alerts', 0):>6} "
+                 f"{first:<36} {labels}", 400)
 
 
 def line(rec: dict) -> str:

@@ -67,6 +67,8 @@ class WatchOptions:
     create_default: bool = True
     duration: float | None = None  # stop after this many seconds (tests, demos)
     status_dir: str = "/run/agentprobe"
+    label_env: tuple[str, ...] = ()  # environment variables of agent processes that label their records
+    label_dir: str | None = None     # a sandbox manager's label files: DIR/<cgroup id>.json
     # in-kernel deny: {"ports": [...], "allow": [CIDR...], "deny": [CIDR...]}, or None for off
     deny: dict | None = None
     probe_mode: str = "auto"  # auto | syscalls (see loader.LoaderOptions)
@@ -186,9 +188,12 @@ class Watcher:
             return False
 
     def start(self) -> None:
+        from .labels import CgroupLabels
         from .loader import LoaderOptions, ProbeSet
 
-        self.enricher = Enricher(self._cgroup_name, self.clock_offset_ns)
+        self._labels = CgroupLabels(self.root, self.options.label_dir)
+        self.enricher = Enricher(self._cgroup_name, self.clock_offset_ns, cgroup_labels=self._cgroup_labels,
+                                 label_env=self.options.label_env)
         self._probes = ProbeSet(
             LoaderOptions(buffer=self.options.buffer, extra_gpu_majors=self.options.extra_gpu_majors,
                           deny_exec_names=tuple((self.options.deny or {}).get("exec_names", ())),
@@ -305,6 +310,37 @@ class Watcher:
 
     def _cgroup_name(self, cid: int) -> str | None:
         return self.cgroup_set.name_of(cid, self.watched)
+
+    def episode_of(self, path: str) -> str:
+        """The episode a cgroup path belongs to: the child of the (innermost) watched cgroup that holds
+        it, or the watched cgroup itself (what the responder acts on)."""
+        top = max((w.path for w in self.watched.values()
+                   if path == w.path or path.startswith(w.path.rstrip("/") + "/")), key=len, default=None)
+        if top is None or path == top:
+            return path
+        return top.rstrip("/") + "/" + path[len(top.rstrip("/")) + 1:].split("/")[0]
+
+    def cgroup_exists(self, path: str) -> bool:
+        return (self.root / path.lstrip("/")).is_dir()
+
+    def verdict_stage(self):
+        from .verdicts import VerdictStage
+
+        return VerdictStage(self.episode_of, self.cgroup_exists, self.enricher.node if self.enricher else
+                            platform.node(), self.clock_offset_ns)
+
+    def _tick_stages(self) -> None:
+        """Stages that produce records on their own (verdicts of ended episodes)."""
+        for i, st in enumerate(self.stages):
+            tick = getattr(st, "poll_ended", None)
+            if tick is not None:
+                for rec in tick():
+                    self.emit(rec, i + 1)
+
+    def _cgroup_labels(self, cid: int, path: str) -> dict[str, str]:
+        top = max((w.path for w in self.watched.values()
+                   if path == w.path or path.startswith(w.path.rstrip("/") + "/")), key=len, default=None)
+        return self._labels.of(cid, path, top)
 
     # ---- the loop ----
     def _on_raw(self, data: bytes) -> None:
@@ -488,11 +524,15 @@ class Watcher:
         next_rescan = now + self.options.rescan_interval
         next_lost = now + self.options.lost_interval
         next_gpu = now + self.options.gpu_interval
+        next_tick = now + 0.5
         try:
             while not self._stop:
                 self._probes.poll(self.options.poll_ms)
                 self._check_loopback_sessions()
                 now = time.monotonic()
+                if now >= next_tick:
+                    self._tick_stages()
+                    next_tick = now + 0.5
                 if now >= next_lost:
                     self._check_losses()
                     self._flush_conn_counts()
@@ -694,6 +734,14 @@ class Watcher:
                 self.drain()
             except Exception:
                 pass
+            for i, st in enumerate(self.stages):  # open episodes get their verdict before the stop record
+                flush = getattr(st, "end_all", None)
+                if flush is not None:
+                    try:
+                        for rec in flush():
+                            self.emit(rec, i + 1)
+                    except Exception as e:
+                        self._internal_error(e)
             stop = self._meta("stop", {
                 "reason": error or self.summary.reason or "stopped",
                 "events": dict(self.summary.events),

@@ -142,4 +142,6 @@ def build_alert(spec: Any, rec: dict, summary: str, evidence: list[dict]) -> dic
     }
     if "container" in rec:
         alert["container"] = rec["container"]
+    if isinstance(rec.get("labels"), dict):
+        alert["labels"] = dict(rec["labels"])
     return alert
