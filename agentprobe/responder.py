@@ -38,6 +38,7 @@ class Outcome:
     confirmed_ns: int | None = None  # CLOCK_MONOTONIC when the freeze was confirmed
     sockets_cut: int = 0
     pulled_back: int | None = None  # pid moved back into the agent cgroup before the freeze
+    started_ns: int | None = None    # CLOCK_MONOTONIC when the freeze was asked of the kernel
 
 
 def own_cgroup_v2() -> str:
@@ -110,6 +111,7 @@ class CgroupFreezer:
         except OSError as e:
             return Outcome("failed", f"{events}: {e.strerror}")
         try:
+            started = time.monotonic_ns()
             try:
                 (d / "cgroup.freeze").write_text(value)
             except OSError as e:
@@ -125,13 +127,14 @@ class CgroupFreezer:
                 except OSError as e:
                     return Outcome("failed", f"{events}: {e.strerror}")
                 if want in text.splitlines():
-                    return Outcome(done, confirmed_ns=time.monotonic_ns())
+                    return Outcome(done, confirmed_ns=time.monotonic_ns(), started_ns=started)
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return Outcome("failed", f"not confirmed in {timeout:.0f} s ({events} says {text.split()})")
                 # kernfs rate-limits cgroup.events notifications: re-read every
                 # millisecond at first rather than wait for a wake-up that comes late
-                step = 0.001 if time.monotonic() - start < 0.1 else 0.01
+                waited = time.monotonic() - start
+                step = 0.0002 if waited < 0.02 else 0.001 if waited < 0.1 else 0.01
                 poller.poll(min(left, step) * 1000)
         finally:
             os.close(fd)
@@ -316,6 +319,9 @@ class Responder:
         }
         if out.confirmed_ns is not None and alert.get("ktime"):
             rec["latency_ms"] = (out.confirmed_ns - alert["ktime"]) / 1e6
+            if out.started_ns is not None:  # detection (kernel to decision) and the freeze itself
+                rec["detect_ms"] = (out.started_ns - alert["ktime"]) / 1e6
+                rec["freeze_ms"] = (out.confirmed_ns - out.started_ns) / 1e6
         if out.error:
             rec["error"] = out.error
         if isinstance(alert.get("labels"), dict):
