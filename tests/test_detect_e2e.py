@@ -589,3 +589,27 @@ def test_ssh_to_a_local_sshd_of_the_node_is_not_a_tunnel(agents, episode, net):
         srv.close()
     assert [r["app"] for r in recs if r["type"] == "payload"] == ["ssh"]
     assert not [r for r in recs if r["type"] == "tunnel"] and alerts(recs) == []
+
+
+def test_stratum_through_a_local_relay(agents, episode, net, tmp_path):
+    """A mining session handed to a renamed socat on loopback, relayed to the pool on a web port."""
+    _, out, _ = agents
+    relay = tmp_path / "cache-proxy"
+    shutil.copy(shutil.which("socat"), relay)
+    p = episode.popen(["/bin/sh", "-c", f"{relay} TCP-LISTEN:2295,bind=127.0.0.1,reuseaddr,fork "
+                                        f"TCP:{net.addr}:{net.POOL_ALT_PORT} & sleep 0.5; {sys.executable} -c '"
+                                        "import socket, time; s = socket.create_connection((\"127.0.0.1\", 2295)); "
+                                        "s.sendall(b\"{\\\"id\\\": 1, \\\"method\\\": \\\"mining.subscribe\\\", "
+                                        "\\\"params\\\": []}\\n\"); time.sleep(3)'; kill $!"],
+                      start_new_session=True)
+    try:
+        assert wait_frozen(episode, timeout=20)
+        recs = wait_records(out, episode, lambda rs: any(r["type"] == "tunnel" for r in rs))
+        (t,) = [r for r in recs if r["type"] == "tunnel"]
+        assert (t["carried"], t["detail"], t["proc"]["comm"]) == ("stratum", "mining.subscribe", "cache-proxy")
+        assert t["to"] == [f"{net.addr}:{net.POOL_ALT_PORT}"]
+        assert "stratum_protocol" in alerts(recs)  # the relay's own bytes to the pool, whatever the port
+    finally:
+        os.killpg(p.pid, 9)
+        (episode.path / "cgroup.freeze").write_text("0")
+        p.wait()
