@@ -13,7 +13,7 @@ import ipaddress
 import os
 import socket
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 TCP_ESTABLISHED, TCP_SYN_SENT, TCP_LISTEN = 0x01, 0x02, 0x0A
@@ -59,15 +59,21 @@ def tcp_sockets(pid: int) -> list[TcpSocket]:
     return out
 
 
-def socket_inodes(pid: int) -> set[int]:
-    out = set()
+def fd_paths(pid: int) -> Iterator[str]:
+    """/proc/PID/fd/N of each open descriptor of a process (none when it is gone)."""
     try:
         fds = os.listdir(f"/proc/{pid}/fd")
     except OSError:
-        return out
+        return
     for fd in fds:
+        yield f"/proc/{pid}/fd/{fd}"
+
+
+def socket_inodes(pid: int) -> set[int]:
+    out = set()
+    for path in fd_paths(pid):
         try:
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            link = os.readlink(path)
         except OSError:
             continue
         if link.startswith("socket:["):

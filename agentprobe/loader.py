@@ -213,8 +213,8 @@ class ProbeSet:
         self.buffer = ""
         self._bpf = None
         self._gpu_last: dict[tuple, int] = {}
-        self._conn_last: dict[bytes, int] = {}
-        self._flow_last: dict[bytes, tuple[int, int, int]] = {}
+        self._conn_last: dict[bytes, tuple] = {}
+        self._flow_last: dict[bytes, tuple] = {}
         self.gpu_probe = ""  # fentry | on-demand | always, once loaded
         self.ioctl_attached = False
         self.paths: dict[str, str] = {}
@@ -521,45 +521,39 @@ class ProbeSet:
             del self._gpu_last[ident]
         return out
 
+    def _moved(self, table: bytes, counters: tuple[str, ...], seen: dict, expire_ns: int) -> list:
+        """(key bytes, value, {counter: increase since the last call}, ...) of the entries of an
+        in-kernel counting map whose first counter moved; entries quiet since `expire_ns`
+        (monotonic) are dropped from the map."""
+        t = self._bpf[table]
+        out = []
+        for k, v in t.items():
+            ident = bytes(k)
+            now = tuple(getattr(v, c) for c in counters)
+            last = seen.get(ident, (0,) * len(counters))
+            if now[0] > last[0]:
+                seen[ident] = now
+                out.append((ident, v, {c: n - p for c, n, p in zip(counters, now, last, strict=True)}))
+            if v.last_ns < expire_ns:
+                try:
+                    del t[k]
+                except KeyError:
+                    pass
+                seen.pop(ident, None)
+        return out
+
     def conn_counts(self, expire_ns: int) -> list[tuple[abi.ConnKey, int, int, int]]:
         """(key, repeats since last call, first_ns, last_ns) of connects counted in the kernel
         instead of recorded; keys quiet since `expire_ns` (monotonic) are dropped."""
-        table = self._bpf[b"conn_repeats"]
-        out = []
-        for k, v in table.items():
-            ident = bytes(k)
-            delta = v.count - self._conn_last.get(ident, 0)
-            if delta > 0:
-                self._conn_last[ident] = v.count
-                out.append((abi.ConnKey.from_buffer_copy(ident), delta, v.first_ns, v.last_ns))
-            if v.last_ns < expire_ns:
-                try:
-                    del table[k]
-                except KeyError:
-                    pass
-                self._conn_last.pop(ident, None)
-        return out
+        return [(abi.ConnKey.from_buffer_copy(k), d["count"], v.first_ns, v.last_ns)
+                for k, v, d in self._moved(b"conn_repeats", ("count",), self._conn_last, expire_ns)]
 
     def flow_counts(self, expire_ns: int) -> list[tuple[abi.FlowKey, dict, int, int]]:
         """(key, {packets, bytes, sampled} since last call and max_len, first_ns, last_ns) of the ICMP
         and DNS packets counted in the kernel; keys quiet since `expire_ns` are dropped."""
-        table = self._bpf[b"flow_counts"]
-        out = []
-        for k, v in table.items():
-            ident = bytes(k)
-            last = self._flow_last.get(ident, (0, 0, 0))
-            if v.packets > last[0]:
-                self._flow_last[ident] = (v.packets, v.bytes, v.sampled)
-                out.append((abi.FlowKey.from_buffer_copy(ident),
-                            {"packets": v.packets - last[0], "bytes": v.bytes - last[1],
-                             "sampled": v.sampled - last[2], "max_len": v.max_len}, v.first_ns, v.last_ns))
-            if v.last_ns < expire_ns:
-                try:
-                    del table[k]
-                except KeyError:
-                    pass
-                self._flow_last.pop(ident, None)
-        return out
+        return [(abi.FlowKey.from_buffer_copy(k), {**d, "max_len": v.max_len}, v.first_ns, v.last_ns)
+                for k, v, d in self._moved(b"flow_counts", ("packets", "bytes", "sampled"), self._flow_last,
+                                           expire_ns)]
 
     def forget_process(self, pid: int) -> None:
         """Drop in-kernel GPU state of an exited process."""

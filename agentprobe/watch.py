@@ -267,14 +267,12 @@ class Watcher:
 
     def _holds_gpu(self, pid: int) -> bool:
         """Has this running process a GPU device open (found at start or when a cgroup is added)?"""
+        from .forwarders import fd_paths
+
         majors = self._probes.gpu_majors if self._probes else {}
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            return False
-        for fd in fds:
+        for path in fd_paths(pid):
             try:
-                st = os.stat(f"/proc/{pid}/fd/{fd}")
+                st = os.stat(path)
             except OSError:
                 continue
             if (st.st_mode & 0o170000) == 0o020000 and os.major(st.st_rdev) in majors:

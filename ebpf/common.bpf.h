@@ -95,6 +95,25 @@ static __always_inline void ap_fill_header(struct ap_header *h, u32 type)
 	bpf_get_current_comm(&h->comm, sizeof(h->comm));
 }
 
+/* The per-CPU scratch record as a fresh exec record of the current task
+ * (filename and args left to the caller), or 0. */
+static __always_inline struct ap_exec_event *ap_exec_begin(s32 retval, u32 flags, s32 dirfd, u32 at_flags)
+{
+	u32 zero = 0;
+	struct ap_exec_event *e = scratch.lookup(&zero);
+	if (!e)
+		return 0;
+	ap_fill_header(&e->h, AP_EV_EXEC);
+	e->retval = retval;
+	e->flags = flags;
+	e->argc = 0;
+	e->argc_total = 0;
+	e->args_size = 0;
+	e->dirfd = dirfd;
+	e->at_flags = at_flags;
+	return e;
+}
+
 /* struct file * of descriptor fd of the current task, or 0. */
 static __always_inline void *ap_fd_file(int fd)
 {

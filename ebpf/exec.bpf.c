@@ -37,18 +37,9 @@ RAW_TRACEPOINT_PROBE(sched_process_exec)
 {
 	if (!ap_in_scope())
 		return 0;
-	u32 zero = 0;
-	struct ap_exec_event *e = scratch.lookup(&zero);
+	struct ap_exec_event *e = ap_exec_begin(0, AP_EXEC_ARGV_RAW, -100, 0);
 	if (!e)
 		return 0;
-	ap_fill_header(&e->h, AP_EV_EXEC);
-	e->retval = 0;
-	e->flags = AP_EXEC_ARGV_RAW;
-	e->argc = 0;
-	e->argc_total = 0;
-	e->args_size = 0;
-	e->dirfd = -100;
-	e->at_flags = 0;
 	ap_remember_agent(e->h.pid);
 	void *bprm = (void *)ctx->args[2];
 	if (ap_exec_denied(bprm) && bpf_send_signal(AP_SIGKILL) == 0)
@@ -144,18 +135,9 @@ static __always_inline int ap_exec_enter(const char *filename,
 {
 	if (!ap_in_scope())
 		return 0;
-	u32 zero = 0;
-	struct ap_exec_event *e = scratch.lookup(&zero);
+	struct ap_exec_event *e = ap_exec_begin(0, flags, dirfd, at_flags);
 	if (!e)
 		return 0;
-	ap_fill_header(&e->h, AP_EV_EXEC);
-	e->retval = 0;
-	e->flags = flags;
-	e->argc = 0;
-	e->argc_total = 0;
-	e->args_size = 0;
-	e->dirfd = dirfd;
-	e->at_flags = at_flags;
 	long n = bpf_probe_read_user_str(e->filename, sizeof(e->filename), filename);
 	if (n == sizeof(e->filename))
 		e->flags |= AP_EXEC_FILENAME_TRUNC;

@@ -45,17 +45,8 @@ LSM_PROBE(bprm_check_security, void *bprm)
 	if (!deny_exec_names.lookup(&key))
 		return 0;
 #ifndef AP_SYSCALL_PROBES
-	u32 zero = 0;
-	struct ap_exec_event *e = scratch.lookup(&zero);
+	struct ap_exec_event *e = ap_exec_begin(-AP_EPERM, AP_EXEC_ARGV_RAW, -100, 0);
 	if (e) {
-		ap_fill_header(&e->h, AP_EV_EXEC);
-		e->retval = -AP_EPERM;
-		e->flags = AP_EXEC_ARGV_RAW;
-		e->argc = 0;
-		e->argc_total = 0;
-		e->args_size = 0;
-		e->dirfd = -100;
-		e->at_flags = 0;
 		const char *fname = (const char *)ap_read_ptr(bprm, AP_OFF_LINUX_BINPRM_FILENAME);
 		bpf_probe_read_kernel_str(e->filename, sizeof(e->filename), fname);
 		ap_submit(ctx, e, sizeof(*e), AP_EV_EXEC);

