@@ -124,6 +124,11 @@ class ExeHasher:
     def of_path(self, path: str) -> str | None:
         return self._hash_path(path)
 
+    def warm(self, paths) -> int:
+        """Hash programs ahead of time (at start), so an agent's first exec of one is not
+        delayed by hashing it on the way to the rules. Returns how many were hashed."""
+        return sum(1 for p in paths if p and self._hash_path(p) is not None)
+
     def _hash_path(self, path: str) -> str | None:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
