@@ -283,7 +283,7 @@ class Watcher:
         self.summary.events[rec["type"]] += 1
         data = encode(rec)
         for s in self.sinks:
-            s.write(data)
+            s.write_record(rec, data)
         if self.on_record:
             self.on_record(rec)
         for i in range(from_stage, len(self.stages)):
