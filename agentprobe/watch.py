@@ -506,3 +506,15 @@ class Watcher:
             lock.close()
         self._locks = {}
         self._remove_status()
+
+    # ---- for the CLI's configuration reload ----
+    def meta_record(self, type_: str, fields: dict) -> dict:
+        """A watcher record (ts, ktime, node set) of `type_`, for emit()."""
+        return self._meta(type_, fields)
+
+    def update_deny(self, deny: dict | None) -> None:
+        """New in-kernel deny lists (after a reload); the exec-name deny keeps what it loaded with."""
+        self.options.deny = deny
+        if self._probes is not None:
+            d = deny or {}
+            self._probes.set_deny(d.get("ports", ()), d.get("allow", ()), d.get("deny", ()), bool(deny))
