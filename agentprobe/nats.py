@@ -589,6 +589,10 @@ class NatsSink(Sink):
             else:
                 time.sleep(0.05)
         self.dropped += self.buffered
+        self._pending.clear()
+        self._inflight.clear()
+        self._unacked.clear()
+        self._held = 0
         if self._sock is not None:
             self._sock.close()
             self._sock = None
@@ -602,26 +606,33 @@ def subscribe(spec: str, subject: str, err=None, durable: str | None = None) -> 
     on `err`). With `durable` and `?stream=NAME` in the address, reads through a durable JetStream
     consumer instead, acknowledging each message, so nothing published while away is missed."""
     addr = parse_url(spec)
-    err = err or sys.stderr
-    conn = BlockingConnection(addr)  # the first connection must work: a clear error otherwise
+    conn = BlockingConnection(addr)  # the first connection must work: a clear error now, not at first next()
+    return _messages(conn, addr, subject, durable, err or sys.stderr)
+
+
+def _messages(conn: BlockingConnection, addr: NatsAddress, subject: str, durable: str | None,
+              err) -> Iterator[Msg]:
     backoff = BACKOFF_MIN
-    while True:
-        try:
-            yield from _read_subscription(conn, addr, subject, durable)
-        except (TimeoutError, OSError, NatsError) as e:
-            print(f"agentprobe: {addr.display}: connection lost ({getattr(e, 'strerror', None) or e}); reconnecting",
-                  file=err, flush=True)
-        conn.close()
+    try:
         while True:
-            time.sleep(backoff)
-            backoff = min(BACKOFF_MAX, backoff * 2)
             try:
-                conn = BlockingConnection(addr)
-            except NatsError:
-                continue
-            print(f"agentprobe: {addr.display}: reconnected", file=err, flush=True)
-            backoff = BACKOFF_MIN
-            break
+                yield from _read_subscription(conn, addr, subject, durable)
+            except (TimeoutError, OSError, NatsError) as e:
+                print(f"agentprobe: {addr.display}: connection lost ({getattr(e, 'strerror', None) or e}); "
+                      "reconnecting", file=err, flush=True)
+            conn.close()
+            while True:
+                time.sleep(backoff)
+                backoff = min(BACKOFF_MAX, backoff * 2)
+                try:
+                    conn = BlockingConnection(addr)
+                except NatsError:
+                    continue
+                print(f"agentprobe: {addr.display}: reconnected", file=err, flush=True)
+                backoff = BACKOFF_MIN
+                break
+    finally:  # the reader stopped (closed the generator)
+        conn.close()
 
 
 def _read_subscription(conn: BlockingConnection, addr: NatsAddress, subject: str,
@@ -651,6 +662,8 @@ def _read_subscription(conn: BlockingConnection, addr: NatsAddress, subject: str
         msg = op[1]
         if msg.status is not None:
             continue  # flow-control or heartbeat status messages
-        yield msg
-        if durable and addr.stream and msg.reply:
-            conn.sock.sendall(pub_frame(msg.reply, b"+ACK"))
+        try:
+            yield msg
+        finally:  # acknowledged once the reader is done with it (also when it stops after this one)
+            if durable and addr.stream and msg.reply:
+                conn.sock.sendall(pub_frame(msg.reply, b"+ACK"))

@@ -497,10 +497,15 @@ class Watcher:
             if self._nvml is not None:
                 self._nvml.close()
         for s in self.sinks:
+            before = s.dropped
             try:
                 s.close()
             except OSError as e:
                 print(f"agentprobe: output {s.name}: {e}", file=self.err)
+            if s.dropped > before:  # after the stop record: said here, and counted in the summary
+                print(f"agentprobe: output {s.name}: {s.dropped - before} records not delivered before stopping",
+                      file=self.err)
+                self.summary.lost_output += s.dropped - before
         self.sinks = []
         for lock in self._locks.values():
             lock.close()

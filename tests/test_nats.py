@@ -325,3 +325,82 @@ def test_subscribe_reconnects_after_an_outage(nats_server):
         sink.close()
     assert got[0] == 0 and got[1] == 1
     assert "connection lost" in err.getvalue() and "reconnected" in err.getvalue()
+
+
+def test_what_is_still_held_at_close_is_counted(nats_server):
+    sink = NatsSink(nats_server.url, err=io.StringIO())
+    nats_server.stop()
+    publish(sink, [record(i) for i in range(5)])
+    t0 = time.monotonic()
+    sink.close(timeout=0.3)
+    assert time.monotonic() - t0 < 2.0
+    assert sink.dropped == 5 and sink.buffered == 0
+
+
+def test_collect_bad_input_is_one_line(agentprobe_cmd):
+    import subprocess
+
+    port = free_port()
+    for args, line in [
+        ([f"nats://127.0.0.1:{port}"], f"agentprobe: cannot reach NATS server nats://127.0.0.1:{port}: "
+                                       "Connection refused"),
+        (["http://x:1"], "agentprobe: bad NATS address http://x:1: expected nats://HOST:PORT"),
+        ([f"nats://127.0.0.1:{port}", "--durable", "soc"],
+         "agentprobe: --durable needs a JetStream stream: nats://HOST:PORT?stream=NAME"),
+    ]:
+        r = subprocess.run([*agentprobe_cmd, "collect", *args], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 1 and r.stderr.splitlines() == [line], r.stderr
+
+
+def test_collect_writes_the_merged_stream_from_two_nodes(nats_server, tmp_path, agentprobe_cmd):
+    import subprocess
+
+    from agentprobe.stream import read_records
+
+    out = tmp_path / "fleet.msgpack"
+    col = subprocess.Popen([*agentprobe_cmd, "collect", nats_server.url, "-o", str(out), "--count", "4"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)  # subscribed
+        a = NatsSink(nats_server.url)
+        b = NatsSink(nats_server.url)
+        publish(a, [record(0, node="gpu-1"), record(1, node="gpu-1")])
+        publish(b, [record(0, node="gpu-2"), record(1, node="gpu-2")])
+        settle(a)
+        settle(b)
+        a.close()
+        b.close()
+        _, err = col.communicate(timeout=20)
+    finally:
+        if col.poll() is None:
+            col.kill()
+    assert col.returncode == 0, err
+    recs = list(read_records(str(out)))
+    assert sorted((r["node"], r["seq"]) for r in recs) == [("gpu-1", 0), ("gpu-1", 1), ("gpu-2", 0), ("gpu-2", 1)]
+    assert err.strip().endswith("collected 4 records (0 not readable)")
+
+
+def test_a_durable_collector_gets_what_was_published_while_it_was_away(nats_server):
+    url = nats_server.url + "?stream=AP_DURABLE"
+    check_output(url)
+    sink = NatsSink(url, err=io.StringIO())
+
+    def take(n: int) -> list[int]:
+        msgs = subscribe(url, "agentprobe.>", err=io.StringIO(), durable="soc")
+        got = []
+        for m in msgs:
+            got.append(msgpack.unpackb(m.payload)["seq"])
+            if len(got) == n:
+                break
+        msgs.close()
+        return got
+
+    try:
+        publish(sink, [record(i) for i in range(3)])
+        settle(sink)
+        assert take(3) == [0, 1, 2]
+        publish(sink, [record(i) for i in range(3, 6)])  # the collector is away
+        settle(sink)
+        assert take(3) == [3, 4, 5]  # acknowledged ones are not delivered again
+    finally:
+        sink.close()
