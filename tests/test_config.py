@@ -85,6 +85,11 @@ def test_cli_config_show_and_bad_config(agentprobe_cmd, tmp_path):
     import yaml
 
     assert yaml.safe_load(r.stdout)["rules"] == ["/etc/site.yaml"]  # the output is itself a config file
+    again = tmp_path / "again.yaml"
+    again.write_text(r.stdout)
+    r2 = subprocess.run([*agentprobe_cmd, "config", "show", "--config", str(again)], capture_output=True, text=True)
+    assert r2.returncode == 0, r2.stderr
+    assert [ln.split("#")[0] for ln in r2.stdout.splitlines()[1:]] == [ln.split("#")[0] for ln in lines[1:]]
     bad = write(tmp_path, "rescn: 1\n")
     for cmd in (["config", "show", "--config", str(bad)], ["watch", "--config", str(bad)]):
         r = subprocess.run([*agentprobe_cmd, *cmd], capture_output=True, text=True)
