@@ -24,6 +24,8 @@ Examples:
   sudo agentprobe watch --cgroup-glob 'kubepods.slice/**/*agent*'
   sudo agentprobe watch -o - --no-view | agentprobe read -
   sudo agentprobe watch -o unix:/run/agentprobe.sock   # readers: agentprobe read unix:/run/agentprobe.sock
+  sudo agentprobe watch -o 'nats://nats.internal:4222?stream=AGENTPROBE' --metrics 127.0.0.1:9477
+  sudo agentprobe watch --config /etc/agentprobe/config.yaml    # kill -HUP reloads rules and allowlists
 
 \b
 Exit status:
@@ -41,6 +43,19 @@ def _fail(e: AgentprobeError) -> None:
     sys.exit(e.exit_code)
 
 
+def _load_config(ctx: click.Context, _param, value: str | None) -> str | None:
+    """--config (eager): the file's values become the defaults of every other option."""
+    from .config import ConfigError, load_config, resolve_config
+
+    try:
+        path = resolve_config(value)
+        if path:
+            ctx.default_map = {**(ctx.default_map or {}), **load_config(path, ctx.command)}
+    except ConfigError as e:
+        _fail(e)
+    return path
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="agentprobe")
 def main() -> None:
@@ -48,6 +63,9 @@ def main() -> None:
 
 
 @main.command(epilog=WATCH_EPILOG)
+@click.option("--config", "config_path", metavar="FILE", is_eager=True, callback=_load_config,
+              help="YAML file with any of these options (long names as keys); the command line wins. "
+                   "Default: /etc/agentprobe/config.yaml if it exists. SIGHUP re-reads it and the rule files.")
 @click.option("--cgroup", "cgroups", multiple=True, metavar="PATH",
               help="Agent cgroup to watch with its subtree: absolute, or relative to the cgroup v2 mount. "
                    "Repeatable. Default: 'agents', created if missing.")
@@ -56,8 +74,12 @@ def main() -> None:
                    "** across levels), re-scanned so later ones are watched too. Repeatable.")
 @click.option("-o", "--output", "outputs", multiple=True, metavar="SPEC",
               help=f"Stream destination: '-' (stdout), FILE (appended; flushed after every batch, at most "
-                   f"every 100 ms, and on exit), unix:PATH or tcp:HOST:PORT (served to readers). "
+                   f"every 100 ms, and on exit), unix:PATH or tcp:HOST:PORT (served to readers), "
+                   f"nats://HOST:PORT[?prefix=P&stream=JETSTREAM] (published on P.<node>.<type>), "
+                   f"jsonl:FILE or jsonl:- (JSON lines, Elastic Common Schema names). "
                    f"Repeatable. Default: {DEFAULT_OUTPUT}.")
+@click.option("--metrics", "metrics_addr", metavar="HOST:PORT",
+              help="Serve Prometheus metrics on http://HOST:PORT/metrics.")
 @click.option("--buffer", type=click.Choice(["auto", "ringbuf", "perf"]), default="auto", show_default=True,
               help="Kernel-to-user buffer: BPF ring buffer (5.8+) or perf buffer.")
 @click.option("--no-view", is_flag=True, help="No live one-line-per-event view on the terminal.")
@@ -99,11 +121,13 @@ def main() -> None:
               help="Also read cgroup labels from DIR/<cgroup id>.json files a sandbox manager writes "
                    "(besides the cgroups' user.agentprobe.* attributes: `agentprobe label`).")
 @click.option("--no-verdicts", is_flag=True, help="No per-episode verdict records.")
-def watch(cgroups, globs, outputs, buffer, no_view, duration, gpu_interval, gpu_majors, rescan,
-          rule_files, no_default_rules, dry_run, in_kernel_deny, no_cut_network, status_dir,
+def watch(config_path, cgroups, globs, outputs, metrics_addr, buffer, no_view, duration, gpu_interval, gpu_majors,
+          rescan, rule_files, no_default_rules, dry_run, in_kernel_deny, no_cut_network, status_dir,
           probe_mode, gpu_probe, gpu_idle_detach, label_env, label_dir, no_verdicts) -> None:
     """Trace exec, connect and NVIDIA ioctls of agent processes, apply the detection
     rules, freeze agent cgroups that misbehave, and stream everything as msgpack."""
+    import signal
+
     from . import view
     from .responder import CgroupFreezer, Responder
     from .watch import Watcher, WatchOptions
@@ -114,7 +138,18 @@ def watch(cgroups, globs, outputs, buffer, no_view, duration, gpu_interval, gpu_
                         rescan_interval=rescan, status_dir=status_dir, probe_mode=probe_mode,
                         label_env=_label_env_names(label_env), label_dir=label_dir,
                         gpu_probe=gpu_probe, gpu_idle_detach=gpu_idle_detach)
-    term = sys.stderr if "-" in outputs else sys.stdout
+    term = sys.stderr if ("-" in outputs or "jsonl:-" in outputs) else sys.stdout
+    metrics = metrics_server = None
+    if metrics_addr:  # before anything is loaded: a taken port is a clear error at once
+        from .metrics import MetricsServer, WatchMetrics
+
+        try:
+            metrics = WatchMetrics(lambda: watcher.sinks)
+            metrics_server = MetricsServer(metrics_addr, metrics)
+        except AgentprobeError as e:
+            _fail(e)
+    reloader = None
+    old_hup = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # not fatal while loading; handled once running
 
     def show(rec: dict) -> None:
         try:
@@ -130,6 +165,14 @@ def watch(cgroups, globs, outputs, buffer, no_view, duration, gpu_interval, gpu_
             from .rules import deny_policy
 
             opts.deny = deny_policy(rules_stage.ruleset)
+        if metrics is not None:
+            from .metrics import TimedStage
+
+            if rules_stage is not None:
+                rules_stage = TimedStage(rules_stage, metrics)
+            watcher.sinks.append(metrics)
+        reloader = _reloader(watcher, config_path, rule_files, no_default_rules, in_kernel_deny and not dry_run,
+                             metrics)
         watcher.prepare()
         from .cgroups import find_v1_freezer
 
@@ -146,12 +189,19 @@ def watch(cgroups, globs, outputs, buffer, no_view, duration, gpu_interval, gpu_
         paths = ", ".join(f"{watcher.root}{c.path}" for c in watcher.watched.values()) or "(none yet)"
         for name, path in watcher.probe_paths.items():
             click.echo(f"agentprobe: probe {name}: {path}", err=True)
+        if metrics_server is not None:
+            host, port = metrics_server.address[:2]
+            click.echo(f"agentprobe: metrics on http://{host}:{port}/metrics", err=True)
         click.echo(f"agentprobe: watching {paths}; stream -> {', '.join(outputs)}; Ctrl-C to stop", err=True)
-        watcher.run()
+        signal.signal(signal.SIGHUP, reloader.request)
+        watcher.run(until=reloader.poll)
     except AgentprobeError as e:
         error = e
     finally:
+        signal.signal(signal.SIGHUP, old_hup)
         watcher.close(error=str(error) if error else None)
+        if metrics_server is not None:
+            metrics_server.close()
     if error:
         _fail(error)
     s = watcher.summary
@@ -178,6 +228,36 @@ def _label_env_names(values) -> tuple[str, ...]:
     if len(names) > 16:
         raise click.BadParameter("at most 16 names", param_hint="--label-env")
     return tuple(names)
+
+
+def _reloader(watcher, config_path, cli_rule_files, cli_no_default_rules, with_deny: bool, metrics):
+    """What SIGHUP does: re-read the config file and the rule files it or the command line names
+    (the command line wins, as at start), build the engine, swap it in (agentprobe/reload.py)."""
+    from click.core import ParameterSource
+
+    from .reload import RuleReloader
+
+    ctx = click.get_current_context()
+    from_cli = {name: ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
+                for name in ("rule_files", "no_default_rules")}
+
+    def build():
+        from .config import load_config
+        from .rules import build_engine, deny_policy
+
+        values = load_config(config_path, ctx.command) if config_path else {}
+        files = list(cli_rule_files) if from_cli["rule_files"] else list(values.get("rule_files", ()))
+        no_defaults = cli_no_default_rules if from_cli["no_default_rules"] else values.get("no_default_rules", False)
+        engine = build_engine(files, with_defaults=not no_defaults)
+        return engine, deny_policy(engine.ruleset) if with_deny else None, config_path
+
+    wrap = None
+    if metrics is not None:
+        from .metrics import TimedStage
+
+        def wrap(engine):
+            return TimedStage(engine, metrics)
+    return RuleReloader(watcher, build, wrap)
 
 
 def _rule_stage(rule_files, with_defaults: bool):
@@ -417,6 +497,98 @@ def read(source, as_json, types, verdicts) -> None:
         _fail(e)
     except KeyboardInterrupt:
         return
+
+
+@main.command()
+@click.argument("source", metavar="nats://HOST:PORT[?stream=NAME]")
+@click.option("--subject", metavar="SUBJECT", help="What to subscribe to. Default: '<prefix>.>' (every node, "
+                                                     "every record type); e.g. 'agentprobe.*.alert'.")
+@click.option("-o", "--output", metavar="FILE|-", help="Write the merged msgpack stream here instead of showing it.")
+@click.option("--json", "as_json", is_flag=True, help="Show JSON lines instead of readable lines.")
+@click.option("--durable", metavar="NAME",
+              help="Read through a durable JetStream consumer NAME of the ?stream=: records published while "
+                   "this collector was away are delivered when it comes back.")
+@click.option("--count", type=int, metavar="N", help="Stop after N records.")
+def collect(source, subject, output, as_json, durable, count) -> None:
+    """One live view of a fleet: every node's records from NATS, merged.
+
+    \b
+    Examples:
+      agentprobe collect nats://nats.internal:4222
+      agentprobe collect nats://nats.internal:4222 --subject 'agentprobe.*.alert'
+      agentprobe collect 'nats://nats.internal:4222?stream=AGENTPROBE' --durable soc -o fleet.msgpack
+    """
+    from . import view
+    from .nats import parse_url, subscribe
+    from .stream import decode_one
+
+    try:
+        addr = parse_url(source)
+        if durable and not addr.stream:
+            raise AgentprobeError("--durable needs a JetStream stream: nats://HOST:PORT?stream=NAME")
+        subject = subject or f"{addr.prefix}.>"
+        messages = subscribe(source, subject, durable=durable)
+        sink = None
+        if output:
+            from .sinks import FileSink, StdoutSink
+
+            sink = StdoutSink() if output == "-" else FileSink(output)
+    except AgentprobeError as e:
+        _fail(e)
+    term = sys.stderr if output == "-" else sys.stdout
+    if not output and not as_json:
+        print(f"{'NODE':<16} {view.HEADER}", file=term, flush=True)
+    seen = bad = 0
+    try:
+        for msg in messages:
+            try:
+                rec = decode_one(msg.payload)
+                if not isinstance(rec, dict) or "type" not in rec:
+                    raise ValueError("not an agentprobe record")
+            except Exception as e:  # a stranger on the subject is counted and shown, never fatal
+                bad += 1
+                click.echo(f"agentprobe: {msg.subject}: not an agentprobe record ({type(e).__name__})", err=True)
+                continue
+            seen += 1
+            if sink is not None:
+                sink.write(msg.payload)
+                sink.flush()
+            elif as_json:
+                term.write(json.dumps(rec, default=_json_default, ensure_ascii=True) + "\n")
+                term.flush()
+            else:
+                term.write(f"{view.clean(rec.get('node', '?'), 16):<16} {view.line(rec)}\n")
+                term.flush()
+            if count and seen >= count:
+                break
+    except (KeyboardInterrupt, BrokenPipeError):
+        pass
+    finally:
+        if sink is not None:
+            sink.close()
+    click.echo(f"agentprobe: collected {seen} records ({bad} not readable)", err=True)
+
+
+@main.group("config")
+def config_group() -> None:
+    """The configuration file of `agentprobe watch`."""
+
+
+@config_group.command("show")
+@click.option("--config", "config_path", metavar="FILE",
+              help="The file to read. Default: /etc/agentprobe/config.yaml if it exists.")
+def config_show(config_path) -> None:
+    """Print the effective configuration: every watch option, from the file or its default."""
+    from .config import ConfigError, dump, effective, load_config, resolve_config
+
+    try:
+        path = resolve_config(config_path)
+        values = load_config(path, watch) if path else {}
+    except ConfigError as e:
+        _fail(e)
+    rows = effective(watch, values)
+    rows = [(k, v or [DEFAULT_OUTPUT], s) if k == "output" and s == "default" else (k, v, s) for k, v, s in rows]
+    click.echo(dump(rows, path), nl=False)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import psutil
 
 from .cgroups import container_of
 from .events import Event, ExecEvent, ExitEvent, ForkEvent, Process
+from .kube import PodDirectory
 
 SCHEMA_VERSION = 1
 MAX_ANCESTORS = 16
@@ -199,6 +200,7 @@ class Enricher:
         self._clock_offset_ns = clock_offset_ns
         self.node = node or socket.gethostname()
         self._users: dict[int, str | None] = {}
+        self.pods = PodDirectory()  # pod, namespace and container names on Kubernetes nodes
 
     # ---- helpers ----
     def user_name(self, uid: int | None) -> str | None:
@@ -307,6 +309,10 @@ class Enricher:
             "cgroup": {"id": ev.cgroup_id, "path": path},
         }
         container = container_of(path) if path else None
+        if path and "kubepods" in path:
+            pod = self.pods.container_info(path)
+            if pod:
+                container = {**(container or {}), **pod}
         if container:
             rec["container"] = container
         labels = self.labels_of(ev.proc.pid, ev.cgroup_id, path)

@@ -36,6 +36,11 @@ class Sink:
     def write(self, data: bytes) -> None:
         raise NotImplementedError
 
+    def write_record(self, rec: dict, data: bytes) -> None:
+        """One record and its msgpack encoding; sinks that need the fields (NATS subjects,
+        JSON lines) override this."""
+        self.write(data)
+
     def flush(self) -> None:
         pass
 
@@ -225,8 +230,54 @@ class ServerSink(Sink):
                 pass
 
 
+class JsonLinesSink(Sink):
+    """One JSON object per line with Elastic Common Schema field names (agentprobe/ecs.py), for
+    SIEMs and log shippers; written through a file or stdout sink (same buffering and counting)."""
+
+    def __init__(self, inner: Sink) -> None:
+        super().__init__()
+        self.inner = inner
+        self.name = "jsonl:" + inner.name
+
+    def write_record(self, rec: dict, data: bytes) -> None:
+        from .ecs import to_json_line
+
+        before = self.inner.dropped
+        self.inner.write(to_json_line(rec))
+        if self.inner.dropped == before:
+            self.written += 1
+
+    def write(self, data: bytes) -> None:
+        from .stream import decode_one
+
+        self.write_record(decode_one(data), data)
+
+    @property
+    def dropped(self) -> int:  # the inner sink counts
+        return self.inner.dropped
+
+    @dropped.setter
+    def dropped(self, value: int) -> None:
+        pass
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 def check_output(spec: str) -> None:
     """Fail early, before anything is loaded, for an output that cannot work."""
+    if spec.startswith("nats:"):
+        from .nats import check_nats
+
+        check_nats(spec)
+        return
+    if spec.startswith("jsonl:"):
+        if spec[6:] != "-":
+            check_output(spec[6:])
+        return
     if spec == "-" or spec.startswith(("unix:", "tcp:")):
         if spec.startswith("tcp:"):
             host, _, port = spec[4:].rpartition(":")
@@ -252,6 +303,15 @@ def check_output(spec: str) -> None:
 
 
 def open_sink(spec: str) -> Sink:
+    if spec.startswith("nats:"):
+        from .nats import NatsSink
+
+        return NatsSink(spec)
+    if spec.startswith("jsonl:"):
+        inner = spec[6:]
+        if not inner:
+            raise SinkError("bad output jsonl: expected jsonl:FILE or jsonl:-")
+        return JsonLinesSink(StdoutSink() if inner == "-" else FileSink(inner))
     if spec == "-":
         return StdoutSink()
     if spec.startswith(("unix:", "tcp:")):

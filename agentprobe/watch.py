@@ -492,7 +492,7 @@ class Watcher:
         self.summary.events[rec["type"]] += 1
         data = encode(rec)
         for s in self.sinks:
-            s.write(data)
+            s.write_record(rec, data)
         if self.on_record:
             self.on_record(rec)
         try:  # bookkeeping for tunnel records: never in the way of the rules below
@@ -764,12 +764,29 @@ class Watcher:
             if self._nvml is not None:
                 self._nvml.close()
         for s in self.sinks:
+            before = s.dropped
             try:
                 s.close()
             except OSError as e:
                 print(f"agentprobe: output {s.name}: {e}", file=self.err)
+            if s.dropped > before:  # after the stop record: said here, and counted in the summary
+                print(f"agentprobe: output {s.name}: {s.dropped - before} records not delivered before stopping",
+                      file=self.err)
+                self.summary.lost_output += s.dropped - before
         self.sinks = []
         for lock in self._locks.values():
             lock.close()
         self._locks = {}
         self._remove_status()
+
+    # ---- for the CLI's configuration reload ----
+    def meta_record(self, type_: str, fields: dict) -> dict:
+        """A watcher record (ts, ktime, node set) of `type_`, for emit()."""
+        return self._meta(type_, fields)
+
+    def update_deny(self, deny: dict | None) -> None:
+        """New in-kernel deny lists (after a reload); the exec-name deny keeps what it loaded with."""
+        self.options.deny = deny
+        if self._probes is not None:
+            d = deny or {}
+            self._probes.set_deny(d.get("ports", ()), d.get("allow", ()), d.get("deny", ()), bool(deny))

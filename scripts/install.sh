@@ -20,30 +20,53 @@ REPO="$(cd "$(dirname "$0")/.." && pwd)"
 KREL="$(uname -r)"
 export DEBIAN_FRONTEND=noninteractive
 
-pkgs=(python3 python3-venv python3-pip python3-bpfcc bpfcc-tools bpftool iproute2 util-linux gcc libc6-dev)
-# headers that match the running kernel when the distribution has them
-if apt-cache show "linux-headers-$KREL" >/dev/null 2>&1; then
-    pkgs+=("linux-headers-$KREL")
-else
-    case "$(. /etc/os-release && echo "$ID")" in
-        ubuntu) pkgs+=(linux-headers-generic) ;;
-        *) pkgs+=(linux-headers-amd64) ;;
-    esac
-fi
+DISTRO="$(. /etc/os-release && echo "$ID")"
+pkgs=(python3 python3-venv python3-pip python3-bpfcc bpfcc-tools iproute2 util-linux gcc libc6-dev)
+case "$DISTRO" in
+    # Ubuntu ships bpftool in linux-tools-<kernel> behind the linux-tools-common wrapper
+    ubuntu) pkgs+=(linux-tools-common) ;;
+    *) pkgs+=(bpftool) ;;
+esac
 if [ "$WANT_TEST" = 1 ]; then
-    pkgs+=(openssh-server openssh-client autossh socat ncat nats-server curl git make
+    pkgs+=(openssh-server openssh-client autossh socat ncat nats-server curl git make systemd
            ptunnel-ng dns2tcp iputils-ping  # covert-channel tests: real tunnel tools
            qemu-system-x86 mmdebstrap e2fsprogs)  # scripts/vm-run, scripts/vm-test
 fi
 
+# package lists are needed to ask for kernel-specific packages on a fresh machine
+[ -n "$(ls -A /var/lib/apt/lists 2>/dev/null | grep -v -e lock -e partial)" ] || apt-get update -qq
+optional=()
+# headers (and Ubuntu's bpftool) that match the running kernel when the distribution has them
+if apt-cache show "linux-headers-$KREL" >/dev/null 2>&1; then
+    pkgs+=("linux-headers-$KREL")
+else
+    case "$DISTRO" in
+        ubuntu) pkgs+=(linux-headers-generic) ;;
+        *) pkgs+=(linux-headers-amd64) ;;
+    esac
+fi
+if [ "$DISTRO" = ubuntu ]; then
+    if apt-cache show "linux-tools-$KREL" >/dev/null 2>&1; then pkgs+=("linux-tools-$KREL"); else pkgs+=(linux-tools-generic); fi
+fi
+# `vagrant validate` in the tests; not every release carries vagrant any more
+[ "$WANT_TEST" = 1 ] && optional+=(vagrant)
+
 missing=()
-for p in "${pkgs[@]}"; do
+for p in "${pkgs[@]}" "${optional[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "install.sh: apt-get install ${missing[*]}"
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    available=()
+    for p in "${missing[@]}"; do
+        if [[ " ${optional[*]} " == *" $p "* ]] && ! apt-cache show "$p" >/dev/null 2>&1; then
+            echo "install.sh: $p is not packaged for $DISTRO; the tests that need it will say so" >&2
+            continue
+        fi
+        available+=("$p")
+    done
+    [ "${#available[@]}" -eq 0 ] || apt-get install -y -qq --no-install-recommends "${available[@]}" >/dev/null
 fi
 # some images ship without these even though the packages are installed
 command -v sshd >/dev/null || [ "$WANT_TEST" = 0 ] || die "sshd missing after install"

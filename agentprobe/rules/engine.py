@@ -389,3 +389,29 @@ class RuleEngine:
                 p = _Partial(now, anchor, cg, {0: trim_record(record)})
                 self._partials.put(own_key, p, anchor, cg)
         return alert
+
+    def adopt_state(self, old: RuleEngine) -> int:
+        """After a configuration reload: take over the counters, sequences in progress and
+        dedup windows of every rule whose id and logic (condition, count, sequence, dedup)
+        did not change; state of changed or removed rules starts afresh. Returns the entries kept."""
+
+        def logic(spec) -> tuple:
+            return (spec.condition, spec.count, spec.sequence, spec.dedup_ns)
+
+        now = {r.spec.id: r for r in self.ruleset.enabled_rules}
+        index_map = {}
+        for r in old.ruleset.enabled_rules:
+            new = now.get(r.spec.id)
+            if new is not None and logic(new.spec) == logic(r.spec):
+                index_map[r.index] = new.index
+        kept = 0
+        for mine, theirs in ((self._counters, old._counters), (self._partials, old._partials),
+                             (self._dedup, old._dedup)):
+            for key, (value, pid, cg) in list(theirs._items.items()):
+                if isinstance(key, tuple) and key and key[0] in index_map:
+                    mine.put((index_map[key[0]], *key[1:]), value, pid, cg)
+                    kept += 1
+        self._clock = max(self._clock, old._clock)
+        self._next_sweep = old._next_sweep
+        self.alerts, self.suppressed, self.errors = old.alerts, old.suppressed, old.errors
+        return kept

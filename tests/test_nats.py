@@ -1,0 +1,406 @@
+"""The NATS output and `collect` input against a real nats-server (loopback, temp dir)."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import time
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from natsutil import NatsServer, free_port
+
+from agentprobe.nats import (
+    BlockingConnection,
+    NatsError,
+    NatsParser,
+    NatsSink,
+    parse_url,
+    pub_frame,
+    subject_token,
+    subscribe,
+)
+from agentprobe.sinks import SinkError, check_output
+from agentprobe.stream import encode
+
+
+@pytest.fixture
+def nats_server(tmp_path):
+    server = NatsServer(tmp_path).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def record(seq: int, type_: str = "exec", node: str = "gpu-7.dc1") -> dict:
+    return {"v": 1, "type": type_, "ts": 1, "ktime": 1, "node": node, "seq": seq}
+
+
+def publish(sink: NatsSink, recs: list[dict]) -> None:
+    for r in recs:
+        sink.write_record(r, encode(r))
+
+
+def settle(sink: NatsSink, timeout: float = 10.0) -> None:
+    """Service the sink as the watcher loop would until the server confirmed everything held."""
+    deadline = time.monotonic() + timeout
+    while sink.buffered or not sink.connected:
+        assert time.monotonic() < deadline, f"not settled: {sink.buffered} held, state {sink._state}"
+        sink.service()
+        time.sleep(0.01)
+
+
+class Subscriber:
+    """A plain NATS subscriber collecting (subject, record) pairs."""
+
+    def __init__(self, url: str, subject: str = "agentprobe.>") -> None:
+        self.conn = BlockingConnection(parse_url(url))
+        self.conn.sock.sendall(f"SUB {subject} 1\r\nPING\r\n".encode())
+        while self.conn.next_op(5)[0] != "PONG":
+            pass
+        self.got: list[tuple[str, dict]] = []
+
+    def collect(self, n: int, timeout: float = 10.0) -> list[tuple[str, dict]]:
+        deadline = time.monotonic() + timeout
+        while len(self.got) < n:
+            op = self.conn.next_op(max(0.01, deadline - time.monotonic()))
+            if op[0] == "MSG":
+                self.got.append((op[1].subject, msgpack.unpackb(op[1].payload)))
+        return self.got
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def stream_records(url: str, stream: str) -> list[dict]:
+    """Everything the JetStream stream holds, read back message by message."""
+    conn = BlockingConnection(parse_url(url))
+    try:
+        info = json.loads(conn.request(f"$JS.API.STREAM.INFO.{stream}", b"").payload)
+        out = []
+        for seq in range(info["state"]["first_seq"], info["state"]["last_seq"] + 1):
+            reply = json.loads(conn.request(f"$JS.API.STREAM.MSG.GET.{stream}",
+                                            json.dumps({"seq": seq}).encode()).payload)
+            import base64
+
+            out.append(msgpack.unpackb(base64.b64decode(reply["message"]["data"])))
+        return out
+    finally:
+        conn.close()
+
+
+# ---- the protocol, without a server ----
+
+def test_parser_reads_every_operation_kind():
+    p = NatsParser()
+    ops = p.feed(b'INFO {"max_payload":1048576}\r\nPING\r\nPONG\r\n+OK\r\n-ERR \'Authorization Violation\'\r\n'
+                 b"MSG a.b 1 _INBOX.x.3 5\r\nhello\r\n"
+                 b"HMSG _INBOX.y.1 2 16 16\r\nNATS/1.0 503\r\n\r\n\r\n")
+    assert [o[0] for o in ops] == ["INFO", "PING", "PONG", "+OK", "-ERR", "MSG", "MSG"]
+    assert ops[0][1] == {"max_payload": 1048576}
+    assert ops[4][1] == "Authorization Violation"
+    m = ops[5][1]
+    assert (m.subject, m.sid, m.reply, m.payload, m.status) == ("a.b", "1", "_INBOX.x.3", b"hello", None)
+    assert (ops[6][1].status, ops[6][1].payload) == (503, b"")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=40), max_size=8), st.data())
+def test_parser_gives_the_same_messages_however_the_bytes_arrive(payloads, data):
+    wire = b"PING\r\n" + b"".join(f"MSG s.{i} 1 {len(p)}\r\n".encode() + p + b"\r\n" for i, p in enumerate(payloads))
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(wire)), max_size=10)))
+    p = NatsParser()
+    ops = []
+    last = 0
+    for c in [*cuts, len(wire)]:
+        ops += p.feed(wire[last:c])
+        last = c
+    assert ops[0] == ("PING",)
+    assert [(o[1].subject, o[1].payload) for o in ops[1:]] == [(f"s.{i}", p) for i, p in enumerate(payloads)]
+
+
+def test_frames_are_what_the_protocol_says():
+    assert pub_frame("a.b", b"xy") == b"PUB a.b 2\r\nxy\r\n"
+    head = b"NATS/1.0\r\nNats-Msg-Id: n-1\r\n\r\n"
+    assert pub_frame("a.b", b"xy", "_INBOX.1", "n-1") == \
+        f"HPUB a.b _INBOX.1 {len(head)} {len(head) + 2}\r\n".encode() + head + b"xy\r\n"
+
+
+def test_subject_tokens_and_addresses():
+    assert subject_token("gpu-7.dc1") == "gpu-7_dc1" and subject_token("a b*>") == "a_b__"
+    a = parse_url("nats://alice:s3cret@10.0.0.5:4333?prefix=fleet.ap&stream=AP&buffer=1048576")
+    assert (a.host, a.port, a.user, a.password, a.prefix, a.stream, a.buffer_limit) == \
+        ("10.0.0.5", 4333, "alice", "s3cret", "fleet.ap", "AP", 1048576)
+    assert parse_url("nats://tok@h").token == "tok" and parse_url("nats://h").port == 4222
+    for bad, why in [("nats://h?prefx=a", "unknown parameter prefx"), ("nats://h?prefix=a..b", "not a subject"),
+                     ("nats://h?stream=a.b", "stream name"), ("nats://h?buffer=10", "buffer must be"),
+                     ("nats://:4222", "expected nats://HOST:PORT")]:
+        with pytest.raises(NatsError, match=why):
+            parse_url(bad)
+
+
+# ---- against a real nats-server ----
+
+def test_unreachable_server_at_start_is_one_clear_error(tmp_path):
+    port = free_port()
+    with pytest.raises(SinkError, match=rf"cannot reach NATS server nats://127.0.0.1:{port}: Connection refused"):
+        check_output(f"nats://127.0.0.1:{port}")
+    with pytest.raises(SinkError, match="cannot reach NATS server"):
+        NatsSink(f"nats://127.0.0.1:{port}")
+
+
+def test_jetstream_missing_at_start_is_one_clear_error(tmp_path):
+    server = NatsServer(tmp_path)
+    server.start()
+    server.stop()
+    # the same server without -js
+    import subprocess
+
+    proc = subprocess.Popen([server.binary, "-a", "127.0.0.1", "-p", str(server.port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", server.port), timeout=0.5).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        with pytest.raises(SinkError, match="has no JetStream"):
+            check_output(f"{server.url}?stream=AP")
+        check_output(server.url)  # plain NATS works there
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_records_arrive_on_node_and_type_subjects(nats_server):
+    sub = Subscriber(nats_server.url, "fleet.>")
+    sink = NatsSink(nats_server.url + "?prefix=fleet")
+    try:
+        recs = [record(0, "start"), record(1, "exec"), record(2, "alert"), record(3, "connect", node="other")]
+        publish(sink, recs)
+        settle(sink)
+        got = sub.collect(4)
+    finally:
+        sink.close()
+        sub.close()
+    assert [s for s, _ in got] == ["fleet.gpu-7_dc1.start", "fleet.gpu-7_dc1.exec", "fleet.gpu-7_dc1.alert",
+                                   "fleet.other.connect"]
+    assert [r for _, r in got] == recs
+    assert sink.dropped == 0 and sink.confirmed == 4
+
+
+def test_outage_in_the_middle_buffers_reconnects_and_delivers_the_rest(nats_server):
+    err = io.StringIO()
+    sub = Subscriber(nats_server.url)
+    sink = NatsSink(nats_server.url, err=err)
+    try:
+        publish(sink, [record(i) for i in range(100)])
+        settle(sink)
+        assert [r["seq"] for _, r in sub.collect(100)] == list(range(100))
+        sub.close()
+        nats_server.stop()
+        # the watcher goes on while the server is away: writes and services never block or raise
+        t0 = time.monotonic()
+        for i in range(100, 200):
+            sink.write_record(record(i), encode(record(i)))
+            sink.service()
+        assert time.monotonic() - t0 < 1.0
+        assert not sink.connected and sink.buffered == 100 and sink.dropped == 0
+        assert "connection lost" in err.getvalue()
+        nats_server.start()
+        sub = Subscriber(nats_server.url)
+        settle(sink)
+        got = [r["seq"] for _, r in sub.collect(100)]
+    finally:
+        sink.close()
+        sub.close()
+    assert got == list(range(100, 200))
+    assert sink.dropped == 0 and sink.disconnects == 1
+    assert "reconnected after" in err.getvalue() and "sending 100 held records (0 dropped while away)" in err.getvalue()
+
+
+def test_a_full_buffer_drops_and_counts_but_keeps_room_for_alerts(nats_server):
+    err = io.StringIO()
+    sink = NatsSink(nats_server.url + "?buffer=65536", err=err)
+    try:
+        nats_server.stop()
+        big = {"v": 1, "type": "exec", "node": "n", "seq": 0, "argv": ["x" * 1000]}
+        for i in range(200):  # ~200 KiB of exec records into a 64 KiB buffer
+            big["seq"] = i
+            sink.write_record(big, encode(big))
+            sink.service()
+        held_execs = sink.buffered
+        assert sink.dropped == 200 - held_execs and 50 <= held_execs < 70
+        alert = record(999, "alert")
+        sink.write_record(alert, encode(alert))
+        assert sink.buffered == held_execs + 1 and sink.dropped == 200 - held_execs  # the alert still fits
+        nats_server.start()
+        sub = Subscriber(nats_server.url)
+        settle(sink)
+        got = sub.collect(held_execs + 1)
+        sub.close()
+    finally:
+        sink.close()
+    assert [r["seq"] for _, r in got] == [*range(held_execs), 999]
+
+
+def test_jetstream_keeps_every_record_once_across_an_outage(nats_server):
+    url = nats_server.url + "?stream=AGENTPROBE_TEST"
+    check_output(url)  # creates the stream
+    sink = NatsSink(url, err=io.StringIO())
+    try:
+        publish(sink, [record(i) for i in range(50)])
+        settle(sink)
+        nats_server.stop()
+        publish(sink, [record(i) for i in range(50, 120)])
+        for _ in range(5):
+            sink.service()
+        nats_server.start()  # the same store directory: the stream survives
+        settle(sink, timeout=20)
+    finally:
+        sink.close()
+    assert sink.dropped == 0 and sink.ack_errors == 0 and sink.confirmed == 120
+    assert [r["seq"] for r in stream_records(nats_server.url, "AGENTPROBE_TEST")] == list(range(120))
+
+
+def test_jetstream_resends_what_was_not_acked_and_the_stream_drops_the_repeat(nats_server):
+    url = nats_server.url + "?stream=AGENTPROBE_DUP"
+    check_output(url)
+    sink = NatsSink(url, err=io.StringIO())
+    try:
+        publish(sink, [record(i) for i in range(10)])
+        settle(sink)
+        # pretend the acks of the last 3 were lost with the connection: they are sent again
+        for i in range(7, 10):
+            r = record(i)
+            sink._unacked[1000 + i] = pub_frame("agentprobe.gpu-7_dc1.exec", encode(r), f"{sink._inbox}.{1000 + i}",
+                                                f"gpu-7_dc1-{sink._run_id}-{i}")
+        sink._lost("test")
+        settle(sink)
+    finally:
+        sink.close()
+    assert [r["seq"] for r in stream_records(nats_server.url, "AGENTPROBE_DUP")] == list(range(10))
+
+
+def test_subscribe_reconnects_after_an_outage(nats_server):
+    err = io.StringIO()
+    msgs = subscribe(nats_server.url, "agentprobe.>", err=err)
+    sink = NatsSink(nats_server.url, err=io.StringIO())
+    try:
+        import threading
+
+        got: list[int] = []
+
+        def read():
+            for m in msgs:
+                got.append(msgpack.unpackb(m.payload)["seq"])
+                if len(got) == 2:
+                    return
+
+        t = threading.Thread(target=read, daemon=True)
+        t.start()
+        deadline = time.monotonic() + 10
+        while not got:
+            publish(sink, [record(0)])
+            settle(sink)
+            time.sleep(0.2)
+            assert time.monotonic() < deadline
+        nats_server.stop()
+        time.sleep(0.3)
+        nats_server.start()
+        while len(got) < 2:
+            publish(sink, [record(1)])
+            settle(sink)
+            time.sleep(0.3)
+            assert time.monotonic() < deadline + 10
+        t.join(5)
+    finally:
+        sink.close()
+    assert got[0] == 0 and got[1] == 1
+    assert "connection lost" in err.getvalue() and "reconnected" in err.getvalue()
+
+
+def test_what_is_still_held_at_close_is_counted(nats_server):
+    sink = NatsSink(nats_server.url, err=io.StringIO())
+    nats_server.stop()
+    publish(sink, [record(i) for i in range(5)])
+    t0 = time.monotonic()
+    sink.close(timeout=0.3)
+    assert time.monotonic() - t0 < 2.0
+    assert sink.dropped == 5 and sink.buffered == 0
+
+
+def test_collect_bad_input_is_one_line(agentprobe_cmd):
+    import subprocess
+
+    port = free_port()
+    for args, line in [
+        ([f"nats://127.0.0.1:{port}"], f"agentprobe: cannot reach NATS server nats://127.0.0.1:{port}: "
+                                       "Connection refused"),
+        (["http://x:1"], "agentprobe: bad NATS address http://x:1: expected nats://HOST:PORT"),
+        ([f"nats://127.0.0.1:{port}", "--durable", "soc"],
+         "agentprobe: --durable needs a JetStream stream: nats://HOST:PORT?stream=NAME"),
+    ]:
+        r = subprocess.run([*agentprobe_cmd, "collect", *args], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 1 and r.stderr.splitlines() == [line], r.stderr
+
+
+def test_collect_writes_the_merged_stream_from_two_nodes(nats_server, tmp_path, agentprobe_cmd):
+    import subprocess
+
+    from agentprobe.stream import read_records
+
+    out = tmp_path / "fleet.msgpack"
+    col = subprocess.Popen([*agentprobe_cmd, "collect", nats_server.url, "-o", str(out), "--count", "4"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)  # subscribed
+        a = NatsSink(nats_server.url)
+        b = NatsSink(nats_server.url)
+        publish(a, [record(0, node="gpu-1"), record(1, node="gpu-1")])
+        publish(b, [record(0, node="gpu-2"), record(1, node="gpu-2")])
+        settle(a)
+        settle(b)
+        a.close()
+        b.close()
+        _, err = col.communicate(timeout=20)
+    finally:
+        if col.poll() is None:
+            col.kill()
+    assert col.returncode == 0, err
+    recs = list(read_records(str(out)))
+    assert sorted((r["node"], r["seq"]) for r in recs) == [("gpu-1", 0), ("gpu-1", 1), ("gpu-2", 0), ("gpu-2", 1)]
+    assert err.strip().endswith("collected 4 records (0 not readable)")
+
+
+def test_a_durable_collector_gets_what_was_published_while_it_was_away(nats_server):
+    url = nats_server.url + "?stream=AP_DURABLE"
+    check_output(url)
+    sink = NatsSink(url, err=io.StringIO())
+
+    def take(n: int) -> list[int]:
+        msgs = subscribe(url, "agentprobe.>", err=io.StringIO(), durable="soc")
+        got = []
+        for m in msgs:
+            got.append(msgpack.unpackb(m.payload)["seq"])
+            if len(got) == n:
+                break
+        msgs.close()
+        return got
+
+    try:
+        publish(sink, [record(i) for i in range(3)])
+        settle(sink)
+        assert take(3) == [0, 1, 2]
+        publish(sink, [record(i) for i in range(3, 6)])  # the collector is away
+        settle(sink)
+        assert take(3) == [3, 4, 5]  # acknowledged ones are not delivered again
+    finally:
+        sink.close()
