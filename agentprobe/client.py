@@ -157,10 +157,43 @@ class Episode:
         return subprocess.Popen(argv, preexec_fn=self._enter, **kw)
 
     def run(self, argv: list[str], timeout: float | None = None, **kw) -> subprocess.CompletedProcess:
-        """Run a tool call inside the episode's cgroup. If the episode gets frozen while it runs, the
-        call does not return before `timeout` (None: it returns when the episode ends)."""
-        kw.setdefault("capture_output", True)
-        return subprocess.run(argv, preexec_fn=self._enter, timeout=timeout, **kw)
+        """Run a tool call inside the episode's cgroup. If the episode is frozen while it runs, the
+        call is killed and returns at once (returncode -9, `frozen` true on the result), so the
+        trainer moves on; `timeout` raises subprocess.TimeoutExpired as subprocess.run does."""
+        kw.setdefault("stdout", subprocess.PIPE)
+        kw.setdefault("stderr", subprocess.PIPE)
+        if kw.pop("capture_output", False):
+            kw["stdout"] = kw["stderr"] = subprocess.PIPE
+        kw.setdefault("start_new_session", True)  # the call and what it forks: one group to kill
+        deadline = None if timeout is None else time.monotonic() + timeout
+        p = self.popen(argv, **kw)
+        frozen = False
+        while True:
+            try:
+                out, err = p.communicate(timeout=0.05)
+                break
+            except subprocess.TimeoutExpired:
+                expired = deadline is not None and time.monotonic() > deadline
+                if not expired and not self.frozen:
+                    continue
+                frozen = not expired
+                self._kill_group(p)  # frozen tasks still die of SIGKILL (cgroup v2)
+                out, err = p.communicate()
+                if expired:
+                    raise subprocess.TimeoutExpired(argv, timeout) from None
+                break
+        result = subprocess.CompletedProcess(argv, p.returncode, out, err)
+        result.frozen = frozen
+        return result
+
+    @staticmethod
+    def _kill_group(p: subprocess.Popen) -> None:
+        import signal
+
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            p.kill()
 
     # ---- what the watcher saw ----
     def alerts(self) -> list[dict]:

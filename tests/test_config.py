@@ -37,6 +37,12 @@ def test_every_watch_option_is_a_key_with_its_type(tmp_path):
         in-kernel-deny: false
         no-cut-network: true
         status-dir: /tmp/st
+        probes: syscalls
+        gpu-probe: always
+        gpu-idle-detach: 2
+        label-env: [EPISODE_ID, TOOL_CALL_ID]
+        label-dir: /run/labels
+        no-verdicts: true
         """)
     values = load_config(p, watch)
     assert values == {
@@ -45,7 +51,8 @@ def test_every_watch_option_is_a_key_with_its_type(tmp_path):
         "metrics_addr": "127.0.0.1:9477", "buffer": "perf", "no_view": True, "duration": 2.5, "gpu_interval": 1,
         "gpu_majors": [240, 241], "rescan": 0.5, "rule_files": ["/etc/agentprobe/site.yaml"],
         "no_default_rules": False, "dry_run": True, "in_kernel_deny": False, "no_cut_network": True,
-        "status_dir": "/tmp/st"}
+        "status_dir": "/tmp/st", "probe_mode": "syscalls", "gpu_probe": "always", "gpu_idle_detach": 2,
+        "label_env": ["EPISODE_ID", "TOOL_CALL_ID"], "label_dir": "/run/labels", "no_verdicts": True}
     # every option of `watch` (but --config itself) can be set in the file
     assert set(values) == {p_.name for p_ in watch.params if p_.name not in ("config_path", "help")}
 
@@ -95,8 +102,9 @@ def test_cli_config_show_and_bad_config(agentprobe_cmd, tmp_path):
         r = subprocess.run([*agentprobe_cmd, *cmd], capture_output=True, text=True)
         assert r.returncode == 1
         assert r.stderr.splitlines() == [f"agentprobe: config {bad}: unknown key 'rescn' (known: buffer, cgroup, "
-                                         "cgroup-glob, dry-run, duration, gpu-interval, gpu-major, in-kernel-deny, "
-                                         "metrics, no-cut-network, no-default-rules, no-view, output, rescan, rules, "
+                                         "cgroup-glob, dry-run, duration, gpu-idle-detach, gpu-interval, gpu-major, "
+                                         "gpu-probe, in-kernel-deny, label-dir, label-env, metrics, no-cut-network, "
+                                         "no-default-rules, no-verdicts, no-view, output, probes, rescan, rules, "
                                          "status-dir)"]
     r = subprocess.run([*agentprobe_cmd, "watch", "--config", str(tmp_path / "none.yaml")], capture_output=True,
                        text=True)

@@ -59,9 +59,10 @@ def test_label_files_are_read_defensively(tmp_path):
 
 
 def test_environment_labels_of_a_real_process():
-    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"],
-                         env={"EPISODE_ID": "ep-\x1b9", "OTHER": "x", "TOOL_CALL_ID": "3"})
+    p = subprocess.Popen([sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(5)"],
+                         env={"EPISODE_ID": "ep-\x1b9", "OTHER": "x", "TOOL_CALL_ID": "3"}, stdout=subprocess.PIPE)
     try:
+        assert p.stdout.readline() == b"ready\n"  # exec'd: its own environment, not its parent's
         assert env_labels(p.pid, ("EPISODE_ID", "TOOL_CALL_ID", "MISSING")) == {
             "EPISODE_ID": "ep-\\x1b9", "TOOL_CALL_ID": "3"}
     finally:

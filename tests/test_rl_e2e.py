@@ -82,11 +82,10 @@ def test_labels_from_the_cgroup_and_the_environment_on_every_record(world):
                  socket=str(sock)) as ep:
         ep.run([sys.executable, "-c", "import subprocess; subprocess.run(['/bin/true'])"],
                env={"EPISODE_ID": "env-42", "TOOL_CALL_ID": "7"})
-        with pytest.raises(subprocess.TimeoutExpired):  # frozen mid-call: the call does not return
-            ep.run(["/bin/sh", "-c", f"exec ssh -o BatchMode=yes -o ConnectTimeout=2 -N -R 9001:localhost:22 "
+        r = ep.run(["/bin/sh", "-c", f"exec ssh -o BatchMode=yes -o ConnectTimeout=2 -N -R 9001:localhost:22 "
                                      f"x@{net.addr}"],
-                   env={"EPISODE_ID": "env-42", "TOOL_CALL_ID": "8", "PATH": "/usr/bin:/bin"}, timeout=3)
-        assert ep.frozen
+                   env={"EPISODE_ID": "env-42", "TOOL_CALL_ID": "8", "PATH": "/usr/bin:/bin"}, timeout=30)
+        assert r.frozen and r.returncode == -9 and ep.frozen  # frozen mid-call: killed, returned at once
     v = ep.verdict
     time.sleep(0.3)  # the file output is flushed every 100 ms
     recs = [r for r in read_records(str(out)) if (r.get("cgroup") or {}).get("path") == ep.rel]
