@@ -119,6 +119,27 @@ class _Client:
         self.buf = bytearray()
 
 
+def unix_spec(spec: str) -> tuple[str, str | None]:
+    """unix:PATH[?group=NAME] -> (PATH, NAME or None)."""
+    path, _, query = spec[5:].partition("?")
+    group = None
+    for part in filter(None, query.split("&")):
+        key, _, value = part.partition("=")
+        if key != "group" or not value:
+            raise SinkError(f"bad output {spec}: the only option of unix: is ?group=NAME")
+        group = value
+    return path, group
+
+
+def _group_id(name: str) -> int:
+    import grp
+
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise SinkError(f"output socket group {name!r}: no such group") from None
+
+
 class ServerSink(Sink):
     """Serves the live stream to any number of readers on a unix or TCP socket.
     Each reader first gets the watcher's `start` record; a reader that falls
@@ -133,12 +154,16 @@ class ServerSink(Sink):
         self._unix_path: str | None = None
         try:
             if spec.startswith("unix:"):
-                path = spec[5:]
+                path, group = unix_spec(spec)
+                gid = _group_id(group) if group else None
                 self._remove_stale_socket(path)
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 self._sock.bind(path)
-                os.chmod(path, 0o600)
                 self._unix_path = path
+                # owner only; ?group=NAME lets that group read the stream too (trainers, collectors)
+                if gid is not None:
+                    os.chown(path, -1, gid)
+                os.chmod(path, 0o660 if gid is not None else 0o600)
             else:
                 host, _, port = spec[4:].rpartition(":")
                 host = host.strip("[]")
@@ -284,7 +309,10 @@ def check_output(spec: str) -> None:
             if not host or not port.isdigit():
                 raise SinkError(f"bad output {spec}: expected tcp:HOST:PORT")
         if spec.startswith("unix:"):
-            parent = Path(spec[5:]).parent
+            path, group = unix_spec(spec)
+            if group:
+                _group_id(group)
+            parent = Path(path).parent
             if not parent.is_dir() or not os.access(parent, os.W_OK):
                 raise SinkError(f"cannot serve output {spec}: {parent} is not a writable directory")
         return

