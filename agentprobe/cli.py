@@ -121,9 +121,16 @@ def main() -> None:
               help="Also read cgroup labels from DIR/<cgroup id>.json files a sandbox manager writes "
                    "(besides the cgroups' user.agentprobe.* attributes: `agentprobe label`).")
 @click.option("--no-verdicts", is_flag=True, help="No per-episode verdict records.")
+@click.option("--on-loss", type=click.Choice(["alert", "freeze"]), default="alert", show_default=True,
+              help="When the kernel loses records (a flood can blind the monitor): an events_lost alert for "
+                   "each episode active meanwhile, or that alert and a freeze of those episodes.")
+@click.option("--ring-pages", type=int, default=1024, show_default=True, metavar="PAGES",
+              callback=lambda ctx, param, v: v if v > 0 and v & (v - 1) == 0 else (_ for _ in ()).throw(
+                  click.BadParameter(f"{v} is not a power of two")),
+              help="Size of the kernel-to-user ring buffer in pages (a power of two).")
 def watch(config_path, cgroups, globs, outputs, metrics_addr, buffer, no_view, duration, gpu_interval, gpu_majors,
           rescan, rule_files, no_default_rules, dry_run, in_kernel_deny, no_cut_network, status_dir,
-          probe_mode, gpu_probe, gpu_idle_detach, label_env, label_dir, no_verdicts) -> None:
+          probe_mode, gpu_probe, gpu_idle_detach, label_env, label_dir, no_verdicts, on_loss, ring_pages) -> None:
     """Trace exec, connect and NVIDIA ioctls of agent processes, apply the detection
     rules, freeze agent cgroups that misbehave, and stream everything as msgpack."""
     import signal
@@ -137,7 +144,8 @@ def watch(config_path, cgroups, globs, outputs, metrics_addr, buffer, no_view, d
                         duration=duration, gpu_interval=gpu_interval, extra_gpu_majors=tuple(gpu_majors),
                         rescan_interval=rescan, status_dir=status_dir, probe_mode=probe_mode,
                         label_env=_label_env_names(label_env), label_dir=label_dir,
-                        gpu_probe=gpu_probe, gpu_idle_detach=gpu_idle_detach)
+                        gpu_probe=gpu_probe, gpu_idle_detach=gpu_idle_detach, on_loss=on_loss,
+                        ring_pages=ring_pages)
     term = sys.stderr if ("-" in outputs or "jsonl:-" in outputs) else sys.stdout
     metrics = metrics_server = None
     if metrics_addr:  # before anything is loaded: a taken port is a clear error at once

@@ -72,6 +72,8 @@ class WatchOptions:
     create_default: bool = True
     duration: float | None = None  # stop after this many seconds (tests, demos)
     status_dir: str = "/run/agentprobe"
+    on_loss: str = "alert"  # records lost in the kernel: alert, or freeze the episodes active meanwhile
+    ring_pages: int = 1024  # ring buffer size in pages (power of two)
     label_env: tuple[str, ...] = ()  # environment variables of agent processes that label their records
     label_dir: str | None = None     # a sandbox manager's label files: DIR/<cgroup id>.json
     # in-kernel deny: {"ports": [...], "allow": [CIDR...], "deny": [CIDR...]}, or None for off
@@ -151,6 +153,8 @@ class Watcher:
         self._loopback_sessions: list[tuple] = []  # (when to look, tries, payload record, Forwarder)
         self._recent_dest: OrderedDict[int, list[str]] = OrderedDict()  # pid -> outside destinations it connected
         self._gpu_holders: set[int] = set()  # agent processes that opened a GPU device (or inherited it)
+        self._active: OrderedDict[str, tuple[float, int | None]] = OrderedDict()  # episode -> (last seen, id)
+        self._loss_alerted: dict[str, float] = {}
         self._gpu_idle_since: float | None = None
 
     # ---- set-up ----
@@ -202,7 +206,8 @@ class Watcher:
         self._probes = ProbeSet(
             LoaderOptions(buffer=self.options.buffer, extra_gpu_majors=self.options.extra_gpu_majors,
                           deny_exec_names=tuple((self.options.deny or {}).get("exec_names", ())),
-                          probe_mode=self.options.probe_mode, gpu_probe=self.options.gpu_probe),
+                          probe_mode=self.options.probe_mode, gpu_probe=self.options.gpu_probe,
+                          ringbuf_pages=self.options.ring_pages),
             self._on_raw,
             cgroup_root=self.root,
         )
@@ -495,6 +500,7 @@ class Watcher:
             s.write_record(rec, data)
         if self.on_record:
             self.on_record(rec)
+        self._note_activity(rec)
         try:  # bookkeeping for tunnel records: never in the way of the rules below
             if rec["type"] == "payload":
                 self._watch_loopback_session(rec)
@@ -613,6 +619,7 @@ class Watcher:
             for k, v in delta.items():
                 self.summary.lost_kernel[k] += v
             self.emit(self._meta("lost", {"source": "kernel", "counts": delta, "total": sum(delta.values())}))
+            self._loss_alerts(delta)
         dropped = sum(s.dropped for s in self.sinks)
         if dropped > self._output_dropped:
             n = dropped - self._output_dropped
@@ -620,6 +627,41 @@ class Watcher:
             self.summary.lost_output = dropped
             self.emit(self._meta("lost", {"source": "output", "counts": {s.name: s.dropped for s in self.sinks},
                                           "total": n}))
+
+    LOSS_WINDOW_S = 2.0
+
+    def _note_activity(self, rec: dict) -> None:
+        """Which episodes produced records lately: the suspects when the kernel loses some."""
+        cg = rec.get("cgroup") or {}
+        path = cg.get("path")
+        if not path or rec.get("type") in ("alert", "response", "verdict"):
+            return
+        ep = self.episode_of(path)
+        self._active[ep] = (time.monotonic(), cg.get("id") if path == ep else None)
+        self._active.move_to_end(ep)
+        if len(self._active) > 1024:
+            self._active.popitem(last=False)
+
+    def _loss_alerts(self, delta: dict) -> None:
+        """Lost records can hide an attack (a flood to blind the monitor): an `events_lost` alert for
+        each episode active meanwhile, with the --on-loss action (the responder freezes on `freeze`)."""
+        now = time.monotonic()
+        suspects = [ep for ep, (t, _) in reversed(self._active.items()) if now - t <= self.LOSS_WINDOW_S][:16]
+        total = sum(delta.values())
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(delta.items()))
+        for ep in suspects or [None]:
+            if ep is not None and now - self._loss_alerted.get(ep, -1e9) < 10:
+                continue  # one a 10 s per episode: the lost records themselves are all in `lost`
+            if ep is not None:
+                self._loss_alerted[ep] = now
+            action = self.options.on_loss if ep is not None else "alert"
+            where = f"while {ep} was active" if ep else "with no agent active"
+            self.emit(self._meta("alert", {
+                "rule": "events_lost", "name": "Records lost in the kernel", "priority": "high",
+                "tags": ["evasion", "T1562"], "mitre": ["T1562"], "action": action,
+                "summary": f"{total} records lost in the kernel ({counts}) {where}: a flood can blind the monitor",
+                "cgroup": {"id": self._active.get(ep, (0, None))[1] if ep else None, "path": ep},
+                "proc": {}, "evidence": [], "chain": [], "lost": dict(delta)}))
 
     def _agent_pids(self) -> list[int]:
         """Live processes of the watched cgroups (from cgroup.procs of every watched subtree)."""

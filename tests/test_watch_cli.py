@@ -385,3 +385,40 @@ print("done")"""], text=True)
     assert {(c["address"], c["family"], c["sock_type"], c["refused"], c["cgroup"]["id"]) for c in counts} == {
         ("127.0.0.1", "inet", "stream", False, agent_cgroup.id)}
     assert {c["proc"]["pid"] for c in counts} == {conns[0]["proc"]["pid"]}
+
+
+def test_a_flood_that_makes_the_kernel_lose_records_is_an_alert_and_a_freeze(agent_cgroup, tmp_path):
+    """A one-page ring buffer cannot hold an exec record: an exec storm in an episode loses them all.
+    The losses are counted, raise events_lost for the episode that was active, and --on-loss freeze
+    freezes it; the watcher stays up and stops cleanly."""
+    from watcher import WatcherProcess
+
+    out = tmp_path / "s.msgpack"
+    episode = agent_cgroup.child("ep-flood")
+    w = WatcherProcess(["--cgroup", str(agent_cgroup.path), "-o", str(out), "--no-view", "--ring-pages", "1",
+                        "--on-loss", "freeze"])
+    try:
+        p = episode.popen(["/bin/sh", "-c", "for i in $(seq 200); do /bin/true; done; sleep 30"])
+        deadline = time.monotonic() + 15
+        while "frozen 1" not in (episode.path / "cgroup.events").read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "frozen 1" in (episode.path / "cgroup.events").read_text()
+    finally:
+        rc, _, err = w.stop()
+        (episode.path / "cgroup.freeze").write_text("0")
+        p.kill()
+        p.wait()
+    assert rc == 0, err
+    recs = list(read_records(str(out)))
+    lost = [r for r in recs if r["type"] == "lost" and r["source"] == "kernel"]
+    assert lost and sum(r["counts"].get("exec", 0) for r in lost) > 0
+    (alert,) = [r for r in recs if r["type"] == "alert" and r["rule"] == "events_lost"]
+    assert alert["cgroup"]["path"] == episode.rel and alert["action"] == "freeze" and alert["lost"]["exec"] > 0
+    (resp,) = [r for r in recs if r["type"] == "response" and r["rule"] == "events_lost"]
+    assert resp["outcome"] == "frozen" and resp["cgroup"]["path"] == episode.rel
+    assert recs[-1]["type"] == "stop" and recs[-1]["lost"]["exec"] > 0
+
+
+def test_ring_pages_must_be_a_power_of_two(agentprobe_cmd, agent_cgroup):
+    r = run_cli(agentprobe_cmd, "--cgroup", str(agent_cgroup.path), "--ring-pages", "3")
+    assert r.returncode == 2 and "3 is not a power of two" in r.stderr
