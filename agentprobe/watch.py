@@ -117,6 +117,35 @@ def check_privileges() -> None:
         raise PermissionProblem(f"agentprobe watch needs root (missing {', '.join(missing)}): run it with sudo")
 
 
+def harden_self() -> dict:
+    """The watcher is what an agent would attack first: no core dumps or ptrace by same-uid
+    processes (PR_SET_DUMPABLE 0), last to go when memory runs out (oom_score_adj -900), and ahead
+    of CPU hogs in agent cgroups (nice -5). Returns what took effect, for the start record."""
+    import ctypes
+
+    done = {}
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        done["dumpable"] = libc.prctl(4, 0, 0, 0, 0) != 0  # PR_SET_DUMPABLE 0; true if it failed
+    except OSError:
+        done["dumpable"] = True
+    try:
+        fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
+        try:
+            os.write(fd, b"-900")  # needs CAP_SYS_RESOURCE
+        finally:
+            os.close(fd)
+        done["oom_score_adj"] = -900
+    except OSError:
+        done["oom_score_adj"] = None
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, -5)
+        done["nice"] = -5
+    except OSError:
+        done["nice"] = os.getpriority(os.PRIO_PROCESS, 0)
+    return done
+
+
 def check_btf() -> None:
     if not btf.VMLINUX_BTF.exists():
         raise AgentprobeError(f"the kernel has no BTF ({btf.VMLINUX_BTF}): a kernel built with "
@@ -149,6 +178,7 @@ class Watcher:
         self._status_path: Path | None = None
         self._started = 0
         self._frozen: dict[str, dict] = {}
+        self.hardening: dict = {}
         self._conn_pids: dict[int, int] = {}  # pid -> cgroup id, processes with connects
         self._loopback_sessions: list[tuple] = []  # (when to look, tries, payload record, Forwarder)
         self._recent_dest: OrderedDict[int, list[str]] = OrderedDict()  # pid -> outside destinations it connected
@@ -197,6 +227,7 @@ class Watcher:
             return False
 
     def start(self) -> None:
+        self.hardening = harden_self()
         from .labels import CgroupLabels
         from .loader import LoaderOptions, ProbeSet
 
@@ -252,6 +283,7 @@ class Watcher:
             "globs": self.options.cgroup_globs,
             "gpu_majors": {str(k): v for k, v in self._probes.gpu_majors.items()},
             "nvml": self._nvml.reason,
+            "hardening": self.hardening,
             "probes": {
                 **self._probes.paths,
                 "fork_exit": "raw_tracepoint sched_process_fork/exit",

@@ -422,3 +422,60 @@ def test_a_flood_that_makes_the_kernel_lose_records_is_an_alert_and_a_freeze(age
 def test_ring_pages_must_be_a_power_of_two(agentprobe_cmd, agent_cgroup):
     r = run_cli(agentprobe_cmd, "--cgroup", str(agent_cgroup.path), "--ring-pages", "3")
     assert r.returncode == 2 and "3 is not a power of two" in r.stderr
+
+
+ATTACK_MONITOR = r"""
+import ctypes, os, sys
+pid = int(sys.argv[1])
+out = []
+try:
+    os.kill(pid, 9)
+    out.append("killed")
+except PermissionError:
+    out.append("kill:EPERM")
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.ptrace(16, pid, None, None) == -1:  # PTRACE_ATTACH
+    out.append("ptrace:" + os.strerror(ctypes.get_errno()))
+try:
+    open(sys.argv[2], "w").write("0")
+    out.append("thawed")
+except PermissionError:
+    out.append("thaw:EACCES")
+print(" ".join(out))
+"""
+
+
+def test_an_agent_cannot_kill_trace_or_thaw_past_the_monitor(agent_cgroup, tmp_path):
+    """An unprivileged agent process tries to kill the watcher, ptrace it, and thaw a frozen episode;
+    CPU hogs in its cgroup do not keep the watcher from freezing."""
+    from watcher import WatcherProcess
+
+    frozen_ep = agent_cgroup.child("ep-frozen")
+    (frozen_ep.path / "cgroup.freeze").write_text("1")
+    out = tmp_path / "s.msgpack"
+    w = WatcherProcess(["--cgroup", str(agent_cgroup.path), "-o", str(out), "--no-view"])
+    hogs = []
+    try:
+        r = agent_cgroup.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+                              ATTACK_MONITOR, str(w.proc.pid), str(frozen_ep.path / "cgroup.freeze")], text=True)
+        assert r.stdout.strip() == "kill:EPERM ptrace:Operation not permitted thaw:EACCES", r.stderr
+        assert w.proc.poll() is None
+        busy = agent_cgroup.child("ep-busy")
+        hogs = [busy.popen([sys.executable, "-c", "while True: pass"]) for _ in range(4)]
+        time.sleep(0.5)
+        busy.popen(["ssh", "-o", "BatchMode=yes", "-p", "1", "-N", "-R", "9000:localhost:22", "x@127.0.0.1"])
+        deadline = time.monotonic() + 10
+        while "frozen 1" not in (busy.path / "cgroup.events").read_text() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert "frozen 1" in (busy.path / "cgroup.events").read_text()
+    finally:
+        rc, _, err = w.stop()
+        for h in hogs:
+            h.kill()
+        (frozen_ep.path / "cgroup.freeze").write_text("0")
+    assert rc == 0, err
+    start = next(read_records(str(out)))
+    with open("/proc/self/status") as f:
+        cap_eff = int(next(x for x in f if x.startswith("CapEff:")).split()[1], 16)
+    oom = -900 if cap_eff & (1 << 24) else None  # CAP_SYS_RESOURCE (some sandboxes drop it)
+    assert start["hardening"] == {"dumpable": False, "oom_score_adj": oom, "nice": -5}
