@@ -12,6 +12,7 @@ import os
 import socket
 import stat
 import sys
+from collections import deque
 from pathlib import Path
 
 from .errors import AgentprobeError
@@ -50,6 +51,10 @@ class Sink:
     def close(self) -> None:
         pass
 
+    def unwritten(self) -> int:
+        """Records accepted but not yet out (held for a full disk or a slow server)."""
+        return 0
+
 
 class StdoutSink(Sink):
     name = "-"
@@ -81,6 +86,7 @@ class FileSink(Sink):
         self.name = path
         self.path = path
         self._pending = bytearray()
+        self._lens: deque[int] = deque()  # sizes of the records in _pending, oldest first
         try:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -92,6 +98,7 @@ class FileSink(Sink):
             self.dropped += 1
             return
         self._pending += data
+        self._lens.append(len(data))
         self.written += 1
 
     def flush(self) -> None:
@@ -102,14 +109,27 @@ class FileSink(Sink):
                 if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
                     return  # kept and retried at the next flush
                 raise
-            del self._pending[:n]
+            whole = 0
+            while self._lens and whole + self._lens[0] <= n:
+                whole += self._lens.popleft()
+            if whole < n:  # the disk took half a record: take it back, so the file ends on a record
+                try:
+                    os.ftruncate(self._fd, os.fstat(self._fd).st_size - (n - whole))
+                except OSError:
+                    pass
+            del self._pending[:whole]
+            if whole < n:
+                return
+
+    def unwritten(self) -> int:
+        return len(self._lens)
 
     def close(self) -> None:
         try:
             self.flush()
         finally:
-            if self._pending:
-                self.dropped += 1
+            self.dropped += len(self._lens)  # what the disk never took
+            self.written -= len(self._lens)
             os.close(self._fd)
 
 

@@ -822,12 +822,21 @@ class Watcher:
                             self.emit(rec, i + 1)
                     except Exception as e:
                         self._internal_error(e)
+            unwritten = {}
+            for s in self.sinks:  # what an output still holds now will not get out: say it here
+                try:
+                    s.flush()
+                except OSError:
+                    pass
+                if s.unwritten():
+                    unwritten[s.name] = s.unwritten() + 1  # + this stop record
             stop = self._meta("stop", {
                 "reason": error or self.summary.reason or "stopped",
                 "events": dict(self.summary.events),
                 "events_total": self.summary.events_total + 1,
                 "lost": dict(self.summary.lost_kernel),
-                "lost_output": self.summary.lost_output,
+                "lost_output": self.summary.lost_output + sum(unwritten.values()),
+                "unwritten_at_stop": unwritten,
                 "decode_errors": self.summary.decode_errors,
                 "internal_errors": self.summary.internal_errors,
                 "lost_total": self.summary.lost_total,

@@ -479,3 +479,68 @@ def test_an_agent_cannot_kill_trace_or_thaw_past_the_monitor(agent_cgroup, tmp_p
         cap_eff = int(next(x for x in f if x.startswith("CapEff:")).split()[1], 16)
     oom = -900 if cap_eff & (1 << 24) else None  # CAP_SYS_RESOURCE (some sandboxes drop it)
     assert start["hardening"] == {"dumpable": False, "oom_score_adj": oom, "nice": -5}
+
+
+def test_a_full_disk_does_not_stop_the_watcher_and_what_it_could_not_write_is_counted(agent_cgroup, tmp_path):
+    from watcher import WatcherProcess
+
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "none", str(small)], check=True)
+    try:
+        w = WatcherProcess(["--cgroup", str(agent_cgroup.path), "-o", str(small / "s.msgpack"), "-o",
+                            str(tmp_path / "big.msgpack"), "--no-view"])
+        try:
+            agent_cgroup.run(["/bin/sh", "-c", "for i in $(seq 150); do /bin/true x$i; done"])
+            time.sleep(1.5)
+            assert w.proc.poll() is None  # still watching
+            agent_cgroup.run(["/bin/echo", "after the disk filled"])
+            time.sleep(0.5)
+        finally:
+            rc, _, err = w.stop()
+        assert rc == 0, err
+        full = (small / "s.msgpack").read_bytes()
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+    recs = list(read_records(str(tmp_path / "big.msgpack")))  # the other output has everything
+    assert [r["argv"] for r in recs if r["type"] == "exec" and r["argv"][0] == "/bin/echo"] == [
+        ["/bin/echo", "after the disk filled"]]
+    stop = recs[-1]
+    assert stop["type"] == "stop" and stop["lost_output"] > 0
+    # the full file holds whole records only, up to where the disk filled: no half record at its end
+    partial = list(read_records(full))
+    assert partial and partial[0]["type"] == "start" and len(partial) < len(recs)
+    assert stop["unwritten_at_stop"] == {str(small / "s.msgpack"): len(recs) - len(partial)}
+
+
+def test_a_restarted_watcher_knows_the_running_agents_and_their_ancestry(agent_cgroup, tmp_path):
+    """Kill the watcher, start another: the agent shell already running is found in /proc and the
+    cgroup, and its later tunnel is alerted with the shell as parent."""
+    from watcher import WatcherProcess
+
+    ep = agent_cgroup.child("ep-long")
+    fifo = tmp_path / "go"
+    os.mkfifo(fifo)
+    shell = ep.popen(["/bin/bash", "-c", f"read x < {fifo}; ssh -o BatchMode=yes -p 1 -N -R 9000:localhost:22 "
+                                         "x@127.0.0.1; sleep 30"])
+    first = WatcherProcess(["--cgroup", str(agent_cgroup.path), "-o", str(tmp_path / "a.msgpack"), "--no-view"])
+    first.stop(signal.SIGKILL)
+    out = tmp_path / "b.msgpack"
+    second = WatcherProcess(["--cgroup", str(agent_cgroup.path), "-o", str(out), "--no-view"])
+    try:
+        with open(fifo, "w") as f:
+            f.write("go\n")
+        deadline = time.monotonic() + 10
+        while "frozen 1" not in (ep.path / "cgroup.events").read_text() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert "frozen 1" in (ep.path / "cgroup.events").read_text()
+    finally:
+        rc, _, err = second.stop()
+        (ep.path / "cgroup.freeze").write_text("0")
+        shell.kill()
+        shell.wait()
+    assert rc == 0, err
+    recs = list(read_records(str(out)))
+    alert = next(r for r in recs if r["type"] == "alert" and r["rule"] == "ssh_port_forwarding")
+    assert alert["proc"]["ppid"] == shell.pid
+    assert alert["chain"][1]["pid"] == shell.pid and alert["chain"][1]["comm"] == "bash"
