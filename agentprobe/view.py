@@ -133,7 +133,9 @@ def verdict_line(rec: dict) -> str:
 
 def line(rec: dict) -> str:
     proc = rec.get("proc") or {}
+    ts = rec.get("ts")
     return (
-        f"{_time(rec.get('ts')):<12} {rec.get('type', '?').upper():<8} {proc.get('pid', '-'):>7} "
-        f"{proc.get('ppid', '-'):>7} {clean(proc.get('comm', '-'), 16):<16} {detail(rec)}"
+        f"{_time(ts if isinstance(ts, int) else None):<12} {clean(str(rec.get('type', '?')).upper(), 24):<8} "
+        f"{clean(proc.get('pid', '-'), 10):>7} {clean(proc.get('ppid', '-'), 10):>7} "
+        f"{clean(proc.get('comm', '-'), 16):<16} {detail(rec)}"
     )

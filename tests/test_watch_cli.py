@@ -544,3 +544,43 @@ def test_a_restarted_watcher_knows_the_running_agents_and_their_ancestry(agent_c
     alert = next(r for r in recs if r["type"] == "alert" and r["rule"] == "ssh_port_forwarding")
     assert alert["proc"]["ppid"] == shell.pid
     assert alert["chain"][1]["pid"] == shell.pid and alert["chain"][1]["comm"] == "bash"
+
+
+HOSTILE_EXECS = r"""
+import ctypes, os, subprocess, sys
+d = sys.argv[1]
+deep = os.path.join(d, *(["d" * 200] * 18))   # a path of about 3,600 bytes
+os.makedirs(deep)
+exe = os.path.join(deep, "tool")
+os.symlink("/bin/true", exe)
+subprocess.run([exe.encode(), b"\xff\xfe\x1b[2J", b"\x1b]0;owned\x07"])        # not UTF-8, escapes
+subprocess.run(["/bin/true"] + [f"a{i}" for i in range(5000)])                     # thousands of arguments
+libc = ctypes.CDLL(None)
+libc.prctl(15, b"\x1b[31mred\x1b[0m", 0, 0, 0)                                      # PR_SET_NAME with escapes
+subprocess.run(["/bin/true", "named"])
+"""
+
+
+def test_hostile_names_and_arguments_reach_the_stream_escaped_and_never_the_terminal(agent_cgroup, tmp_path):
+    from watcher import WatcherProcess
+
+    out = tmp_path / "s.msgpack"
+    w = WatcherProcess(["--cgroup", str(agent_cgroup.path), "-o", str(out)])  # live view on stdout
+    try:
+        r = agent_cgroup.run([sys.executable, "-c", HOSTILE_EXECS, str(tmp_path)])
+        assert r.returncode == 0, r.stderr
+        time.sleep(0.8)
+    finally:
+        rc, stdout, err = w.stop()
+    assert rc == 0, err
+    assert "\x1b" not in stdout and "\x07" not in stdout and "\x9b" not in stdout
+    recs = list(read_records(str(out)))
+    execs = [r for r in recs if r["type"] == "exec"]
+    weird = next(r for r in execs if r["argv"] and r["argv"][0].endswith("/tool"))
+    assert weird["argv"][1:] == ["\\xff\\xfe\x1b[2J", "\x1b]0;owned\x07"]  # the stream keeps what ran
+    assert len(weird["argv"][0]) > 3500
+    many = next(r for r in execs if r["argv"][:2] == ["/bin/true", "a0"])
+    assert many["truncated"]["args"] and many["argv"][-2] == f"a{len(many['argv']) - 3}"
+    named = next(r for r in execs if r["argv"] == ["/bin/true", "named"])
+    assert named["proc"]["ppid"] and "\x1b[31mred" in (next(
+        p for p in recs if p["type"] == "fork" and p["child_pid"] == named["proc"]["pid"])["proc"]["comm"])

@@ -1,0 +1,92 @@
+"""Hostile input, fuzzed with hypothesis: the stream reader, the rule loader and the terminal view
+never fail with anything but their own clear error, and never let control characters through."""
+
+from __future__ import annotations
+
+import io
+
+import msgpack
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agentprobe import view
+from agentprobe.rules import RuleError, load_ruleset
+from agentprobe.stream import StreamError, encode, iter_stream
+
+GOOD = b"".join(encode({"v": 1, "type": t, "ts": i, "seq": i, "proc": {"pid": i, "comm": "x"}})
+                for i, t in enumerate(["start", "exec", "connect", "alert", "stop"]))
+
+
+def read_all(data: bytes) -> list[dict]:
+    out = []
+    try:
+        for rec in iter_stream(io.BytesIO(data), "fuzz"):
+            out.append(rec)
+    except StreamError:
+        pass  # the one error a damaged stream may give, after every good record before it
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=4096))
+def test_random_bytes_are_records_or_one_stream_error(data):
+    for rec in read_all(data):
+        assert isinstance(rec, dict) and "type" in rec
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, len(GOOD) - 1), st.binary(min_size=1, max_size=8), st.booleans())
+def test_damaged_streams_keep_the_records_before_the_damage(at, junk, cut):
+    damaged = GOOD[:at] + (b"" if cut else junk + GOOD[at:])
+    recs = read_all(damaged)
+    whole = list(iter_stream(io.BytesIO(GOOD)))
+    # every record that ends before the damage comes back unchanged
+    ends, pos = [], 0
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(GOOD)
+    for _ in whole:
+        next(unpacker)
+        ends.append(unpacker.tell())
+    intact = sum(1 for e in ends if e <= at)
+    assert recs[:intact] == whole[:intact]
+
+
+yaml_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20) | st.sampled_from(
+        ["rule", "list", "macro", "condition", "evt.type = exec", "items", "priority", "high", "count", "by"]),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["rule", "list", "macro", "desc", "condition", "output", "priority", "items", "append",
+                         "enabled", "count", "sequence", "by", "within", "threshold", "action", "tags", "x"]),
+        inner, max_size=5),
+    max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(yaml_values)
+def test_any_rule_file_is_loaded_or_refused_with_a_rule_error(tmp_path, doc):
+    f = tmp_path / "fuzz.yaml"
+    f.write_text(yaml.safe_dump(doc))
+    try:
+        load_ruleset([f])
+    except RuleError as e:
+        assert str(e) and "\n" not in str(e).strip()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=60), st.binary(max_size=40))
+def test_the_terminal_view_lets_no_control_character_through(text, raw):
+    hostile = text + raw.decode("latin-1") + "\x1b[2J\x1b]0;owned\x07\x9b31m"
+    for rec in (
+        {"type": "exec", "ts": 1, "proc": {"pid": 1, "ppid": 0, "comm": hostile}, "argv": [hostile, hostile],
+         "filename": hostile},
+        {"type": "connect", "ts": 1, "proc": {"comm": hostile}, "family": "unix", "path": hostile},
+        {"type": "alert", "ts": 1, "proc": {}, "rule": hostile, "summary": hostile, "priority": hostile},
+        {"type": "cgroup", "ts": 1, "change": "watched", "cgroup": {"path": hostile}},
+        {"type": "verdict", "ts": 1, "cgroup": {"path": hostile}, "labels": {"k": hostile}, "rules": {hostile: 1}},
+        {"type": hostile, "ts": 1, "x": hostile},
+    ):
+        line = view.line(rec)
+        assert not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in line), repr(line)
+    assert not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F
+                   for c in view.verdict_line({"cgroup": {"path": hostile}, "labels": {"a": hostile}}))
