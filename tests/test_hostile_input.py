@@ -42,7 +42,7 @@ def test_damaged_streams_keep_the_records_before_the_damage(at, junk, cut):
     recs = read_all(damaged)
     whole = list(iter_stream(io.BytesIO(GOOD)))
     # every record that ends before the damage comes back unchanged
-    ends, pos = [], 0
+    ends = []
     unpacker = msgpack.Unpacker(raw=False)
     unpacker.feed(GOOD)
     for _ in whole:
