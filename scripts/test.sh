@@ -7,7 +7,7 @@ REPO="$(cd "$(dirname "$0")/.." && pwd)"
 "$REPO/scripts/install.sh" --test
 cd "$REPO"
 export AGENTPROBE_REQUIRE_KERNEL=1
-.venv/bin/ruff check agentprobe tests examples scripts/vm-run scripts/vm-test scripts/rome-world scripts/bench
+.venv/bin/ruff check agentprobe tests examples scripts/vm-run scripts/vm-test scripts/rome-world scripts/bench scripts/soak
 .venv/bin/python -m pytest -rs -q "$@" tests
 # the benchmark harness works and writes well-formed results (a smoke run: not the targets)
 bench_out="$(mktemp -d)"
@@ -22,6 +22,9 @@ assert r["throughput"]["held_per_s"] > 0 and r["footprint"]["startup_s"] > 0
 print("bench smoke: ok")
 PY
 rm -rf "$bench_out"
+# a short soak: mixed agent work with periodic attacks against a real watcher; fails on a missed
+# attack, a benign alert, a lost record or memory growth (scripts/soak --duration 3600 for the long one)
+.venv/bin/python scripts/soak --duration 40 --attack-every 3
 # the kernel tests again, in a VM booting Debian 12's own kernel with matching headers
 # (BPF-LSM on, kprobes available): AGENTPROBE_VM_KERNELS="6.1 6.12" for more, "" for none
 for k in ${AGENTPROBE_VM_KERNELS-6.1}; do kernels+=(--kernel "$k"); done
