@@ -121,6 +121,9 @@ def main() -> None:
               help="Also read cgroup labels from DIR/<cgroup id>.json files a sandbox manager writes "
                    "(besides the cgroups' user.agentprobe.* attributes: `agentprobe label`).")
 @click.option("--no-verdicts", is_flag=True, help="No per-episode verdict records.")
+@click.option("--insecure-files", is_flag=True,
+              help="Use rule and config files that users other than root could change (with a warning); "
+                   "without it, watch refuses them.")
 @click.option("--on-loss", type=click.Choice(["alert", "freeze"]), default="alert", show_default=True,
               help="When the kernel loses records (a flood can blind the monitor): an events_lost alert for "
                    "each episode active meanwhile, or that alert and a freeze of those episodes.")
@@ -130,7 +133,8 @@ def main() -> None:
               help="Size of the kernel-to-user ring buffer in pages (a power of two).")
 def watch(config_path, cgroups, globs, outputs, metrics_addr, buffer, no_view, duration, gpu_interval, gpu_majors,
           rescan, rule_files, no_default_rules, dry_run, in_kernel_deny, no_cut_network, status_dir,
-          probe_mode, gpu_probe, gpu_idle_detach, label_env, label_dir, no_verdicts, on_loss, ring_pages) -> None:
+          probe_mode, gpu_probe, gpu_idle_detach, label_env, label_dir, no_verdicts, on_loss, ring_pages,
+          insecure_files) -> None:
     """Trace exec, connect and NVIDIA ioctls of agent processes, apply the detection
     rules, freeze agent cgroups that misbehave, and stream everything as msgpack."""
     import signal
@@ -168,6 +172,13 @@ def watch(config_path, cgroups, globs, outputs, metrics_addr, buffer, no_view, d
     watcher = Watcher(opts, on_record=None if no_view else show)
     error = None
     try:
+        from .config import resolve_config
+        from .trust import check_trusted
+
+        used_config = resolve_config(config_path)
+        check_trusted([used_config] if used_config else [], "config file", insecure_files,
+                      lambda m: click.echo(m, err=True))
+        check_trusted(rule_files, "rule file", insecure_files, lambda m: click.echo(m, err=True))
         rules_stage = _rule_stage(rule_files, not no_default_rules)
         if in_kernel_deny and not dry_run and rules_stage is not None:
             from .rules import deny_policy

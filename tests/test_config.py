@@ -45,6 +45,7 @@ def test_every_watch_option_is_a_key_with_its_type(tmp_path):
         no-verdicts: true
         on-loss: freeze
         ring-pages: 256
+        insecure-files: false
         """)
     values = load_config(p, watch)
     assert values == {
@@ -55,7 +56,7 @@ def test_every_watch_option_is_a_key_with_its_type(tmp_path):
         "no_default_rules": False, "dry_run": True, "in_kernel_deny": False, "no_cut_network": True,
         "status_dir": "/tmp/st", "probe_mode": "syscalls", "gpu_probe": "always", "gpu_idle_detach": 2,
         "label_env": ["EPISODE_ID", "TOOL_CALL_ID"], "label_dir": "/run/labels", "no_verdicts": True,
-        "on_loss": "freeze", "ring_pages": 256}
+        "on_loss": "freeze", "ring_pages": 256, "insecure_files": False}
     # every option of `watch` (but --config itself) can be set in the file
     assert set(values) == {p_.name for p_ in watch.params if p_.name not in ("config_path", "help")}
 
@@ -106,7 +107,8 @@ def test_cli_config_show_and_bad_config(agentprobe_cmd, tmp_path):
         assert r.returncode == 1
         assert r.stderr.splitlines() == [f"agentprobe: config {bad}: unknown key 'rescn' (known: buffer, cgroup, "
                                          "cgroup-glob, dry-run, duration, gpu-idle-detach, gpu-interval, gpu-major, "
-                                         "gpu-probe, in-kernel-deny, label-dir, label-env, metrics, no-cut-network, "
+                                         "gpu-probe, in-kernel-deny, insecure-files, label-dir, label-env, metrics, "
+                                         "no-cut-network, "
                                          "no-default-rules, no-verdicts, no-view, on-loss, output, probes, rescan, "
                                          "ring-pages, rules, status-dir)"]
     r = subprocess.run([*agentprobe_cmd, "watch", "--config", str(tmp_path / "none.yaml")], capture_output=True,

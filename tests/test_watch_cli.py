@@ -584,3 +584,26 @@ def test_hostile_names_and_arguments_reach_the_stream_escaped_and_never_the_term
     named = next(r for r in execs if r["argv"] == ["/bin/true", "named"])
     assert named["proc"]["ppid"] and "\x1b[31mred" in (next(
         p for p in recs if p["type"] == "fork" and p["child_pid"] == named["proc"]["pid"])["proc"]["comm"])
+
+
+def test_rule_and_config_files_other_users_could_change_are_refused(agentprobe_cmd, agent_cgroup, tmp_path):
+    rules = tmp_path / "site.yaml"
+    rules.write_text("- list: allowed_networks\n  append: true\n  items: [10.0.0.0/8]\n")
+    rules.chmod(0o666)
+    r = run_cli(agentprobe_cmd, "--cgroup", str(agent_cgroup.path), "--rules", str(rules))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1
+    assert r.stderr.startswith(f"agentprobe: rule file {rules}: {rules} is writable by group and others;")
+    r = run_cli(agentprobe_cmd, "--cgroup", str(agent_cgroup.path), "--rules", str(rules), "--insecure-files",
+                "-o", str(tmp_path / "s"))
+    assert r.returncode == 0, r.stderr
+    assert f"warning: rule file {rules}" in r.stderr
+    rules.chmod(0o644)
+    os.chown(rules, 65534, 65534)
+    config = tmp_path / "c.yaml"
+    config.write_text("no-view: true\n")
+    r = run_cli(agentprobe_cmd, "--cgroup", str(agent_cgroup.path), "--rules", str(rules))
+    assert r.returncode == 1 and f"{rules} is owned by uid 65534" in r.stderr
+    os.chown(rules, 0, 0)
+    config.chmod(0o620)
+    r = run_cli(agentprobe_cmd, "--config", str(config), "--cgroup", str(agent_cgroup.path), "--rules", str(rules))
+    assert r.returncode == 1 and f"agentprobe: config file {config}: {config} is writable by its group" in r.stderr
