@@ -502,6 +502,8 @@ def test_icmp_tunnel_with_ptunnel_ng_renamed(agents, episode, net, netns_server,
         assert wait_frozen(episode, timeout=20)
         recs = wait_records(out, episode, lambda rs: "icmp_tunnel" in alerts(rs))
         assert {"raw_socket_opened", "icmp_tunnel"} <= set(alerts(recs))
+        assert "tunnel_tool_started" in alerts(wait_records(out, episode, lambda rs: "tunnel_tool_started" in alerts(
+            rs)))  # renamed, and still known: by the sha256 of the node's own ptunnel-ng
         pkts = [r for r in recs if r["type"] == "packet" and r["protocol"] == "icmp"]
         assert pkts and pkts[0]["address"] == net.addr and max(x["len"] for x in pkts) > 128
         assert response(recs)["outcome"] == "frozen"
@@ -522,6 +524,8 @@ def test_dns_tunnel_with_dns2tcp_renamed(agents, episode, net, netns_server, tmp
         assert wait_frozen(episode, timeout=20)
         recs = wait_records(out, episode, lambda rs: "dns_tunnel_query" in alerts(rs))
         assert {"dns_to_unexpected_server", "dns_tunnel_query"} <= set(alerts(recs))
+        assert "tunnel_tool_started" in alerts(wait_records(out, episode, lambda rs: "tunnel_tool_started" in alerts(
+            rs)))  # by the sha256 of the node's own dns2tcpc
         names = [r["dns"].get("qname", "") for r in recs if r["type"] == "packet" and r.get("port") == 53]
         assert any(n.endswith("t.example.org") and len(n) > 60 for n in names)
         assert response(recs)["outcome"] == "frozen"

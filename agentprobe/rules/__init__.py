@@ -126,14 +126,19 @@ def local_binary_hashes(names: Iterable[str]) -> list[str]:
     return out
 
 
+# names list -> hash list: the node's own copies of these programs are hashed at start
+LOCAL_HASHED = {SSH_CLIENT_NAMES: SSH_CLIENT_HASHES, "tunnel_binaries": "tunnel_sha256"}
+
+
 def _add_local_ssh_hashes(sources: Sources) -> None:
-    if SSH_CLIENT_NAMES not in sources.lists or SSH_CLIENT_HASHES not in sources.lists:
-        return
-    # a throw-away compile of the names list expands nested lists the same way the rules will
-    names = compile_sources(Sources(lists=dict(sources.lists))).lists[SSH_CLIENT_NAMES]
-    add = [h for h in local_binary_hashes(names) if h not in sources.lists[SSH_CLIENT_HASHES].items]
-    if add:
-        add_list_items(sources, SSH_CLIENT_HASHES, add)
+    for names_list, hashes_list in LOCAL_HASHED.items():
+        if names_list not in sources.lists or hashes_list not in sources.lists:
+            continue
+        # a throw-away compile of the names list expands nested lists the same way the rules will
+        names = compile_sources(Sources(lists=dict(sources.lists))).lists[names_list]
+        add = [h for h in local_binary_hashes(names) if h not in sources.lists[hashes_list].items]
+        if add:
+            add_list_items(sources, hashes_list, add)
 
 
 def build_engine(paths: Iterable[str | Path] = (), *, with_defaults: bool = True,
