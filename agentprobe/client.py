@@ -148,13 +148,16 @@ class Episode:
         return path == self.rel or path.startswith(self.rel + "/")
 
     # ---- tool calls ----
-    def _enter(self) -> None:
-        with open(self.path / "cgroup.procs", "w") as f:
-            f.write(str(os.getpid()))
+    # The call joins the episode from a tiny shell that then execs it: joining from the child before
+    # its exec (preexec_fn) would leave Popen waiting forever if the episode is frozen just then.
+    JOIN = 'echo $$ > "$0" && exec "$@"'
 
     def popen(self, argv: list[str], **kw) -> subprocess.Popen:
-        """Start a tool call inside the episode's cgroup (it joins before exec)."""
-        return subprocess.Popen(argv, preexec_fn=self._enter, **kw)
+        """Start a tool call inside the episode's cgroup (it joins, then execs argv)."""
+        if not argv:
+            raise ClientError("empty tool call")
+        return subprocess.Popen(["/bin/sh", "-c", self.JOIN, str(self.path / "cgroup.procs"), *map(str, argv)],
+                                **kw)
 
     def run(self, argv: list[str], timeout: float | None = None, **kw) -> subprocess.CompletedProcess:
         """Run a tool call inside the episode's cgroup. If the episode is frozen while it runs, the
