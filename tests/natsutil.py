@@ -56,3 +56,26 @@ class NatsServer:
             self.proc.kill()
             self.proc.wait(timeout=10)
         self.proc = None
+
+
+def jetstream_messages(url: str, stream: str) -> list[tuple[str, dict]]:
+    """(subject, record) of everything a JetStream stream holds, read back message by message."""
+    import base64
+    import json
+
+    import msgpack
+
+    from agentprobe.nats import BlockingConnection, parse_url
+
+    conn = BlockingConnection(parse_url(url))
+    try:
+        info = json.loads(conn.request(f"$JS.API.STREAM.INFO.{stream}", b"").payload)
+        out = []
+        for seq in range(info["state"]["first_seq"], info["state"]["last_seq"] + 1):
+            reply = json.loads(conn.request(f"$JS.API.STREAM.MSG.GET.{stream}",
+                                            json.dumps({"seq": seq}).encode()).payload)
+            msg = reply["message"]
+            out.append((msg["subject"], msgpack.unpackb(base64.b64decode(msg["data"]))))
+        return out
+    finally:
+        conn.close()

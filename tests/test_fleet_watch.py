@@ -80,25 +80,10 @@ def wait_line(w, text: str, timeout: float = 20.0) -> None:
         w._readline(0.2)
 
 
-def jetstream_records(url: str, stream: str) -> list[dict]:
-    import base64
+def jetstream_records(url: str, stream: str) -> list[tuple[str, dict]]:
+    from natsutil import jetstream_messages
 
-    import msgpack
-
-    from agentprobe.nats import BlockingConnection, parse_url
-
-    conn = BlockingConnection(parse_url(url))
-    try:
-        info = json.loads(conn.request(f"$JS.API.STREAM.INFO.{stream}", b"").payload)
-        out = []
-        for seq in range(info["state"]["first_seq"], info["state"]["last_seq"] + 1):
-            reply = json.loads(conn.request(f"$JS.API.STREAM.MSG.GET.{stream}",
-                                            json.dumps({"seq": seq}).encode()).payload)
-            msg = reply["message"]
-            out.append((msg["subject"], msgpack.unpackb(base64.b64decode(msg["data"]))))
-        return out
-    finally:
-        conn.close()
+    return jetstream_messages(url, stream)
 
 
 def test_miner_alert_reaches_nats_metrics_jsonl_and_collect(agent_cgroup, episode, nats_server, tmp_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import socket
 import time
 
@@ -78,19 +77,9 @@ class Subscriber:
 
 def stream_records(url: str, stream: str) -> list[dict]:
     """Everything the JetStream stream holds, read back message by message."""
-    conn = BlockingConnection(parse_url(url))
-    try:
-        info = json.loads(conn.request(f"$JS.API.STREAM.INFO.{stream}", b"").payload)
-        out = []
-        for seq in range(info["state"]["first_seq"], info["state"]["last_seq"] + 1):
-            reply = json.loads(conn.request(f"$JS.API.STREAM.MSG.GET.{stream}",
-                                            json.dumps({"seq": seq}).encode()).payload)
-            import base64
+    from natsutil import jetstream_messages
 
-            out.append(msgpack.unpackb(base64.b64decode(reply["message"]["data"])))
-        return out
-    finally:
-        conn.close()
+    return [rec for _, rec in jetstream_messages(url, stream)]
 
 
 # ---- the protocol, without a server ----
