@@ -620,5 +620,11 @@ def test_stratum_through_a_local_relay(agents, episode, net, tmp_path):
         recs = wait_records(out, episode, lambda rs: any(r["type"] == "tunnel" for r in rs))
         (t,) = [r for r in recs if r["type"] == "tunnel"]
         assert (t["carried"], t["detail"], t["proc"]["comm"]) == ("stratum", "mining.subscribe", "cache-proxy")
-        assert t["to"] == [f"{net.addr}:{net.POOL_ALT_PORT}"]
-        assert "stratum_protocol" in alerts(recs)  # the relay's own bytes to the pool, whatever the port
+        assert "stratum_protocol" in alerts(recs)  # stratum on any socket, loopback included
+        # the stratum bytes on loopback may freeze the episode before the relay has even connected out:
+        # then there is nowhere to name, and nothing of the relay reached the pool
+        pool = f"{net.addr}:{net.POOL_ALT_PORT}"
+        relay_connects = [r for r in recs if r["type"] == "connect" and r["proc"]["pid"] in t["forwarder_pids"]
+                          and r.get("port") == net.POOL_ALT_PORT]
+        assert t["to"] == ([pool] if relay_connects else [])
+        assert t["proc"]["cmdline"][-1] == f"TCP:{pool}"  # what the relay was told to do, either way
