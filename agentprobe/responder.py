@@ -121,8 +121,8 @@ class CgroupFreezer:
             start = time.monotonic()
             deadline = start + timeout
             while True:
-                os.lseek(fd, 0, os.SEEK_SET)
-                try:
+                try:  # ENODEV once the cgroup is removed under us (an episode torn down meanwhile)
+                    os.lseek(fd, 0, os.SEEK_SET)
                     text = os.read(fd, 4096).decode()
                 except OSError as e:
                     return Outcome("failed", f"{events}: {e.strerror}")

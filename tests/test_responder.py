@@ -125,3 +125,20 @@ def test_thaw_and_status_cli(cgroup_root, agent_cgroup, agentprobe_cmd, tmp_path
     assert bad.returncode == 1 and bad.stderr.strip().startswith("agentprobe: cgroup no/such does not exist")
     p.kill()
     p.wait()
+
+
+def test_a_cgroup_removed_while_its_freeze_is_awaited_is_a_failed_outcome(cgroup_root, agent_cgroup):
+    """Found by the soak test: an episode torn down while a freeze waits for the kernel's confirmation
+    made cgroup.events fail with ENODEV, which escaped as an exception."""
+    import threading
+    import time
+
+    gone = agent_cgroup.child("torn-down")
+    freezer = CgroupFreezer(cgroup_root)
+    t = threading.Timer(0.2, gone.path.rmdir)
+    t.start()
+    t0 = time.monotonic()
+    # wait for a state that never comes, so the wait is still on when the cgroup goes
+    out = freezer._v2_set(gone.path, "1", "frozen 0", 5.0, "frozen")
+    t.join()
+    assert out.outcome == "failed" and "No such device" in out.error and time.monotonic() - t0 < 2
