@@ -103,7 +103,8 @@ def test_miner_alert_reaches_nats_metrics_jsonl_and_collect(agent_cgroup, episod
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         time.sleep(1.0)  # the collector subscribes
-        p = episode.popen([str(miner), "30"])
+        # through a shell, so that an exec the kernel refuses (BPF-LSM) fails in the shell, not in Popen
+        p = episode.popen(["/bin/sh", "-c", 'exec "$0" 30', str(miner)])
         try:
             m = wait_for(lambda: (lambda s: s if s.get(
                 'agentprobe_responses_total{action="freeze",outcome="frozen"}') else None)(scrape(port)),
