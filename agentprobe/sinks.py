@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 import stat
 import sys
+import time
 from collections import deque
 from pathlib import Path
 
@@ -45,6 +47,10 @@ class Sink:
     def flush(self) -> None:
         pass
 
+    def drain(self, deadline: float) -> None:
+        """At stop: get out what can get out before `deadline` (time.monotonic())."""
+        self.flush()
+
     def service(self) -> None:
         """Non-blocking housekeeping (accept readers, drain queues); called each loop."""
 
@@ -56,24 +62,126 @@ class Sink:
         return 0
 
 
-class StdoutSink(Sink):
-    name = "-"
+class _Records:
+    """Bytes not yet written, with the record boundaries kept: what is given up or
+    still held is counted in records, and a partial write is known as such."""
 
     def __init__(self) -> None:
+        self.buf = bytearray()
+        self.lens: deque[int] = deque()  # sizes of the records in buf, oldest first
+        self.head = 0  # bytes of the oldest record already written (stream outputs)
+
+    def __len__(self) -> int:
+        return len(self.buf)
+
+    def add(self, data: bytes) -> None:
+        self.buf += data
+        self.lens.append(len(data))
+
+    def whole(self, n: int) -> int:
+        """Of the first `n` bytes held, how many make whole records."""
+        n += self.head
+        whole = 0
+        for size in self.lens:
+            if whole + size > n:
+                break
+            whole += size
+        return max(0, whole - self.head)
+
+    def consumed(self, n: int) -> None:
+        """`n` bytes went out (the last record perhaps only in part)."""
+        del self.buf[:n]
+        n += self.head
+        while self.lens and n >= self.lens[0]:
+            n -= self.lens.popleft()
+        self.head = n
+
+    def clear(self) -> int:
+        """Gives up what is held; returns how many records that was."""
+        lost = len(self.lens)
+        self.buf.clear()
+        self.lens.clear()
+        self.head = 0
+        return lost
+
+
+class StdoutSink(Sink):
+    """Writes to stdout. A pipe or a socket (`watch -o - | consumer`) is written without
+    blocking, with at most `limit` bytes queued: a reader that stops reading costs records,
+    counted in `dropped`, never the watcher's loop, which must stay free to freeze."""
+
+    name = "-"
+
+    def __init__(self, limit: int = CLIENT_BUFFER_LIMIT, out=None) -> None:
         super().__init__()
-        self._out = sys.stdout.buffer
+        self._out = out if out is not None else sys.stdout.buffer
+        self._limit = limit
+        self._queue = _Records()
+        self._gone = False
+        self._fd: int | None = None
+        try:
+            fd = self._out.fileno()
+            mode = os.fstat(fd).st_mode
+        except (AttributeError, ValueError, OSError):
+            return
+        if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+            self._out.flush()
+            self._fd = fd
+            os.set_blocking(fd, False)
 
     def write(self, data: bytes) -> None:
-        try:
-            self._out.write(data)
-            self.written += 1
-        except (BrokenPipeError, ValueError):
+        if self._fd is None:  # a terminal or a file: plain buffered writes
+            try:
+                self._out.write(data)
+                self.written += 1
+            except (BrokenPipeError, ValueError):
+                self.dropped += 1
+            return
+        if self._gone or len(self._queue) + len(data) > self._limit:
             self.dropped += 1
+            return
+        self._queue.add(data)
+        self.written += 1
 
     def flush(self) -> None:
+        if self._fd is None:
+            try:
+                self._out.flush()
+            except (BrokenPipeError, ValueError):
+                pass
+            return
+        while self._queue and not self._gone:
+            try:
+                n = os.write(self._fd, self._queue.buf)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # the reader is gone (EPIPE): what is queued will never arrive
+                self._gone = True
+                lost = self._queue.clear()
+                self.dropped += lost
+                self.written -= lost
+                return
+            self._queue.consumed(n)
+
+    def unwritten(self) -> int:
+        return len(self._queue.lens)
+
+    def drain(self, deadline: float) -> None:
+        self.flush()  # a reader still reading gets the rest; a stalled one costs the time left
+        while self._fd is not None and self._queue and not self._gone and time.monotonic() < deadline:
+            select.select([], [self._fd], [], max(0.0, deadline - time.monotonic()))
+            self.flush()
+
+    def close(self, grace_s: float = 2.0) -> None:
+        self.drain(time.monotonic() + grace_s)
+        if self._fd is None:
+            return
+        lost = self._queue.clear()
+        self.dropped += lost
+        self.written -= lost
         try:
-            self._out.flush()
-        except (BrokenPipeError, ValueError):
+            os.set_blocking(self._fd, True)  # the descriptor may be shared: leave it as found
+        except OSError:
             pass
 
 
@@ -85,8 +193,7 @@ class FileSink(Sink):
         super().__init__()
         self.name = path
         self.path = path
-        self._pending = bytearray()
-        self._lens: deque[int] = deque()  # sizes of the records in _pending, oldest first
+        self._queue = _Records()
         try:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -94,42 +201,39 @@ class FileSink(Sink):
             raise SinkError(f"cannot write output {path}: {e.strerror}") from None
 
     def write(self, data: bytes) -> None:
-        if len(self._pending) + len(data) > FILE_BUFFER_LIMIT:
+        if len(self._queue) + len(data) > FILE_BUFFER_LIMIT:
             self.dropped += 1
             return
-        self._pending += data
-        self._lens.append(len(data))
+        self._queue.add(data)
         self.written += 1
 
     def flush(self) -> None:
-        while self._pending:
+        while self._queue:
             try:
-                n = os.write(self._fd, self._pending)
+                n = os.write(self._fd, self._queue.buf)
             except OSError as e:
                 if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
                     return  # kept and retried at the next flush
                 raise
-            whole = 0
-            while self._lens and whole + self._lens[0] <= n:
-                whole += self._lens.popleft()
+            whole = self._queue.whole(n)
+            self._queue.consumed(whole)
             if whole < n:  # the disk took half a record: take it back, so the file ends on a record
                 try:
                     os.ftruncate(self._fd, os.fstat(self._fd).st_size - (n - whole))
                 except OSError:
                     pass
-            del self._pending[:whole]
-            if whole < n:
                 return
 
     def unwritten(self) -> int:
-        return len(self._lens)
+        return len(self._queue.lens)
 
     def close(self) -> None:
         try:
             self.flush()
         finally:
-            self.dropped += len(self._lens)  # what the disk never took
-            self.written -= len(self._lens)
+            lost = self._queue.clear()  # what the disk never took
+            self.dropped += lost
+            self.written -= lost
             os.close(self._fd)
 
 

@@ -45,6 +45,7 @@ EXIT_USAGE = 2
 EXIT_KERNEL = 3
 EXIT_PERMISSION = 4
 EXIT_BUSY = 5
+STOP_DRAIN_S = 2.0  # at stop, how long an output whose reader is slow gets to take what is queued
 
 
 class PermissionProblem(AgentprobeError):
@@ -823,9 +824,10 @@ class Watcher:
                     except Exception as e:
                         self._internal_error(e)
             unwritten = {}
+            deadline = time.monotonic() + STOP_DRAIN_S
             for s in self.sinks:  # what an output still holds now will not get out: say it here
                 try:
-                    s.flush()
+                    s.drain(deadline)
                 except OSError:
                     pass
                 if s.unwritten():

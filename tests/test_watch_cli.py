@@ -607,3 +607,26 @@ def test_rule_and_config_files_other_users_could_change_are_refused(agentprobe_c
     config.chmod(0o620)
     r = run_cli(agentprobe_cmd, "--config", str(config), "--cgroup", str(agent_cgroup.path), "--rules", str(rules))
     assert r.returncode == 1 and f"agentprobe: config file {config}: {config} is writable by its group" in r.stderr
+
+
+def test_a_stdout_reader_that_stops_reading_does_not_stop_the_freeze(agent_cgroup):
+    """`watch -o - | consumer` with a consumer that stalls: the pipe fills, the watcher keeps
+    reading the kernel and still freezes; what it queued reaches the reader when it reads again."""
+    from watcher import WatcherProcess
+
+    w = WatcherProcess(["--cgroup", str(agent_cgroup.path), "-o", "-", "--no-view"])  # stdout: never read here
+    try:
+        agent_cgroup.run(["/bin/sh", "-c", "for i in $(seq 300); do /bin/true " + "a" * 400 + "; done"])
+        ep = agent_cgroup.child("ep-stalled")
+        ep.popen(["ssh", "-o", "BatchMode=yes", "-p", "1", "-N", "-R", "9000:localhost:22", "x@127.0.0.1"])
+        deadline = time.monotonic() + 10
+        while "frozen 1" not in (ep.path / "cgroup.events").read_text() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert "frozen 1" in (ep.path / "cgroup.events").read_text()
+    finally:
+        rc, out, err = w.stop()
+    assert rc == 0, err
+    recs = list(read_records(w.stdout_bytes))
+    assert sum(1 for r in recs if r["type"] == "exec" and r["argv"][0] == "/bin/true") == 300
+    assert [r["rule"] for r in recs if r["type"] == "response"] == ["ssh_port_forwarding"]
+    assert recs[-1]["type"] == "stop" and recs[-1]["lost_output"] == 0

@@ -46,5 +46,6 @@ class WatcherProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             out, err = self.proc.communicate()
+        self.stdout_bytes = out
         return self.proc.returncode, out.decode(errors="replace"), "".join(self.stderr_lines) + err.decode(
             errors="replace")

@@ -1,0 +1,139 @@
+"""Outputs whose reader stalls or goes away: counted in records, never a blocked loop."""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+
+import msgpack
+import pytest
+
+from agentprobe.sinks import FileSink, StdoutSink, _Records
+from agentprobe.stream import read_records
+
+
+def test_records_track_partial_writes():
+    q = _Records()
+    for data in (b"aaaa", b"bb", b"cccccc"):
+        q.add(data)
+    assert q.whole(5) == 4 and q.whole(6) == 6 and q.whole(3) == 0
+    q.consumed(5)  # aaaa and one byte of bb
+    assert bytes(q.buf) == b"bcccccc" and list(q.lens) == [2, 6] and q.head == 1
+    assert q.whole(1) == 1 and q.whole(7) == 7  # the rest of bb ends a record
+    q.consumed(1)
+    assert list(q.lens) == [6] and q.head == 0
+    assert q.clear() == 1 and not q and not q.lens
+
+
+@pytest.fixture
+def stdout_pipe():
+    r, w = os.pipe()
+    try:
+        yield r, w
+    finally:
+        os.set_blocking(w, True)
+        for fd in (r, w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def record(i: int) -> bytes:
+    return msgpack.packb({"type": "exec", "n": i, "pad": "x" * 1000})
+
+
+def test_a_stalled_stdout_reader_costs_records_not_the_loop(stdout_pipe):
+    r, w = stdout_pipe
+    sink = StdoutSink(limit=256 * 1024, out=io.FileIO(w, "w", closefd=False))
+    t0 = time.monotonic()
+    for i in range(2000):  # about 2 MB into a 64 KiB pipe that nobody reads
+        sink.write(record(i))
+        sink.flush()
+    assert time.monotonic() - t0 < 2.0  # never waited for the reader
+    assert sink.dropped > 0 and sink.written + sink.dropped == 2000
+    assert sink.unwritten() > 0
+    os.set_blocking(r, False)
+    got = bytearray()
+    while True:  # the reader comes back: what was queued arrives, whole records in order
+        try:
+            chunk = os.read(r, 1 << 16)
+        except BlockingIOError:
+            sink.flush()
+            if not sink.unwritten():
+                try:
+                    got += os.read(r, 1 << 16)
+                except BlockingIOError:
+                    pass
+                break
+            continue
+        got += chunk
+    recs = list(read_records(bytes(got)))
+    assert len(recs) == sink.written
+    assert [x["n"] for x in recs] == list(range(len(recs)))  # the first ones; the later ones were dropped
+    sink.close(grace_s=0.1)
+    assert os.get_blocking(w)  # the descriptor is left as it was found
+
+
+def test_a_stdout_reader_that_went_away_is_counted(stdout_pipe):
+    r, w = stdout_pipe
+    sink = StdoutSink(limit=1 << 20, out=io.FileIO(w, "w", closefd=False))
+    os.close(r)
+    for i in range(10):
+        sink.write(record(i))
+    sink.flush()  # EPIPE (Python ignores SIGPIPE)
+    sink.write(record(10))
+    sink.close(grace_s=0.1)
+    assert sink.written == 0 and sink.dropped == 11
+
+
+def test_stdout_close_waits_a_little_for_a_slow_reader(stdout_pipe):
+    r, w = stdout_pipe
+    sink = StdoutSink(limit=1 << 20, out=io.FileIO(w, "w", closefd=False))
+    for i in range(200):
+        sink.write(record(i))
+    sink.flush()
+    import threading
+
+    got = bytearray()
+
+    def drain():
+        time.sleep(0.2)
+        while True:
+            chunk = os.read(r, 1 << 16)
+            if not chunk:
+                return
+            got.extend(chunk)
+            if len(got) >= sum(len(record(i)) for i in range(200)):
+                return
+
+    t = threading.Thread(target=drain)
+    t.start()
+    sink.close(grace_s=5.0)
+    t.join(5)
+    assert sink.dropped == 0 and [x["n"] for x in read_records(bytes(got))] == list(range(200))
+
+
+def test_file_sink_keeps_whole_records_when_the_write_is_short(tmp_path, monkeypatch):
+    sink = FileSink(str(tmp_path / "s.msgpack"))
+    real_write = os.write
+    calls = []
+
+    def short_write(fd, data):  # the disk takes a record and a half, then is full
+        if not calls:
+            calls.append(1)
+            return real_write(fd, bytes(data[: len(record(0)) + 100]))
+        raise OSError(28, "No space left on device")
+
+    for i in range(3):
+        sink.write(record(i))
+    monkeypatch.setattr(os, "write", short_write)
+    sink.flush()
+    monkeypatch.setattr(os, "write", real_write)
+    assert [x["n"] for x in read_records(str(tmp_path / "s.msgpack"))] == [0]
+    assert sink.unwritten() == 2
+    sink.flush()  # space again
+    sink.close()
+    assert [x["n"] for x in read_records(str(tmp_path / "s.msgpack"))] == [0, 1, 2]
+    assert sink.written == 3 and sink.dropped == 0
