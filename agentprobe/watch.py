@@ -299,17 +299,12 @@ class Watcher:
         })
 
     def _discover_running(self) -> None:
-        """Processes already in the watched cgroups join the process tree."""
-        for cg in self.watched.values():
-            procs = self.root / cg.path.lstrip("/") / "cgroup.procs"
-            try:
-                pids = [int(p) for p in procs.read_text().split()]
-            except OSError:
-                continue
-            for pid in pids:
-                self.enricher.discover(pid)
-                if self._holds_gpu(pid):
-                    self._gpu_holders.add(pid)
+        """Processes already in the watched cgroups, at any depth (the agents in their episode
+        cgroups below a watched one), join the process tree with their ancestors."""
+        for pid in self._agent_pids():
+            self.enricher.discover(pid)
+            if self._holds_gpu(pid):
+                self._gpu_holders.add(pid)
 
     def _holds_gpu(self, pid: int) -> bool:
         """Has this running process a GPU device open (found at start or when a cgroup is added)?"""
@@ -698,15 +693,15 @@ class Watcher:
 
     def _agent_pids(self) -> list[int]:
         """Live processes of the watched cgroups (from cgroup.procs of every watched subtree)."""
-        pids: list[int] = []
+        pids: set[int] = set()  # (a watched cgroup may lie below another)
         for cg in self.watched.values():
             top = self.root / cg.path.lstrip("/")
             for procs in top.rglob("cgroup.procs"):
                 try:
-                    pids += [int(p) for p in procs.read_text().split()]
+                    pids.update(int(p) for p in procs.read_text().split())
                 except OSError:
                     continue
-        return pids
+        return sorted(pids)
 
     def _sample_nvml(self) -> None:
         if self._nvml is None or not self._nvml.available:

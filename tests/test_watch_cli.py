@@ -275,7 +275,7 @@ except OSError:
     pass
 fd = os.open(sys.argv[1], os.O_PATH)
 alloc = bytearray(struct.pack("<IIII", 1, 2, 3, 0x41)) + bytearray(48)
-for _ in range(100):
+for _ in range(int(sys.argv[2]) if len(sys.argv) > 2 else 100):
     try:
         fcntl.ioctl(fd, (3 << 30) | (len(alloc) << 16) | (ord("F") << 8) | 0x2B, alloc)
     except OSError:
@@ -319,6 +319,35 @@ def test_gpu_ioctl_probe_attached_only_while_an_agent_holds_a_gpu(agent_cgroup, 
     opened = next(r for r in recs if r["type"] == "gpu")
     assert opened["proc"]["pid"] == holder.pid and opened["device"] == {"major": 195, "minor": 255,
                                                                           "kind": "nvidia"}
+
+
+def test_a_gpu_holder_in_an_episode_below_the_watched_cgroup_is_found_at_start(agent_cgroup, tmp_path):
+    """A watcher (re)started while an agent deep in an episode cgroup already holds a GPU device
+    attaches the ioctl probe at once: the holder's later ioctls are counted, none missed."""
+    from watcher import WatcherProcess
+
+    node = tmp_path / "nvidiactl"
+    os.mknod(node, 0o600 | 0o020000, os.makedev(195, 255))
+    ep = agent_cgroup.child("ep-gpu").child("step-1")
+    holder = ep.popen([sys.executable, "-c", GPU_HOLDER, str(node), "3000"])  # 30 s of ioctls
+    out = tmp_path / "s.msgpack"
+    try:
+        time.sleep(0.5)
+        w = WatcherProcess(["--cgroup", str(agent_cgroup.path), "-o", str(out), "--no-view",
+                            "--gpu-probe", "on-demand", "--gpu-interval", "0.2"])
+        try:
+            assert syscall_tracepoints_of(w.proc.pid) == ["sys_enter_ioctl"]
+            time.sleep(1.0)
+        finally:
+            w.stop()
+    finally:
+        holder.kill()
+        holder.wait()
+    recs = list(read_records(str(out)))
+    (attached,) = [r for r in recs if r["type"] == "probe" and r["change"] == "attached"]
+    assert recs.index(attached) < next(i for i, r in enumerate(recs) if r["type"] == "gpu")
+    counts = [r for r in recs if r["type"] == "gpu" and r["kind"] == "counts" and r["proc"]["pid"] == holder.pid]
+    assert counts and sum(c["total"] for c in counts) >= 50
 
 
 @pytest.mark.parametrize("args, tracepoints", [
