@@ -119,6 +119,18 @@ def outside_cgroup(cgroup_root):
 
 
 @pytest.fixture
+def nats_server(tmp_path):
+    """A real nats-server with JetStream on a loopback port, stopped after the test."""
+    from natsutil import NatsServer
+
+    server = NatsServer(tmp_path).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
 def agentprobe_cmd() -> list[str]:
     """The CLI of the agentprobe under test, run by the interpreter running the tests."""
     return [sys.executable, "-m", "agentprobe"]

@@ -15,7 +15,7 @@ import urllib.request
 import uuid
 
 import pytest
-from natsutil import NatsServer, free_port
+from natsutil import free_port
 
 from agentprobe.stream import read_records
 
@@ -31,15 +31,6 @@ MARKER_RULE = """\
   tags: [test]
   action: alert
 """
-
-
-@pytest.fixture
-def nats_server(tmp_path):
-    server = NatsServer(tmp_path).start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

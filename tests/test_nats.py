@@ -26,15 +26,6 @@ from agentprobe.sinks import SinkError, check_output
 from agentprobe.stream import encode
 
 
-@pytest.fixture
-def nats_server(tmp_path):
-    server = NatsServer(tmp_path).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 def record(seq: int, type_: str = "exec", node: str = "gpu-7.dc1") -> dict:
     return {"v": 1, "type": type_, "ts": 1, "ktime": 1, "node": node, "seq": seq}
 
