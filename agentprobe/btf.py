@@ -42,6 +42,7 @@ FIELDS: dict[tuple[str, str], str] = {
     ("mm_struct", "arg_start"): "AP_OFF_MM_STRUCT_ARG_START",
     ("mm_struct", "arg_end"): "AP_OFF_MM_STRUCT_ARG_END",
     ("linux_binprm", "filename"): "AP_OFF_LINUX_BINPRM_FILENAME",
+    ("linux_binprm", "argc"): "AP_OFF_LINUX_BINPRM_ARGC",
 }
 # read only by the fentry ioctl probe, which is built only where these exist (x86-64)
 OPTIONAL_FIELDS = {

@@ -377,7 +377,7 @@ def decode(data: bytes) -> Event:
         raw_args = bytes(r.args)[: r.args_size]
         if r.flags & abi.EXEC_ARGV_RAW:
             argv = split_arg_area(raw_args)
-            argc_total = len(argv)
+            argc_total = max(r.argc_total, len(argv))  # the kernel's count (bprm->argc), beyond the copied area
         else:
             argv = split_args(raw_args, r.argc)
             argc_total = r.argc_total

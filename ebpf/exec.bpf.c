@@ -44,6 +44,7 @@ RAW_TRACEPOINT_PROBE(sched_process_exec)
 	void *bprm = (void *)ctx->args[2];
 	if (ap_exec_denied(bprm) && bpf_send_signal(AP_SIGKILL) == 0)
 		e->flags |= AP_EXEC_KILLED;
+	e->argc_total = ap_read_u32(bprm, AP_OFF_LINUX_BINPRM_ARGC); /* all of them, copied or not */
 	const char *fname = (const char *)ap_read_ptr(bprm, AP_OFF_LINUX_BINPRM_FILENAME);
 	long n = bpf_probe_read_kernel_str(e->filename, sizeof(e->filename), fname);
 	if (n == sizeof(e->filename))

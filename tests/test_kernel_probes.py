@@ -111,9 +111,11 @@ def test_argv_limits_are_flagged(capture, watched):
         watched.run(["/bin/true", long_arg, "tail"])
         first, second = execs(capture.settle(0.5), "/bin/true")
         assert first.args_truncated and first.argv[:2] == ["/bin/true", many[0]]
+        assert first.argc_total == 51  # the kernel's count, beyond what was copied
         assert first.argv == ["/bin/true", *many][: len(first.argv) - 1] + [first.argv[-1]]
         assert sum(len(a) + 1 for a in first.argv) - 1 == abi.ARGS_LEN  # the last element is cut
         assert second.argv == ["/bin/true", long_arg, "tail"] and not second.args_truncated
+        assert second.argc_total == 3
         return
     many = [f"a{i}" for i in range(100)]
     watched.run(["/bin/true", *many])

@@ -610,6 +610,7 @@ def test_hostile_names_and_arguments_reach_the_stream_escaped_and_never_the_term
     assert len(weird["argv"][0]) > 3500
     many = next(r for r in execs if r["argv"][:2] == ["/bin/true", "a0"])
     assert many["truncated"]["args"] and many["argv"][-2] == f"a{len(many['argv']) - 3}"
+    assert many["argc"] == 5001  # every argument counted, though few were copied
     named = next(r for r in execs if r["argv"] == ["/bin/true", "named"])
     assert named["proc"]["ppid"] and "\x1b[31mred" in (next(
         p for p in recs if p["type"] == "fork" and p["child_pid"] == named["proc"]["pid"])["proc"]["comm"])
