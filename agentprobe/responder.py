@@ -131,11 +131,14 @@ class CgroupFreezer:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return Outcome("failed", f"not confirmed in {timeout:.0f} s ({events} says {text.split()})")
-                # kernfs rate-limits cgroup.events notifications: re-read every
-                # millisecond at first rather than wait for a wake-up that comes late
+                # kernfs rate-limits cgroup.events notifications: re-read every 50 µs at first
+                # rather than wait for a wake-up that comes late (a freeze takes tens of µs;
+                # poll(2) cannot wait less than a millisecond, a sleep can)
                 waited = time.monotonic() - start
-                step = 0.0002 if waited < 0.02 else 0.001 if waited < 0.1 else 0.01
-                poller.poll(min(left, step) * 1000)
+                if waited < 0.02:  # (a sleep, not a spin: the tasks need the CPU to reach the freezer)
+                    time.sleep(min(left, 0.00005))
+                else:
+                    poller.poll(min(left, 0.001 if waited < 0.1 else 0.01) * 1000)
         finally:
             os.close(fd)
 

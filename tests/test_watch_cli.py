@@ -507,7 +507,9 @@ def test_an_agent_cannot_kill_trace_or_thaw_past_the_monitor(agent_cgroup, tmp_p
     with open("/proc/self/status") as f:
         cap_eff = int(next(x for x in f if x.startswith("CapEff:")).split()[1], 16)
     oom = -900 if cap_eff & (1 << 24) else None  # CAP_SYS_RESOURCE (some sandboxes drop it)
-    assert start["hardening"] == {"dumpable": False, "oom_score_adj": oom, "nice": -5}
+    # a short scheduler slice (EEVDF custom slices, Linux 6.12+) lets the watcher preempt a busy agent on wake-up
+    slice_us = 100 if tuple(int(x) for x in os.uname().release.split(".")[:2]) >= (6, 12) else None
+    assert start["hardening"] == {"dumpable": False, "oom_score_adj": oom, "nice": -5, "slice_us": slice_us}
 
 
 def test_a_full_disk_does_not_stop_the_watcher_and_what_it_could_not_write_is_counted(agent_cgroup, tmp_path):
