@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import re
@@ -147,10 +148,26 @@ class CgroupSet:
         return found
 
     def name_of(self, cid: int, watched: dict[int, WatchedCgroup]) -> str | None:
-        """Path of a cgroup id inside the watched subtrees (cached; walks them on a miss)."""
+        """Path of a cgroup id inside the watched subtrees (cached). A miss asks the kernel for the
+        directory of that id (one open_by_handle_at); only where that is refused are the watched
+        subtrees walked, which costs as much as they hold cgroups."""
         name = self._names.get(cid)
         if name is not None:
             return name
+        if len(self._names) > 100_000:
+            self._names.clear()
+        try:
+            path = path_by_handle(self.root, cid)
+        except OSError:
+            path = self._walk_for(cid, watched)
+        if path is None:
+            return None
+        if any(path == w.path or path.startswith(w.path.rstrip("/") + "/") for w in watched.values()):
+            self._names[cid] = path
+            return path
+        return None
+
+    def _walk_for(self, cid: int, watched: dict[int, WatchedCgroup]) -> str | None:
         for w in watched.values():
             top = self.root / w.path.lstrip("/")
             for dirpath, dirnames, _ in os.walk(top):
@@ -160,15 +177,71 @@ class CgroupSet:
                         self._names[full.stat().st_ino] = self.relative(full)
                     except OSError:
                         continue
-        if len(self._names) > 100_000:
-            self._names.clear()
         return self._names.get(cid)
 
 
+_FILEID_KERNFS = 0xFE  # a cgroup v2 id is the kernfs node id, which is also a file handle
+_mount_fds: dict[str, int] = {}
+
+
+def path_by_handle(root: Path, cid: int) -> str | None:
+    """Path (relative to the v2 mount `root`) of cgroup `cid`, straight from the kernel through
+    open_by_handle_at(2); None when no such cgroup exists (any more). Raises OSError where the
+    kernel refuses file handles (no CAP_DAC_READ_SEARCH, no support): then walk instead."""
+    key = str(root)
+    mfd = _mount_fds.get(key)
+    if mfd is None:
+        mfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:  # a cgroup v2 mount that answers handles gives its own root back
+            ok = _open_by_id(mfd, os.fstat(mfd).st_ino, root) == "/"
+        except OSError:
+            ok = False
+        if not ok:
+            os.close(mfd)
+            mfd = -1
+        _mount_fds[key] = mfd
+    if mfd < 0:
+        raise OSError(errno.EOPNOTSUPP, f"{root}: no cgroup file handles")
+    return _open_by_id(mfd, cid, root)
+
+
+_libc = None
+
+
+def _open_by_id(mfd: int, cid: int, root: Path) -> str | None:
+    import ctypes
+    import struct
+
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    libc = _libc
+    handle = ctypes.create_string_buffer(struct.pack("<IiQ", 8, _FILEID_KERNFS, cid), 16)
+    fd = libc.open_by_handle_at(mfd, handle, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    if fd < 0:
+        err = ctypes.get_errno()
+        if err in (errno.ESTALE, errno.ENOENT, errno.ENOTDIR):
+            return None
+        raise OSError(err, os.strerror(err))
+    try:
+        full = os.readlink(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
+    rel = os.path.relpath(full, root)
+    if rel == ".":
+        return "/"
+    return None if rel.startswith("..") else "/" + rel
+
+
 def path_of_id(root: Path, cid: int, max_depth: int = 12) -> str | None:
-    """Path (relative to the v2 mount) of the cgroup whose id is `cid`, anywhere in the hierarchy."""
+    """Path (relative to the v2 mount) of the cgroup whose id is `cid`, anywhere in the hierarchy:
+    from the kernel where it gives file handles, else by walking the hierarchy."""
     if cid == 1:
         return "/"
+    try:
+        return path_by_handle(root, cid)
+    except OSError:
+        pass
     todo = [(root, 0)]
     while todo:
         d, depth = todo.pop()

@@ -89,3 +89,34 @@ H = "0123456789abcdef" * 4
 ])
 def test_container_of(path, expect):
     assert container_of(path) == expect
+
+
+@pytest.mark.kernel
+def test_name_of_a_cgroup_comes_from_the_kernel_by_its_id(cgroup_root, agent_cgroup, outside_cgroup):
+    """On the real cgroup v2 mount an id is resolved by one file-handle open, not a walk of the
+    watched subtrees (which grew with every episode); ids outside the watched subtrees stay unnamed."""
+    from agentprobe.cgroups import path_by_handle, path_of_id
+
+    deep = agent_cgroup.child("ep-1").child("step-2")
+    cid = deep.path.stat().st_ino
+    assert path_by_handle(cgroup_root, cid) == deep.rel
+    assert path_by_handle(cgroup_root, 1) == "/"
+    cs = CgroupSet(cgroup_root, [str(agent_cgroup.path)])
+    found = cs.scan()
+    assert cs.name_of(cid, found) == deep.rel
+    assert cs.name_of(outside_cgroup.path.stat().st_ino, found) is None
+    assert path_of_id(cgroup_root, outside_cgroup.path.stat().st_ino) == outside_cgroup.rel
+    gone = agent_cgroup.child("ep-gone")
+    gone_id = gone.path.stat().st_ino
+    gone.path.rmdir()
+    assert path_by_handle(cgroup_root, gone_id) is None and cs.name_of(gone_id, found) is None
+
+
+def test_where_the_mount_gives_no_handles_the_subtrees_are_walked(tmp_path):
+    from agentprobe.cgroups import path_by_handle
+
+    (tmp_path / "agents/ep1/x").mkdir(parents=True)
+    with pytest.raises(OSError):
+        path_by_handle(tmp_path, (tmp_path / "agents/ep1/x").stat().st_ino)
+    cs = CgroupSet(tmp_path, ["agents"])
+    assert cs.name_of((tmp_path / "agents/ep1/x").stat().st_ino, cs.scan()) == "/agents/ep1/x"
