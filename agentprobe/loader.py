@@ -490,6 +490,9 @@ class ProbeSet:
     def poll(self, timeout_ms: int) -> None:
         if self.buffer == "ringbuf":
             self._bpf.ring_buffer_poll(timeout_ms)
+            # fork and exit records do not wake us (ebpf/common.bpf.h): what the wake-up or the
+            # timeout left unread is taken now, so they wait at most one poll timeout
+            self._bpf.ring_buffer_consume()
         else:
             self._bpf.perf_buffer_poll(timeout_ms)
         if self._lsm is not None:
