@@ -21,22 +21,11 @@
 BPF_TABLE("lru_hash", struct ap_conn_key, struct ap_conn_count, conn_repeats, AP_MAX_CONN_KEYS);
 
 /* 1 when this connect repeats one recorded less than a window ago: counted, no
- * record. A connect flood to one destination costs a map update per connect. */
-static __always_inline int ap_connect_repeat(struct ap_connect_event *e, int allowed)
+ * record. Decided from the hook's context alone, before any record is built:
+ * a connect flood to one destination costs a map lookup per connect. */
+static __always_inline int ap_connect_repeat(struct ap_conn_key *k, u64 now)
 {
-	u16 kind = (allowed ? 0 : 1) | ((e->flags & AP_CONNECT_SENDMSG) ? 2 : 0);
-	struct ap_conn_key k = {};
-	k.pid = e->h.pid;
-	k.family = e->family;
-	__builtin_memcpy(&k.port, &e->addr[2], 2);
-	if (e->family == 2)
-		__builtin_memcpy(k.addr, &e->addr[4], 4);
-	else
-		__builtin_memcpy(k.addr, &e->addr[8], 16);
-	k.sock_type = e->sock_type;
-	k.kind = kind;
-	u64 now = e->h.ktime_ns;
-	struct ap_conn_count *c = conn_repeats.lookup(&k);
+	struct ap_conn_count *c = conn_repeats.lookup(k);
 	if (c && now - c->first_ns < AP_CONN_WINDOW_NS) {
 		__sync_fetch_and_add(&c->count, 1);
 		c->last_ns = now;
@@ -45,8 +34,19 @@ static __always_inline int ap_connect_repeat(struct ap_connect_event *e, int all
 	struct ap_conn_count init = {.count = 0, .first_ns = now, .last_ns = now};
 	if (c) /* a new window: the repeats of the last one stay for user space */
 		init.count = c->count;
-	conn_repeats.update(&k, &init);
+	conn_repeats.update(k, &init);
 	return 0;
+}
+
+static __always_inline void ap_conn_key_begin(struct ap_conn_key *k, struct bpf_sock_addr *ctx, int allowed,
+					      u32 flags)
+{
+	k->pid = bpf_get_current_pid_tgid() >> 32;
+	k->family = ctx->user_family;
+	u16 port = (u16)ctx->user_port; /* network order */
+	__builtin_memcpy(&k->port, &port, 2);
+	k->sock_type = ctx->type;
+	k->kind = (allowed ? 0 : 1) | ((flags & AP_CONNECT_SENDMSG) ? 2 : 0);
 }
 
 /* The sockaddr the process passed, rebuilt from the hook's context. A
@@ -75,30 +75,38 @@ static __always_inline struct ap_connect_event *ap_connect_begin(struct bpf_sock
 
 static __always_inline void ap_connect4_record(struct bpf_sock_addr *ctx, int allowed, u32 flags)
 {
+	u32 ip = ctx->user_ip4;
+	struct ap_conn_key k = {};
+	ap_conn_key_begin(&k, ctx, allowed, flags);
+	__builtin_memcpy(k.addr, &ip, 4);
+	if (ap_connect_repeat(&k, bpf_ktime_get_ns()))
+		return;
 	struct ap_connect_event *e = ap_connect_begin(ctx, allowed, flags);
 	if (!e)
 		return;
-	u32 ip = ctx->user_ip4;
 	__builtin_memcpy(&e->addr[4], &ip, 4);
 	e->addrlen = 16;
-	if (!ap_connect_repeat(e, allowed))
-		ap_submit(ctx, e, sizeof(*e), AP_EV_CONNECT);
+	ap_submit(ctx, e, sizeof(*e), AP_EV_CONNECT);
 }
 
 static __always_inline void ap_connect6_record(struct bpf_sock_addr *ctx, int allowed, u32 flags)
 {
-	struct ap_connect_event *e = ap_connect_begin(ctx, allowed, flags);
-	if (!e)
-		return;
 	u32 ip6[4];
 	ip6[0] = ctx->user_ip6[0];
 	ip6[1] = ctx->user_ip6[1];
 	ip6[2] = ctx->user_ip6[2];
 	ip6[3] = ctx->user_ip6[3];
+	struct ap_conn_key k = {};
+	ap_conn_key_begin(&k, ctx, allowed, flags);
+	__builtin_memcpy(k.addr, ip6, 16);
+	if (ap_connect_repeat(&k, bpf_ktime_get_ns()))
+		return;
+	struct ap_connect_event *e = ap_connect_begin(ctx, allowed, flags);
+	if (!e)
+		return;
 	__builtin_memcpy(&e->addr[8], ip6, 16);
 	e->addrlen = 28;
-	if (!ap_connect_repeat(e, allowed))
-		ap_submit(ctx, e, sizeof(*e), AP_EV_CONNECT);
+	ap_submit(ctx, e, sizeof(*e), AP_EV_CONNECT);
 }
 
 #ifdef AP_SYSCALL_PROBES
