@@ -82,10 +82,10 @@ def socket_inodes(pid: int) -> set[int]:
 
 
 def is_loopback(ip: str) -> bool:
-    try:
-        return ipaddress.ip_address(ip).is_loopback
-    except ValueError:
-        return False
+    from .rules.fields import parse_ip
+
+    addr = parse_ip(ip)
+    return addr is not None and addr.is_loopback
 
 
 @dataclass

@@ -403,7 +403,17 @@ def _scalar_test(ftype: str, op: str, conv: Any) -> Callable[[Any], bool]:
         return lambda v: v in exact or any(lo <= v <= hi for lo, hi in ranges)
     if ftype == IP:
         nets = conv
-        return lambda v: any(v in n for n in nets)
+        seen: dict = {}  # address -> result: few addresses, many records
+
+        def in_nets(v) -> bool:
+            hit = seen.get(v)
+            if hit is None:
+                if len(seen) > 65536:
+                    seen.clear()
+                hit = seen[v] = any(v in n for n in nets)
+            return hit
+
+        return in_nets
     if ftype == BOOL:
         return lambda v: bool(v) in conv
     if op == "regex":

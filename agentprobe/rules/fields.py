@@ -11,6 +11,7 @@ are computed once per record and cached in its EventView.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import shlex
 from collections.abc import Callable
@@ -204,6 +205,16 @@ def _make_getopt(part: str) -> Callable[[OptionSpec], Getter]:
 
 
 # ---- network ----
+@functools.lru_cache(maxsize=65536)
+def parse_ip(addr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address string as an address object, or None; cached: a busy agent talks to few
+    addresses, and parsing one costs microseconds."""
+    try:
+        return ipaddress.ip_address(addr)
+    except ValueError:
+        return None
+
+
 @_memo
 def _ip(ev: EventView) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     if ev.rec.get("type") not in DESTINATION_TYPES:
@@ -211,10 +222,7 @@ def _ip(ev: EventView) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     addr = ev.rec.get("address")
     if not addr:
         return None
-    try:
-        return ipaddress.ip_address(addr)
-    except ValueError:
-        return None
+    return parse_ip(addr)
 
 
 def _dns(ev: EventView) -> dict:
@@ -455,10 +463,7 @@ _field("gpu.rate", INT, "counts: ioctls per second over the interval", _gpu_rate
 def _payload_ip(ev: EventView) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     if ev.rec.get("type") != "payload":
         return None
-    try:
-        return ipaddress.ip_address(ev.rec.get("address") or "")
-    except ValueError:
-        return None
+    return parse_ip(ev.rec.get("address") or "")
 
 
 def _payload_dest(ev: EventView) -> str | None:
