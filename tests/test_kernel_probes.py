@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 import textwrap
 import threading
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from agentprobe import abi
-from agentprobe.events import ConnectEvent, ExecEvent, ExitEvent, ForkEvent, GpuEvent, PayloadEvent
+from agentprobe.events import ConnectEvent, ExecEvent, ExitEvent, ForkEvent, GpuEvent, PayloadEvent, decode
 
 pytestmark = pytest.mark.kernel
 
@@ -431,6 +432,50 @@ def test_losses_are_counted_not_silent(agent_cgroup):
         assert lost[abi.EV_EXEC] == 3
         assert sum(1 for e in evs if isinstance(e, ExitEvent)) == 3  # small records still fit
     finally:
+        cap.close()
+
+
+QUIET_THEN_EXEC = """
+import os, sys, time
+sys.stdin.read(1)  # the test has read this interpreter's exec record and sleeps in poll
+for _ in range(20):
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+time.sleep(0.3)
+os.execv("/bin/true", ["/bin/true", "woke"])
+"""
+
+
+def test_fork_and_exit_records_wait_quietly_until_an_exec_wakes_the_reader(agent_cgroup):
+    """Fork and exit records do not wake the reader; the exec behind them does (else the
+    one poll below would sleep its whole 5 s), and everything arrives in the kernel's order."""
+    from kernelutil import Capture
+
+    cap = Capture(buffer="ringbuf")
+    p = None
+    try:
+        cap.watch(agent_cgroup)
+        p = agent_cgroup.popen([sys.executable, "-c", QUIET_THEN_EXEC], stdin=subprocess.PIPE)
+        assert execs(cap.wait(lambda e: isinstance(e, ExecEvent)))
+        cap.raw.clear()
+        p.stdin.write(b"x")
+        p.stdin.flush()
+        t0 = time.monotonic()
+        cap.probes.poll(5000)
+        woke_after = time.monotonic() - t0
+        evs = [decode(r) for r in cap.raw]
+        assert 0.3 <= woke_after < 2.5, woke_after
+        kinds = [type(e).__name__ for e in evs if e.proc.pid == p.pid or isinstance(e, ExitEvent)]
+        assert kinds.count("ForkEvent") == 20 and kinds.count("ExitEvent") == 20
+        (ex,) = execs(evs, "/bin/true")
+        assert ex.argv == ["/bin/true", "woke"]
+        assert max(i for i, e in enumerate(evs) if isinstance(e, ForkEvent)) < evs.index(ex)
+    finally:
+        if p is not None:
+            p.kill()
+            p.wait()
         cap.close()
 
 
