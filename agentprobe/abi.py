@@ -15,8 +15,9 @@ MAX_CGROUP_LEVEL = 32
 PAYLOAD_LEN = 64
 
 EV_EXEC, EV_CONNECT, EV_GPU, EV_FORK, EV_EXIT, EV_PAYLOAD, EV_DENY, EV_MOVE = 1, 2, 3, 4, 5, 6, 7, 8
-EV_SOCKET, EV_BIND, EV_PACKET = 9, 10, 11
-EV_TYPES = 12
+EV_SOCKET, EV_BIND, EV_PACKET, EV_MKDIR = 9, 10, 11, 12
+EV_TYPES = 13
+CGROUP_PATH_LEN = 256
 PACKET_LEN = 128
 PACKETS_PER_SEC = 20
 
@@ -111,6 +112,11 @@ class ExitRecord(ct.Structure):
 class MoveRecord(ct.Structure):
     _fields_ = [("h", Header), ("moved_pid", ct.c_uint32), ("dst_level", ct.c_uint32),
                 ("dst_cgroup_id", ct.c_uint64), ("src_cgroup_id", ct.c_uint64)]
+
+
+class MkdirRecord(ct.Structure):
+    _fields_ = [("h", Header), ("cgroup_id", ct.c_uint64), ("level", ct.c_uint32), ("_pad", ct.c_uint32),
+                ("path", ct.c_char * CGROUP_PATH_LEN)]
 
 
 class SocketRecord(ct.Structure):
@@ -225,6 +231,7 @@ RECORDS: dict[int, type[ct.Structure]] = {
     EV_SOCKET: SocketRecord,
     EV_BIND: BindRecord,
     EV_PACKET: PacketRecord,
+    EV_MKDIR: MkdirRecord,
 }
 
 # C struct name -> Python mirror, for the ABI test
@@ -239,6 +246,7 @@ C_STRUCTS: dict[str, type[ct.Structure]] = {
     "ap_sock_owner": SockOwner,
     "ap_deny_event": DenyRecord,
     "ap_move_event": MoveRecord,
+    "ap_mkdir_event": MkdirRecord,
     "ap_socket_event": SocketRecord,
     "ap_bind_event": BindRecord,
     "ap_packet_event": PacketRecord,

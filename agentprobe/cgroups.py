@@ -137,6 +137,11 @@ class CgroupSet:
             self._names[cid] = rel
         return out
 
+    def matches_glob(self, rel: str) -> bool:
+        """Does a cgroup path (relative to the mount, "/a/b" or "a/b") match one of the globs?"""
+        rel = rel.strip("/")
+        return any(glob_regex(p).fullmatch(rel) for p in self.globs)
+
     def _glob(self, pattern: str) -> list[Path]:
         regex = glob_regex(pattern)
         found = []

@@ -314,6 +314,16 @@ class MoveEvent(Event):
     src_cgroup_id: int = 0
 
 
+@dataclass
+class MkdirEvent(Event):
+    """A cgroup was created in the v2 hierarchy (reported only for --cgroup-glob). proc is the
+    task that created it; path is relative to the hierarchy's root."""
+
+    created_id: int = 0
+    level: int = 0
+    path: str = ""
+
+
 GPU_DEVICE_KINDS = {abi.GPU_DEV_NVIDIA: "nvidia", abi.GPU_DEV_UVM: "nvidia-uvm", abi.GPU_DEV_CAPS: "nvidia-caps"}
 
 
@@ -469,6 +479,8 @@ def decode(data: bytes) -> Event:
     if rtype == abi.EV_MOVE:
         return MoveEvent(**_base(h, "cgroup_move"), moved_pid=r.moved_pid, dst_cgroup_id=r.dst_cgroup_id,
                          dst_level=r.dst_level, src_cgroup_id=r.src_cgroup_id)
+    if rtype == abi.EV_MKDIR:
+        return MkdirEvent(**_base(h, "cgroup_mkdir"), created_id=r.cgroup_id, level=r.level, path=_text(r.path))
     if rtype == abi.EV_FORK:
         return ForkEvent(**_base(h, "fork"), child_pid=r.child_pid)
     return ExitEvent(**_base(h, "exit"), exit_code=r.exit_code)

@@ -193,6 +193,8 @@ class LoaderOptions:
     # auto: fentry where the kernel allows it, else on-demand; on-demand: sys_enter_ioctl attached
     # only while an agent holds an NVIDIA device open; always: sys_enter_ioctl attached throughout
     gpu_probe: str = "auto"
+    # report cgroup creations in the v2 hierarchy (cgroup:cgroup_mkdir), for --cgroup-glob
+    watch_mkdir: bool = False
 
 
 class ProbeSet:
@@ -237,6 +239,8 @@ class ProbeSet:
             flags.append("-DAP_SYSCALL_PROBES")
         if self.gpu_probe == "fentry":
             flags.append(f"-DAP_GPU_FENTRY={self._ioctl_fn}")
+        if self.options.watch_mkdir:
+            flags.append("-DAP_WATCH_MKDIR")
         return self.bcc.BPF(text=program_text().encode(), cflags=flags)
 
     def _choose_gpu_probe(self) -> None:
@@ -340,6 +344,8 @@ class ProbeSet:
             }[self.gpu_probe],
             "gpu_open": self.device_hook,
         }
+        if self.options.watch_mkdir:
+            self.paths["cgroup_mkdir"] = "tracepoint cgroup:cgroup_mkdir (new cgroups matching --cgroup-glob)"
 
     # ---- on-demand ioctl tracing ----
     def attach_ioctl(self) -> bool:

@@ -26,13 +26,13 @@ from . import __version__, abi, btf
 from .cgroups import DEFAULT_AGENT_CGROUP, CgroupError, CgroupLock, CgroupSet, WatchedCgroup, find_v2_mount, path_of_id
 from .enrich import Enricher
 from .errors import AgentprobeError
-from .events import GPU_DEVICE_KINDS, IP_PROTOCOLS, SOCK_TYPES, DecodeError, MoveEvent, decode
+from .events import GPU_DEVICE_KINDS, IP_PROTOCOLS, SOCK_TYPES, DecodeError, MkdirEvent, MoveEvent, decode
 from .sinks import Sink, check_output, open_sink
 from .stream import encode
 
 EV_NAMES = {abi.EV_EXEC: "exec", abi.EV_CONNECT: "connect", abi.EV_GPU: "gpu", abi.EV_FORK: "fork",
             abi.EV_EXIT: "exit", abi.EV_PAYLOAD: "payload", abi.EV_DENY: "deny", abi.EV_MOVE: "cgroup_move",
-            abi.EV_SOCKET: "socket", abi.EV_BIND: "bind", abi.EV_PACKET: "packet"}
+            abi.EV_SOCKET: "socket", abi.EV_BIND: "bind", abi.EV_PACKET: "packet", abi.EV_MKDIR: "cgroup_mkdir"}
 
 # hashed at start: what agents run most (and what tunnels and miners hide behind), so their first
 # exec reaches the rules without waiting for a sha256 of the binary
@@ -268,7 +268,7 @@ class Watcher:
             LoaderOptions(buffer=self.options.buffer, extra_gpu_majors=self.options.extra_gpu_majors,
                           deny_exec_names=tuple((self.options.deny or {}).get("exec_names", ())),
                           probe_mode=self.options.probe_mode, gpu_probe=self.options.gpu_probe,
-                          ringbuf_pages=self.options.ring_pages),
+                          ringbuf_pages=self.options.ring_pages, watch_mkdir=bool(self.options.cgroup_globs)),
             self._on_raw,
             cgroup_root=self.root,
         )
@@ -436,6 +436,10 @@ class Watcher:
             return
         if isinstance(ev, MoveEvent):
             self.emit(self._move_record(ev))
+            return
+        if isinstance(ev, MkdirEvent):
+            if self.cgroup_set.matches_glob(ev.path):
+                self.rescan()  # watched now, not at the next periodic rescan
             return
         try:
             rec = self.enricher.record(ev)

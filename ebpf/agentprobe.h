@@ -45,7 +45,8 @@ typedef uint64_t __u64;
 #define AP_EV_SOCKET 9
 #define AP_EV_BIND 10
 #define AP_EV_PACKET 11
-#define AP_EV_TYPES 12 /* size of the per-type loss counter array */
+#define AP_EV_MKDIR 12
+#define AP_EV_TYPES 13 /* size of the per-type loss counter array */
 
 /* ---- exec flags ---- */
 #define AP_EXEC_EXECVEAT (1u << 0)      /* came from execveat(2) */
@@ -177,6 +178,17 @@ struct ap_move_event {
 	__u32 dst_level;
 	__u64 dst_cgroup_id;
 	__u64 src_cgroup_id; /* where the kernel last saw it in scope */
+};
+
+/* A cgroup was created in the v2 hierarchy (only with --cgroup-glob): user
+ * space watches it at once when it matches, instead of at the next rescan. */
+#define AP_CGROUP_PATH_LEN 256
+struct ap_mkdir_event {
+	struct ap_header h;  /* the task that created it */
+	__u64 cgroup_id;
+	__u32 level;
+	__u32 _pad;
+	char path[AP_CGROUP_PATH_LEN]; /* from the hierarchy's root, "/a/b" */
 };
 
 /* An agent created a raw socket or an ICMP ("ping") socket (cgroup

@@ -73,3 +73,30 @@ TRACEPOINT_PROBE(cgroup, cgroup_attach_task)
 	agent_pids.update(&pid, &dst);
 	return 0;
 }
+
+#ifdef AP_WATCH_MKDIR
+_Static_assert(sizeof(struct ap_mkdir_event) <= sizeof(struct ap_exec_event), "scratch record too small");
+
+/* A cgroup created in the v2 hierarchy (root 0), whoever creates it: user
+ * space matches the path against --cgroup-glob and watches a match at once,
+ * before the runtime moves the first process in. Not a syscall tracepoint:
+ * other tasks pay nothing, and cgroups are made rarely. */
+TRACEPOINT_PROBE(cgroup, cgroup_mkdir)
+{
+	if (args->root != 0)
+		return 0;
+	u32 zero = 0;
+	struct ap_mkdir_event *e = (struct ap_mkdir_event *)scratch.lookup(&zero);
+	if (!e)
+		return 0;
+	ap_fill_header(&e->h, AP_EV_MKDIR);
+	e->cgroup_id = args->id;
+	e->level = args->level;
+	e->_pad = 0;
+	u16 off = args->data_loc_path & 0xFFFF;
+	if (bpf_probe_read_kernel_str(e->path, sizeof(e->path), (char *)args + off) < 0)
+		e->path[0] = 0;
+	ap_submit(args, e, sizeof(*e), AP_EV_MKDIR);
+	return 0;
+}
+#endif

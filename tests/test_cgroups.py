@@ -62,6 +62,14 @@ def test_scan_paths_and_globs(tmp_path):
     assert cs.name_of(inner_id, found) == "/agents/ep2/inner"
 
 
+def test_matches_glob(tmp_path):
+    cs = CgroupSet(tmp_path, [], ["agents/ep-*", "kubepods.slice/**/*agent*"])
+    assert cs.matches_glob("/agents/ep-3") and cs.matches_glob("agents/ep-3")
+    assert not cs.matches_glob("/agents/ep-3/inner") and not cs.matches_glob("/agents/other")
+    assert cs.matches_glob("/kubepods.slice/kubepods-pod1.slice/my-agent-1")
+    assert not CgroupSet(tmp_path, ["agents"]).matches_glob("/agents")
+
+
 def test_check_refuses_missing_and_root(tmp_path):
     with pytest.raises(CgroupError, match="does not exist"):
         CgroupSet(tmp_path, ["nope"]).check()

@@ -114,6 +114,16 @@ def test_gpu_fork_exit_records():
     assert e.fields() == {"status": 512, "code": 2}
 
 
+def test_cgroup_mkdir_record():
+    from agentprobe.events import MkdirEvent
+
+    m = abi.MkdirRecord(header(abi.EV_MKDIR, comm=b"runc"), 4242, 3, 0, b"/kubepods.slice/pod-\xff/agent-1")
+    ev = decode(bytes(m))
+    assert isinstance(ev, MkdirEvent) and ev.type == "cgroup_mkdir"
+    assert (ev.created_id, ev.level, ev.path) == (4242, 3, "/kubepods.slice/pod-\\xff/agent-1")
+    assert ev.proc.comm == "runc"
+
+
 @pytest.mark.parametrize("data,msg", [
     (b"\x01\x00", "shorter than the header"),
     (bytes(abi.Header(99)), "unknown record type 99"),

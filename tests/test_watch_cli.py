@@ -151,6 +151,32 @@ def test_glob_picks_up_cgroups_created_later(cgroup_root, agent_cgroup, tmp_path
         ("watched", f"{agent_cgroup.rel}/ep-7")]
 
 
+def test_a_cgroup_matching_a_glob_is_watched_when_it_is_made_not_at_the_next_rescan(agent_cgroup, tmp_path):
+    """The kernel reports the mkdir (cgroup:cgroup_mkdir): with rescans an hour apart, a new episode
+    is watched within a moment, and one that does not match is not."""
+    from watcher import WatcherProcess
+
+    out = tmp_path / "s.msgpack"
+    w = WatcherProcess(["--cgroup-glob", f"{agent_cgroup.rel.lstrip('/')}/ep-*", "--rescan", "3600", "-o", str(out),
+                        "--no-view"])
+    try:
+        ep = agent_cgroup.child("ep-fresh")
+        other = agent_cgroup.child("other")
+        time.sleep(0.3)
+        ep.run(["/bin/echo", "fresh", "episode"])
+        other.run(["/bin/echo", "not", "matched"])
+        time.sleep(0.3)
+    finally:
+        rc, _, err = w.stop()
+    assert rc == 0, err
+    recs = list(read_records(str(out)))
+    assert recs[0]["probes"]["cgroup_mkdir"].startswith("tracepoint cgroup:cgroup_mkdir")
+    assert [r["argv"] for r in recs if r["type"] == "exec"] == [["/bin/echo", "fresh", "episode"]]
+    assert [(r["change"], r["cgroup"]["path"]) for r in recs if r["type"] == "cgroup"] == [
+        ("watched", f"{agent_cgroup.rel}/ep-fresh")]
+    assert not [r for r in recs if r["type"] == "cgroup_mkdir"]  # a signal to the watcher, not a record
+
+
 def test_default_agent_cgroup_is_created(cgroup_root, agentprobe_cmd, tmp_path):
     default = cgroup_root / "agents"
     existed = default.exists()
