@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -86,6 +87,18 @@ class Cgroup:
         kw.setdefault("capture_output", True)
         kw.setdefault("timeout", 30)
         return subprocess.run(argv, preexec_fn=self.enter, **kw)
+
+    def frozen(self) -> bool:
+        return "frozen 1" in (self.path / "cgroup.events").read_text().splitlines()
+
+    def wait_frozen(self, timeout: float = 10.0) -> bool:
+        """True once cgroup.events says `frozen 1`, False if it did not within `timeout` s."""
+        deadline = time.monotonic() + timeout
+        while not self.frozen():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
 
     def popen(self, argv, **kw) -> subprocess.Popen:
         return subprocess.Popen(argv, preexec_fn=self.enter, **kw)

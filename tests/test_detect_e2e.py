@@ -77,19 +77,6 @@ def for_episode(out: Path, ep) -> list[dict]:
     return [r for r in records(out) if path(r) == ep.rel or path(r).startswith(ep.rel + "/")]
 
 
-def frozen(ep) -> bool:
-    return "frozen 1" in (ep.path / "cgroup.events").read_text().splitlines()
-
-
-def wait_frozen(ep, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if frozen(ep):
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def alerts(recs) -> list[str]:
     return [r["rule"] for r in recs if r["type"] == "alert"]
 
@@ -108,7 +95,7 @@ def attack(agents, episode, argv) -> tuple:
     """Start an attack in the episode, wait for the freeze and its response record."""
     _, out, _ = agents
     p = episode.popen(argv)
-    assert wait_frozen(episode)
+    assert episode.wait_frozen()
     return p, wait_records(out, episode, lambda rs: any(r["type"] == "response" for r in rs))
 
 
@@ -244,7 +231,7 @@ def test_benign_agent_work_raises_nothing(agents, episode, tmp_path):
     time.sleep(1.0)
     recs = for_episode(out, episode)
     assert [x["argv"][0] for x in recs if x["type"] == "exec" and x["argv"]][:1] == ["/bin/bash"]
-    assert alerts(recs) == [] and not frozen(episode)
+    assert alerts(recs) == [] and not episode.frozen()
     assert any(x["type"] == "connect" and x.get("port") == 18080 for x in recs)
 
 
@@ -327,7 +314,7 @@ def test_default_rule_fires_on_a_real_process(rule, agents, episode, net, tmp_pa
         alert = next(r for r in recs if r["type"] == "alert" and r["rule"] == rule)
         assert alert["action"] == action and alert["mitre"] and alert["evidence"]
         if action == "freeze":
-            assert wait_frozen(episode)
+            assert episode.wait_frozen()
         if rule == "miner_exec_denied":
             (ex,) = [r for r in recs if r["type"] == "exec" and r["filename"].endswith("/xmrig")]
             if os.environ.get("AGENTPROBE_EXPECT_LSM") == "1":
@@ -348,7 +335,7 @@ def test_agent_leaving_its_cgroup_is_pulled_back_and_frozen(agents, episode, out
     _, out, _ = agents
     p = episode.popen(["/bin/sh", "-c", f"echo $$ > {outside_cgroup.path}/cgroup.procs; exec sleep 30"])
     try:
-        assert wait_frozen(episode)
+        assert episode.wait_frozen()
         recs = wait_records(out, episode, lambda rs: any(r["type"] == "response" for r in rs))
         (move,) = [r for r in recs if r["type"] == "cgroup_move"]
         assert move["proc"]["pid"] == p.pid and move["cgroup"]["path"] == episode.rel
@@ -373,7 +360,7 @@ def test_moves_inside_the_agent_cgroups_raise_nothing(agents, episode):
     recs = wait_records(out, episode, lambda rs: any(x["type"] == "cgroup_move" for x in rs), timeout=5)
     (move,) = [x for x in recs if x["type"] == "cgroup_move"]
     assert move["to"] == {"id": other.id, "path": other.rel, "watched": True}
-    assert alerts(recs) == [] and not frozen(episode)
+    assert alerts(recs) == [] and not episode.frozen()
 
 
 def execs_of(recs, argv0: str) -> list[dict]:
@@ -483,7 +470,7 @@ def test_a_renamed_tunnel_tool_is_known_by_its_hash(agents, episode, tmp_path):
     renamed = tmp_path / "cache-warmer"
     shutil.copy(shutil.which("ptunnel-ng"), renamed)
     episode.popen([str(renamed), "--help"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    assert wait_frozen(episode)
+    assert episode.wait_frozen()
     recs = wait_records(out, episode, lambda rs: "tunnel_tool_started" in alerts(rs))
     assert alerts(recs)[0] == "tunnel_tool_started"
     (ex,) = [r for r in recs if r["type"] == "exec" and r["filename"] == str(renamed)]
@@ -519,7 +506,7 @@ def test_icmp_tunnel_with_ptunnel_ng_renamed(agents, episode, net, netns_server,
     (tmp_path / "send.py").write_text(SEND_THROUGH)
     with shell_attack(episode, f"{worker} -p{net.addr} -l2299 -r{net.addr} -R22 -v-1 & "
                                f"{sys.executable} {tmp_path / 'send.py'} 2299; kill $!"):
-        assert wait_frozen(episode, timeout=20)
+        assert episode.wait_frozen(20)
         recs = wait_records(out, episode, lambda rs: "icmp_tunnel" in alerts(rs))
         assert {"raw_socket_opened", "icmp_tunnel"} <= set(alerts(recs))
         pkts = [r for r in recs if r["type"] == "packet" and r["protocol"] == "icmp"]
@@ -539,7 +526,7 @@ def test_dns_tunnel_with_dns2tcp_renamed(agents, episode, net, netns_server, tmp
     (tmp_path / "send.py").write_text(SEND_THROUGH)
     with shell_attack(episode, f"{helper} -z t.example.org -r ssh -l 2298 {net.addr} & "
                                f"{sys.executable} {tmp_path / 'send.py'} 2298; kill $!"):
-        assert wait_frozen(episode, timeout=20)
+        assert episode.wait_frozen(20)
         recs = wait_records(out, episode, lambda rs: "dns_tunnel_query" in alerts(rs))
         assert {"dns_to_unexpected_server", "dns_tunnel_query"} <= set(alerts(recs))
         names = [r["dns"].get("qname", "") for r in recs if r["type"] == "packet" and r.get("port") == 53]
@@ -565,7 +552,7 @@ u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.sendto(q, ("127.0.0.53",
     finally:
         resolver.close()
     tunnel_rules = {"icmp_tunnel", "dns_tunnel_query", "dns_tunnel_many_names", "dns_to_unexpected_server"}
-    assert not tunnel_rules & set(alerts(recs)) and not frozen(episode)
+    assert not tunnel_rules & set(alerts(recs)) and not episode.frozen()
     assert [r["len"] for r in recs if r["type"] == "packet" and r["protocol"] == "icmp"] == [56, 56]
 
 
@@ -579,7 +566,7 @@ def test_ssh_through_a_local_relay_names_the_relay_and_where_it_goes(agents, epi
     # to sshd's port 443: no port-based rule fires on the relay's own connect before ssh speaks
     with shell_attack(episode, f"{relay} TCP-LISTEN:2296,bind=127.0.0.1,reuseaddr,fork "
                                f"TCP:{net.addr}:{net.SSH_ALT_PORT} & sleep 0.5; {ssh}; kill $!"):
-        assert wait_frozen(episode, timeout=20)
+        assert episode.wait_frozen(20)
         recs = wait_records(out, episode, lambda rs: "session_through_local_tunnel" in alerts(rs))
         (t,) = [r for r in recs if r["type"] == "tunnel"]
         assert t["carried"] == "ssh" and t["port"] == 2296 and t["to"] == [f"{net.addr}:{net.SSH_ALT_PORT}"]
@@ -616,7 +603,7 @@ def test_stratum_through_a_local_relay(agents, episode, net, tmp_path):
                                "import socket, time; s = socket.create_connection((\"127.0.0.1\", 2295)); "
                                "s.sendall(b\"{\\\"id\\\": 1, \\\"method\\\": \\\"mining.subscribe\\\", "
                                "\\\"params\\\": []}\\n\"); time.sleep(3)'; kill $!"):
-        assert wait_frozen(episode, timeout=20)
+        assert episode.wait_frozen(20)
         recs = wait_records(out, episode, lambda rs: any(r["type"] == "tunnel" for r in rs))
         (t,) = [r for r in recs if r["type"] == "tunnel"]
         assert (t["carried"], t["detail"], t["proc"]["comm"]) == ("stratum", "mining.subscribe", "cache-proxy")

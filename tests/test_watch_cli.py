@@ -454,10 +454,7 @@ def test_a_flood_that_makes_the_kernel_lose_records_is_an_alert_and_a_freeze(age
                         "--on-loss", "freeze"])
     try:
         p = episode.popen(["/bin/sh", "-c", "for i in $(seq 200); do /bin/true; done; sleep 30"])
-        deadline = time.monotonic() + 15
-        while "frozen 1" not in (episode.path / "cgroup.events").read_text() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert "frozen 1" in (episode.path / "cgroup.events").read_text()
+        assert episode.wait_frozen(15)
     finally:
         rc, _, err = w.stop()
         (episode.path / "cgroup.freeze").write_text("0")
@@ -519,10 +516,7 @@ def test_an_agent_cannot_kill_trace_or_thaw_past_the_monitor(agent_cgroup, tmp_p
         hogs = [busy.popen([sys.executable, "-c", "while True: pass"]) for _ in range(4)]
         time.sleep(0.5)
         busy.popen(["ssh", "-o", "BatchMode=yes", "-p", "1", "-N", "-R", "9000:localhost:22", "x@127.0.0.1"])
-        deadline = time.monotonic() + 10
-        while "frozen 1" not in (busy.path / "cgroup.events").read_text() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert "frozen 1" in (busy.path / "cgroup.events").read_text()
+        assert busy.wait_frozen(10)
     finally:
         rc, _, err = w.stop()
         for h in hogs:
@@ -587,10 +581,7 @@ def test_a_restarted_watcher_knows_the_running_agents_and_their_ancestry(agent_c
     try:
         with open(fifo, "w") as f:
             f.write("go\n")
-        deadline = time.monotonic() + 10
-        while "frozen 1" not in (ep.path / "cgroup.events").read_text() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert "frozen 1" in (ep.path / "cgroup.events").read_text()
+        assert ep.wait_frozen(10)
     finally:
         rc, _, err = second.stop()
         (ep.path / "cgroup.freeze").write_text("0")
@@ -677,10 +668,7 @@ def test_a_stdout_reader_that_stops_reading_does_not_stop_the_freeze(agent_cgrou
         agent_cgroup.run(["/bin/sh", "-c", "for i in $(seq 300); do /bin/true " + "a" * 400 + "; done"])
         ep = agent_cgroup.child("ep-stalled")
         ep.popen(["ssh", "-o", "BatchMode=yes", "-p", "1", "-N", "-R", "9000:localhost:22", "x@127.0.0.1"])
-        deadline = time.monotonic() + 10
-        while "frozen 1" not in (ep.path / "cgroup.events").read_text() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert "frozen 1" in (ep.path / "cgroup.events").read_text()
+        assert ep.wait_frozen(10)
     finally:
         rc, out, err = w.stop()
     assert rc == 0, err
