@@ -51,3 +51,51 @@ def test_not_enough_disk(tmp_path):
         assert list(small.iterdir()) == []
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+def _vm_run_module():
+    import importlib.machinery
+    import importlib.util
+
+    loader = importlib.machinery.SourceFileLoader("vm_run", str(REPO / "scripts" / "vm-run"))
+    spec = importlib.util.spec_from_loader("vm_run", loader)
+    mod = importlib.util.module_from_spec(spec)
+    loader.exec_module(mod)
+    return mod
+
+
+def test_kvm_that_dies_at_once_falls_back_to_tcg(tmp_path, monkeypatch, capsys):
+    """On some hosts /dev/kvm is there but qemu aborts at start (an MSR the host will not set): the
+    run goes on under TCG, says so, and remembers TCG for the next runs."""
+    if os.geteuid() != 0:
+        pytest.fail("needs root: vm-run checks for root")
+    vm = _vm_run_module()
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    calls = tmp_path / "calls"
+    (fake / "qemu-system-x86_64").write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> {calls}\n'
+        'case "$*" in *-enable-kvm*)\n'
+        '  echo "qemu-system-x86_64: error: failed to set MSR 0x10a to 0x69"\n'
+        "  echo \"kvm.c:3183: kvm_buf_set_msrs: Assertion failed.\"; exit 134;;\n"
+        "esac\n"
+        f'echo "{vm.INIT_MARK} 6.1.0-fake"; echo "hello from the guest"; echo "{vm.EXIT_MARK}7"\n')
+    (fake / "qemu-system-x86_64").chmod(0o755)
+    image = tmp_path / "cache" / "6.1-x"
+    image.mkdir(parents=True)
+    for name in ("root.img", "vmlinuz", "initrd.img"):
+        (image / name).write_bytes(b"")
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    monkeypatch.setattr(vm, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(vm, "build_image", lambda kernel: image)
+    monkeypatch.setattr(vm, "kvm_works", lambda: True)
+    monkeypatch.setattr(sys, "argv", ["vm-run", "--", "true"])
+    assert vm.main() == 7
+    out = capsys.readouterr()
+    assert "hello from the guest" in out.out
+    assert "vm-run: KVM guest did not come up (qemu exited before the guest came up:" in out.err
+    assert "vm-run: guest up (TCG): 6.1.0-fake" in out.err
+    assert [("-enable-kvm" in c, "tcg,thread=multi" in c) for c in calls.read_text().splitlines()] == \
+        [(True, False), (False, True)]
+    assert (tmp_path / "cache" / "accel").read_text() == "tcg"
