@@ -70,41 +70,54 @@ static __always_inline void ap_report_deny(void *ctx, u16 family, u16 port, u32 
 	ap_submit(ctx, e, sizeof(*e), AP_EV_DENY);
 }
 
-/* 1: let the connect go on; 0: refuse it (EPERM) */
-static __always_inline int ap_connect4_verdict(struct bpf_sock_addr *ctx)
+/* Why to refuse this connect (AP_DENY_*), or 0 to let it go on. The hooks
+ * write the connect record first and the deny record after it (ap_connect4/6_
+ * report): the rules act on the connect record, read first. */
+static __always_inline u32 ap_connect4_deny(struct bpf_sock_addr *ctx)
 {
 	if (!ap_deny_enabled())
-		return 1;
-	u32 ip = ctx->user_ip4;
-	u16 port = bpf_ntohs((u16)ctx->user_port);
-	u32 reason = ap_deny_v4(ip, port);
-	if (!reason)
-		return 1;
-	ap_report_deny(ctx, 2, port, reason, &ip, 4);
-	return 0;
+		return 0;
+	return ap_deny_v4(ctx->user_ip4, bpf_ntohs((u16)ctx->user_port));
 }
 
-static __always_inline int ap_connect6_verdict(struct bpf_sock_addr *ctx)
+static __always_inline void ap_connect4_report(struct bpf_sock_addr *ctx, u32 reason)
 {
-	if (!ap_deny_enabled())
-		return 1;
-	u32 ip6[4];
+	u32 ip = ctx->user_ip4;
+	ap_report_deny(ctx, 2, bpf_ntohs((u16)ctx->user_port), reason, &ip, 4);
+}
+
+static __always_inline void ap_ctx_ip6(struct bpf_sock_addr *ctx, u32 *ip6)
+{
 	ip6[0] = ctx->user_ip6[0];
 	ip6[1] = ctx->user_ip6[1];
 	ip6[2] = ctx->user_ip6[2];
 	ip6[3] = ctx->user_ip6[3];
-	u16 port = bpf_ntohs((u16)ctx->user_port);
-	u32 reason;
-	if (ip6[0] == 0 && ip6[1] == 0 && ip6[2] == bpf_htonl(0xffff)) {
-		reason = ap_deny_v4(ip6[3], port); /* IPv4-mapped */
-		if (!reason)
-			return 1;
-		ap_report_deny(ctx, 2, port, reason, &ip6[3], 4);
+}
+
+static __always_inline int ap_v4mapped(const u32 *ip6)
+{
+	return ip6[0] == 0 && ip6[1] == 0 && ip6[2] == bpf_htonl(0xffff);
+}
+
+static __always_inline u32 ap_connect6_deny(struct bpf_sock_addr *ctx)
+{
+	if (!ap_deny_enabled())
 		return 0;
-	}
-	reason = ap_deny_v6(ip6, port);
-	if (!reason)
-		return 1;
-	ap_report_deny(ctx, 10, port, reason, ip6, 16);
-	return 0;
+	u32 ip6[4];
+	ap_ctx_ip6(ctx, ip6);
+	u16 port = bpf_ntohs((u16)ctx->user_port);
+	if (ap_v4mapped(ip6))
+		return ap_deny_v4(ip6[3], port);
+	return ap_deny_v6(ip6, port);
+}
+
+static __always_inline void ap_connect6_report(struct bpf_sock_addr *ctx, u32 reason)
+{
+	u32 ip6[4];
+	ap_ctx_ip6(ctx, ip6);
+	u16 port = bpf_ntohs((u16)ctx->user_port);
+	if (ap_v4mapped(ip6))
+		ap_report_deny(ctx, 2, port, reason, &ip6[3], 4); /* IPv4-mapped */
+	else
+		ap_report_deny(ctx, 10, port, reason, ip6, 16);
 }

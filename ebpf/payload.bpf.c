@@ -19,21 +19,25 @@ BPF_TABLE("lru_hash", u64, u8, payload_seen, 65536);
 int ap_connect4(struct bpf_sock_addr *ctx)
 {
 	ap_remember_owner(ctx);
-	int allowed = ap_connect4_verdict(ctx);
+	u32 deny = ap_connect4_deny(ctx);
 #ifndef AP_SYSCALL_PROBES
-	ap_connect4_record(ctx, allowed, 0);
+	ap_connect4_record(ctx, !deny, 0);
 #endif
-	return allowed;
+	if (deny)
+		ap_connect4_report(ctx, deny);
+	return !deny;
 }
 
 int ap_connect6(struct bpf_sock_addr *ctx)
 {
 	ap_remember_owner(ctx);
-	int allowed = ap_connect6_verdict(ctx);
+	u32 deny = ap_connect6_deny(ctx);
 #ifndef AP_SYSCALL_PROBES
-	ap_connect6_record(ctx, allowed, 0);
+	ap_connect6_record(ctx, !deny, 0);
 #endif
-	return allowed;
+	if (deny)
+		ap_connect6_report(ctx, deny);
+	return !deny;
 }
 
 int ap_egress(struct __sk_buff *skb)

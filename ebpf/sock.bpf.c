@@ -138,17 +138,21 @@ int ap_bind6(struct bpf_sock_addr *ctx)
 int ap_sendmsg4(struct bpf_sock_addr *ctx)
 {
 	ap_remember_owner(ctx);
-	int allowed = ap_connect4_verdict(ctx);
-	ap_connect4_record(ctx, allowed, AP_CONNECT_SENDMSG);
-	return allowed;
+	u32 deny = ap_connect4_deny(ctx);
+	ap_connect4_record(ctx, !deny, AP_CONNECT_SENDMSG);
+	if (deny)
+		ap_connect4_report(ctx, deny);
+	return !deny;
 }
 
 int ap_sendmsg6(struct bpf_sock_addr *ctx)
 {
 	ap_remember_owner(ctx);
-	int allowed = ap_connect6_verdict(ctx);
-	ap_connect6_record(ctx, allowed, AP_CONNECT_SENDMSG);
-	return allowed;
+	u32 deny = ap_connect6_deny(ctx);
+	ap_connect6_record(ctx, !deny, AP_CONNECT_SENDMSG);
+	if (deny)
+		ap_connect6_report(ctx, deny);
+	return !deny;
 }
 
 /* ---- ICMP packets and DNS queries: counted, and sampled ---- */

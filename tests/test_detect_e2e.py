@@ -182,8 +182,13 @@ def test_process_named_like_no_miner_speaking_stratum(agents, episode, net, tmp_
     assert "mining_pool_connection" in alerts(recs)
     assert response(recs)["outcome"] == "frozen"
     # refused in the kernel before any packet: the pool never heard from it
-    assert [(d["address"], d["port"]) for d in recs if d["type"] == "deny"] == [(net.addr, net.pool_port)]
+    (deny,) = [d for d in recs if d["type"] == "deny"]
+    assert (deny["address"], deny["port"]) == (net.addr, net.pool_port)
     assert net.pool_requests() == []
+    # the refused connect's own record comes first, and the rules froze on it before the deny was read
+    (conn,) = [c for c in recs if c["type"] == "connect" and c.get("port") == net.pool_port]
+    (alert,) = [a for a in recs if a["type"] == "alert" and a["rule"] == "mining_pool_connection"]
+    assert conn["retval"] == -1 and conn["seq"] < alert["seq"] < response(recs)["seq"] < deny["seq"]
     p.kill()
 
 
