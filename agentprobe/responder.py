@@ -5,7 +5,7 @@ Freeze writes cgroup v2 `cgroup.freeze` and waits for `frozen 1` in
 `cgroup.events` (poll(2) wakes on its change); where only the v1 freezer
 exists, `freezer.state`. Kill uses `cgroup.kill` (5.14+) or SIGKILL to every
 member. With `cut_network`, the frozen processes' TCP connections are
-destroyed (sock_diag, through `ss -K`), so a tunnel is dead while the
+destroyed (sock_diag SOCK_DESTROY, as `ss -K` does), so a tunnel is dead while the
 processes stay frozen for inspection.
 
 Safety: only cgroups inside a watched subtree are ever touched; never the
@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import select
 import signal
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,8 +182,11 @@ class CgroupFreezer:
         return Outcome("killed", confirmed_ns=time.monotonic_ns())
 
     def cut_tcp(self, rel: str) -> int:
-        """Destroy the TCP sockets held by the cgroup's processes; returns how many."""
-        inodes_by_ns: dict[str, tuple[int, set[str]]] = {}
+        """Destroy the TCP connections held by the cgroup's processes (sock_diag SOCK_DESTROY, in
+        each network namespace they use); returns how many."""
+        from .sockdiag import destroy_tcp_of
+
+        inodes_by_ns: dict[str, tuple[int, set[int]]] = {}
         for pid in self.pids(rel):
             try:
                 netns = os.readlink(f"/proc/{pid}/ns/net")
@@ -198,44 +200,14 @@ class CgroupFreezer:
                 except OSError:
                     continue
                 if target.startswith("socket:["):
-                    entry[1].add(target[8:-1])
+                    entry[1].add(int(target[8:-1]))
         cut = 0
         for pid, inodes in inodes_by_ns.values():
-            for tup in _tcp_tuples(pid, inodes):
-                src, sport, dst, dport = tup
-                cmd = ["nsenter", "-n", "-t", str(pid), "ss", "-K", "-t", "-n",
-                       "src", src, "sport", "=", str(sport), "dst", dst, "dport", "=", str(dport)]
-                r = subprocess.run(cmd, capture_output=True, text=True)
-                if r.returncode == 0 and len(r.stdout.strip().splitlines()) > 1:
-                    cut += 1
+            try:
+                cut += destroy_tcp_of(f"/proc/{pid}/ns/net", inodes)
+            except FileNotFoundError:
+                continue  # the process is gone, and its namespace with it
         return cut
-
-
-def _tcp_tuples(pid: int, inodes: set[str]) -> list[tuple[str, int, str, int]]:
-    import ipaddress
-
-    out = []
-    for name, v6 in (("tcp", False), ("tcp6", True)):
-        try:
-            lines = Path(f"/proc/{pid}/net/{name}").read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            f = line.split()
-            if len(f) < 10 or f[9] not in inodes or f[3] == "0A":  # 0A: LISTEN
-                continue
-            (la, lp), (ra, rp) = (x.split(":") for x in (f[1], f[2]))
-            out.append((_addr(la, v6, ipaddress), int(lp, 16), _addr(ra, v6, ipaddress), int(rp, 16)))
-    return out
-
-
-def _addr(hexaddr: str, v6: bool, ipaddress) -> str:
-    raw = bytes.fromhex(hexaddr)
-    if not v6:
-        return str(ipaddress.IPv4Address(raw[::-1]))
-    words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
-    ip = ipaddress.IPv6Address(words)
-    return str(ip.ipv4_mapped) if ip.ipv4_mapped else f"[{ip}]"
 
 
 class Responder:

@@ -55,7 +55,7 @@ def test_freeze_cuts_tcp_connections(cgroup_root, agent_cgroup):
     conn, _ = srv.accept()
     r = responder(cgroup_root, [agent_cgroup.rel])
     (resp,) = r.process(alert(agent_cgroup.rel))
-    assert resp["outcome"] == "frozen" and resp["sockets_cut"] >= 1
+    assert resp["outcome"] == "frozen" and resp["sockets_cut"] == 1
     conn.settimeout(5)
     try:
         data = conn.recv(10)
@@ -65,6 +65,44 @@ def test_freeze_cuts_tcp_connections(cgroup_root, agent_cgroup):
     assert p.poll() is None
     conn.close()
     srv.close()
+
+
+NETNS_AGENT = r"""
+import socket, subprocess, sys, time
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+srv = socket.socket(socket.AF_INET6)
+srv.bind(("::1", 0))
+srv.listen(4)
+c = socket.create_connection(("::1", srv.getsockname()[1]))
+a, _ = srv.accept()
+print("up", flush=True)
+time.sleep(60)
+"""
+
+
+def _tcp_states(pid: int) -> list[str]:
+    out = subprocess.run(["nsenter", "-t", str(pid), "-n", "ss", "-tanH"], capture_output=True, text=True,
+                         check=True).stdout
+    return sorted(line.split()[0] for line in out.splitlines())
+
+
+def test_freeze_cuts_connections_in_the_agents_own_network_namespace(cgroup_root, agent_cgroup):
+    """An agent in a network namespace of its own (IPv6 here): its connections are destroyed there,
+    both ends it holds (one connection: destroying one end resets the other), and its listener is
+    left alone."""
+    p = agent_cgroup.popen(["unshare", "-n", sys.executable, "-c", NETNS_AGENT], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline() == "up\n"
+        assert _tcp_states(p.pid) == ["ESTAB", "ESTAB", "LISTEN"]
+        r = responder(cgroup_root, [agent_cgroup.rel])
+        (resp,) = r.process(alert(agent_cgroup.rel))
+        assert resp["outcome"] == "frozen" and resp["sockets_cut"] == 1
+        assert _tcp_states(p.pid) == ["LISTEN"]
+        assert agent_cgroup.frozen()
+    finally:
+        p.kill()
+        (agent_cgroup.path / "cgroup.freeze").write_text("0")
+        p.wait()
 
 
 def test_kill(cgroup_root, agent_cgroup):
