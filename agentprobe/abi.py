@@ -84,6 +84,7 @@ class ConnectRecord(ct.Structure):
         ("family", ct.c_uint16),
         ("_pad", ct.c_uint32),
         ("addr", ct.c_uint8 * SOCKADDR_LEN),
+        ("cookie", ct.c_uint64),
     ]
 
 

@@ -15,13 +15,13 @@ import pwd
 import socket
 import stat
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import psutil
 
 from .cgroups import container_of
-from .events import Event, ExecEvent, ExitEvent, ForkEvent, Process
+from .events import ConnectEvent, Event, ExecEvent, ExitEvent, ForkEvent, PacketEvent, PayloadEvent, Process
 from .kube import PodDirectory
 
 SCHEMA_VERSION = 1
@@ -186,6 +186,43 @@ def _read_status(pid: int) -> tuple[int, int, str] | None:
         return None
 
 
+class SocketOwners:
+    """Which process owns an agent socket, for the records written where the kernel has no task (the
+    egress hook: first bytes, sampled packets). The connect records carry the socket's cookie and
+    come before any packet of that socket, so the owner is known exactly. A connect that repeats
+    one of the same process to the same place within the kernel's window has no record of its own:
+    its socket's owner is the last process of that cgroup that connected there (`owner: inferred`).
+    Both tables are bounded (least recently learnt dropped first)."""
+
+    def __init__(self, max_entries: int = 65536) -> None:
+        self.max_entries = max_entries
+        self.by_cookie: OrderedDict[int, Process] = OrderedDict()
+        self.by_dest: OrderedDict[tuple, Process] = OrderedDict()
+
+    @staticmethod
+    def _put(table: OrderedDict, key, value, cap: int) -> None:
+        table[key] = value
+        table.move_to_end(key)
+        if len(table) > cap:
+            table.popitem(last=False)
+
+    def learn(self, ev: ConnectEvent) -> None:
+        if not ev.proc.pid:
+            return
+        if ev.cookie:
+            self._put(self.by_cookie, ev.cookie, ev.proc, self.max_entries)
+        if ev.address is not None:
+            self._put(self.by_dest, (ev.cgroup_id, ev.address, ev.port), ev.proc, self.max_entries // 4)
+
+    def owner(self, cookie: int, cgroup_id: int, address: str, port: int | None) -> tuple[Process, bool] | None:
+        """(owner, inferred) or None."""
+        p = self.by_cookie.get(cookie) if cookie else None
+        if p is not None:
+            return p, False
+        p = self.by_dest.get((cgroup_id, address, port))
+        return (p, True) if p is not None else None
+
+
 class Enricher:
     """Turns typed events into stream records (dicts)."""
 
@@ -201,6 +238,7 @@ class Enricher:
         self.node = node or socket.gethostname()
         self._users: dict[int, str | None] = {}
         self.pods = PodDirectory()  # pod, namespace and container names on Kubernetes nodes
+        self.owners = SocketOwners()
 
     # ---- helpers ----
     def user_name(self, uid: int | None) -> str | None:
@@ -263,6 +301,14 @@ class Enricher:
 
     # ---- main entry ----
     def record(self, ev: Event) -> dict:
+        inferred = False
+        if isinstance(ev, ConnectEvent):
+            self.owners.learn(ev)
+        elif isinstance(ev, (PayloadEvent, PacketEvent)) and ev.proc.pid == 0:
+            found = self.owners.owner(ev.cookie, ev.cgroup_id, ev.address, getattr(ev, "port", None))
+            if found is not None:
+                owner, inferred = found
+                ev = replace(ev, proc=owner)
         p = ev.proc
         if isinstance(ev, ExecEvent) and not ev.failed:
             exe = _read_exe(p.pid)
@@ -284,6 +330,8 @@ class Enricher:
         rec = self._header(ev)
         rec["proc"] = self._proc_dict(ev, info)
         rec.update(ev.fields())
+        if inferred:
+            rec["owner"] = "inferred"
         if isinstance(ev, ExitEvent):
             self.tree.exit(p.pid)
         return rec

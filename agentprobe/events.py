@@ -105,6 +105,7 @@ class ConnectEvent(Event):
     addr_fault: bool = False
     at_hook: bool = False  # seen before completion (cgroup hook): 0 means attempted, not succeeded
     sendmsg: bool = False  # a UDP sendto/sendmsg with a destination (no connect)
+    cookie: int = 0  # the socket's cookie (0 from the syscall tracepoints)
 
     @property
     def result(self) -> str:
@@ -138,6 +139,8 @@ class ConnectEvent(Event):
             out["addr_fault"] = True
         if self.sendmsg:
             out["sendmsg"] = True
+        if self.cookie:
+            out["cookie"] = self.cookie
         return out
 
 
@@ -420,6 +423,7 @@ def decode(data: bytes) -> Event:
             addr_fault=bool(r.flags & abi.CONNECT_ADDR_FAULT),
             at_hook=bool(r.flags & abi.CONNECT_AT_HOOK),
             sendmsg=bool(r.flags & abi.CONNECT_SENDMSG),
+            cookie=r.cookie,
             **addr,
         )
     if rtype == abi.EV_GPU:

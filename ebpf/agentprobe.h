@@ -112,6 +112,7 @@ struct ap_connect_event {
 	__u16 family;   /* first field of the sockaddr */
 	__u32 _pad;
 	__u8 addr[AP_SOCKADDR_LEN]; /* raw sockaddr as the process passed it */
+	__u64 cookie;   /* the socket's cookie (cgroup hooks; 0 from the syscall tracepoints) */
 };
 
 struct ap_gpu_event {

@@ -64,6 +64,7 @@ static __always_inline struct ap_connect_event *ap_connect_begin(struct bpf_sock
 	e->flags = AP_CONNECT_AT_HOOK | flags;
 	e->sock_type = ctx->type;
 	e->_pad = 0;
+	e->cookie = bpf_get_socket_cookie(ctx); /* user space learns the socket's owner from it */
 	__builtin_memset(e->addr, 0, sizeof(e->addr));
 	u16 family = ctx->user_family;
 	u16 port = (u16)ctx->user_port; /* network order */
@@ -128,6 +129,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_connect)
 	e->addrlen = args->addrlen;
 	e->sock_type = 0;
 	e->family = 0;
+	e->cookie = 0;
 	__builtin_memset(e->addr, 0, sizeof(e->addr));
 
 	u32 len = args->addrlen;

@@ -111,3 +111,25 @@ def test_fork_exec_exit_build_parent_chain():
     assert rec["proc"]["cmdline"] == ["ssh", "-R", "9000:localhost:22", "x"]
     e.record(ExitEvent("exit", 5, 5, proc(gone + 2, gone + 1, "ssh")))
     assert gone + 2 not in e.tree
+
+
+def test_socket_owners_exact_by_cookie_inferred_by_destination_and_bounded():
+    from agentprobe.enrich import SocketOwners
+    from agentprobe.events import ConnectEvent, Process
+
+    def conn(pid, cookie, addr="203.0.113.9", port=22, cg=7):
+        return ConnectEvent("connect", 1, cg, Process(pid, pid, 1, 0, 0, f"p{pid}"), family="inet",
+                            address=addr, port=port, cookie=cookie)
+
+    o = SocketOwners(max_entries=8)
+    o.learn(conn(10, 100))
+    o.learn(conn(11, 101))  # another process of the same cgroup, same place, later
+    assert o.owner(100, 7, "203.0.113.9", 22) == (Process(10, 10, 1, 0, 0, "p10"), False)
+    assert o.owner(999, 7, "203.0.113.9", 22)[0].pid == 11 and o.owner(999, 7, "203.0.113.9", 22)[1]
+    assert o.owner(999, 8, "203.0.113.9", 22) is None  # another cgroup: never guessed across
+    assert o.owner(999, 7, "203.0.113.9", 443) is None
+    o.learn(conn(0, 102))  # no process: nothing learnt
+    assert o.owner(102, 7, "198.51.100.1", 1) is None
+    for i in range(20):
+        o.learn(conn(20 + i, 200 + i, port=1000 + i))
+    assert len(o.by_cookie) == 8 and len(o.by_dest) == 2 and o.owner(100, 7, "x", 0) is None

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from agentprobe import abi
+from agentprobe.enrich import SocketOwners
 from agentprobe.events import ConnectEvent, ExecEvent, ExitEvent, ForkEvent, GpuEvent, PayloadEvent, decode
 
 pytestmark = pytest.mark.kernel
@@ -527,17 +528,58 @@ def test_first_bytes_of_each_socket_whatever_the_port(capture, watched, tcp_serv
         u.sendto(b"\\x12\\x34 not connected", ("127.0.0.1", 5353))
     """))
     assert p.wait(10) == 0
-    evs = payloads(capture.wait(lambda e: isinstance(e, PayloadEvent) and e.transport == "udp"))
-    got = [(e.transport, e.address, e.port, e.fields()["app"], e.proc.pid) for e in evs]
+    every = capture.wait(lambda e: isinstance(e, PayloadEvent) and e.transport == "udp")
+    evs = payloads(every)
+    # who sent it: the kernel's own table on the syscall path; on the auto path a TCP socket's
+    # connect record carries its cookie
+    owners = SocketOwners()
+    for c in connects(every):
+        owners.learn(c)
+
+    def owner(e):
+        if e.proc.pid:
+            return e.proc.pid, e.proc.comm, "kernel"
+        found = owners.owner(e.cookie, e.cgroup_id, e.address, e.port)
+        return (found[0].pid, found[0].comm, "inferred" if found[1] else "cookie") if found else (0, "", None)
+
+    how = "kernel" if capture.mode == "syscalls" else "cookie"
+    got = [(e.transport, e.address, e.port, e.fields()["app"], owner(e)) for e in evs]
     assert got == [
-        ("tcp", "127.0.0.1", ssh_port, "ssh", p.pid),
-        ("tcp", "::1", pool_port, "stratum", p.pid),
-        ("udp", "127.0.0.1", 5353, None, p.pid),  # sendto without connect: the owner from the sendmsg hook
+        ("tcp", "127.0.0.1", ssh_port, "ssh", (p.pid, "python3", how)),
+        ("tcp", "::1", pool_port, "stratum", (p.pid, "python3", how)),
+        # sendto without connect: the sendmsg hook keeps UDP owners in the kernel on both paths
+        ("udp", "127.0.0.1", 5353, None, (p.pid, "python3", "kernel")),
     ]
     assert evs[0].data == b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n" and evs[0].fields()["banner"] == (
         "SSH-2.0-OpenSSH_9.2p1 Debian-2")
     assert evs[1].fields()["method"] == "mining.subscribe" and evs[1].length > 64 and len(evs[1].data) == 64
-    assert evs[0].proc.comm == "python3" and all(e.cgroup_id == watched.id for e in evs)
+    assert all(e.cgroup_id == watched.id for e in evs)
+
+
+def test_first_bytes_of_a_repeated_connect_are_attributed_by_destination(capture, watched, tcp_servers):
+    """A second connect of the same process to the same place within the window has no record of
+    its own (it is counted): the owner of its socket is inferred from the recorded one."""
+    port = tcp_servers(socket.AF_INET, ("127.0.0.1", 0))
+    p = watched.popen(py(f"""
+        import socket, time
+        socket.create_connection(("127.0.0.1", {port})).close()
+        s = socket.create_connection(("127.0.0.1", {port}))
+        s.sendall(b"SSH-2.0-OpenSSH_9.2p1\\r\\n"); time.sleep(0.1)
+    """))
+    assert p.wait(10) == 0
+    every = capture.wait(lambda e: isinstance(e, PayloadEvent))
+    cs = [c for c in connects(every) if c.port == port]
+    (pl,) = payloads(every)
+    if capture.mode == "syscalls":  # every connect recorded, and the owner kept in the kernel
+        assert len(cs) == 2 and pl.proc.pid == p.pid
+        return
+    assert len(cs) == 1 and cs[0].cookie != pl.cookie and pl.proc.pid == 0
+    owners = SocketOwners()
+    owners.learn(cs[0])
+    found, inferred = owners.owner(pl.cookie, pl.cgroup_id, pl.address, pl.port)
+    assert (found.pid, inferred) == (p.pid, True)
+    ((key, repeats, _, _),) = capture.probes.conn_counts(time.monotonic_ns() + 1)  # the repeat: counted
+    assert (key.pid, socket.ntohs(key.port), repeats) == (p.pid, port, 1)
 
 
 def test_no_payload_records_from_outside(capture, watched, outside_cgroup, tcp_servers):
