@@ -20,6 +20,7 @@ EV_TYPES = 13
 CGROUP_PATH_LEN = 256
 PACKET_LEN = 128
 PACKETS_PER_SEC = 20
+CONN_RECORDS_PER_SEC = 256
 
 EXEC_EXECVEAT = 1 << 0
 EXEC_ARGS_TRUNC = 1 << 1
@@ -220,6 +221,13 @@ class ConnCount(ct.Structure):
     _fields_ = [("count", ct.c_uint64), ("first_ns", ct.c_uint64), ("last_ns", ct.c_uint64)]
 
 
+class ConnSweep(ct.Structure):
+    _fields_ = [("window_ns", ct.c_uint64), ("count", ct.c_uint64), ("first_ns", ct.c_uint64),
+                ("last_ns", ct.c_uint64), ("cgroup_id", ct.c_uint64), ("recorded", ct.c_uint32),
+                ("family", ct.c_uint16), ("port", ct.c_uint16), ("min_port", ct.c_uint16),
+                ("max_port", ct.c_uint16), ("_pad", ct.c_uint32), ("addr", ct.c_uint8 * 16)]
+
+
 RECORDS: dict[int, type[ct.Structure]] = {
     EV_EXEC: ExecRecord,
     EV_CONNECT: ConnectRecord,
@@ -259,4 +267,5 @@ C_STRUCTS: dict[str, type[ct.Structure]] = {
     "ap_gpu_count": GpuCount,
     "ap_conn_key": ConnKey,
     "ap_conn_count": ConnCount,
+    "ap_conn_sweep": ConnSweep,
 }

@@ -180,6 +180,10 @@ def watch(config_path, cgroups, globs, outputs, metrics_addr, buffer, no_view, d
                       lambda m: click.echo(m, err=True))
         check_trusted(rule_files, "rule file", insecure_files, lambda m: click.echo(m, err=True))
         rules_stage = _rule_stage(rule_files, not no_default_rules)
+        if rules_stage is not None:
+            from .rules import recorded_ports
+
+            opts.recorded_ports = recorded_ports(rules_stage.ruleset)
         if in_kernel_deny and not dry_run and rules_stage is not None:
             from .rules import deny_policy
 

@@ -50,9 +50,16 @@ class ProcessTree:
     def __init__(self, max_size: int = MAX_TREE) -> None:
         self._procs: OrderedDict[int, ProcInfo] = OrderedDict()
         self.max_size = max_size
+        # processes gone from the tree, for records about them that come after their exit (the
+        # in-kernel counts flushed every second): bounded, a live process of the same pid wins
+        self._gone: OrderedDict[int, ProcInfo] = OrderedDict()
 
     def get(self, pid: int) -> ProcInfo | None:
         return self._procs.get(pid)
+
+    def get_recent(self, pid: int) -> ProcInfo | None:
+        """A live process, or one that exited lately."""
+        return self._procs.get(pid) or self._gone.get(pid)
 
     def __contains__(self, pid: int) -> bool:
         return pid in self._procs
@@ -88,6 +95,10 @@ class ProcessTree:
     def _release(self, info: ProcInfo) -> None:
         if info.exited and not info.children:
             self._procs.pop(info.pid, None)
+            self._gone[info.pid] = info
+            self._gone.move_to_end(info.pid)
+            if len(self._gone) > 4096:
+                self._gone.popitem(last=False)
             parent = self._procs.get(info.ppid)
             if parent is not None:
                 parent.children.discard(info.pid)
@@ -337,8 +348,9 @@ class Enricher:
         return rec
 
     def synthetic(self, type_: str, pid: int, cgroup_id: int, ktime_ns: int, fields: dict) -> dict:
-        """A record made in user space about a known process (e.g. periodic GPU counts)."""
-        info = self.tree.get(pid) or ProcInfo(pid)
+        """A record made in user space about a known process (e.g. periodic GPU counts), also one
+        that exited since."""
+        info = self.tree.get_recent(pid) or ProcInfo(pid)
         p = Process(pid, pid, info.ppid, info.uid if info.uid is not None else -1, -1, info.comm)
         ev = Event(type_, ktime_ns, cgroup_id, p)
         rec = self._header(ev)

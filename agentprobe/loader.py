@@ -217,6 +217,7 @@ class ProbeSet:
         self._gpu_last: dict[tuple, int] = {}
         self._conn_last: dict[bytes, tuple] = {}
         self._flow_last: dict[bytes, tuple] = {}
+        self._sweep_last: dict[int, int] = {}
         self.gpu_probe = ""  # fentry | on-demand | always, once loaded
         self.ioctl_attached = False
         self.paths: dict[str, str] = {}
@@ -556,6 +557,32 @@ class ProbeSet:
         instead of recorded; keys quiet since `expire_ns` (monotonic) are dropped."""
         return [(abi.ConnKey.from_buffer_copy(k), d["count"], v.first_ns, v.last_ns)
                 for k, v, d in self._moved(b"conn_repeats", ("count",), self._conn_last, expire_ns)]
+
+    def conn_sweeps(self, expire_ns: int) -> list[tuple[int, abi.ConnSweep, int]]:
+        """(pid, state, connects counted since the last call) of processes whose connects to new
+        destinations went past the record budget; processes quiet since `expire_ns` are dropped."""
+        t = self._bpf[b"conn_sweeps"]
+        out = []
+        for k, v in t.items():
+            pid = k.value
+            moved = v.count - self._sweep_last.get(pid, 0)
+            if moved > 0:
+                self._sweep_last[pid] = v.count
+                out.append((pid, abi.ConnSweep.from_buffer_copy(v), moved))
+            if max(v.window_ns, v.last_ns) < expire_ns:
+                try:
+                    del t[k]
+                except KeyError:
+                    pass
+                self._sweep_last.pop(pid, None)
+        return out
+
+    def set_recorded_ports(self, ports: Iterable[int]) -> None:
+        """Ports whose connects are always recorded, never counted as part of a sweep."""
+        t = self._bpf[b"conn_always_ports"]
+        t.clear()
+        for port in ports:
+            t[ct.c_uint16(port)] = ct.c_uint8(1)
 
     def flow_counts(self, expire_ns: int) -> list[tuple[abi.FlowKey, dict, int, int]]:
         """(key, {packets, bytes, sampled} since last call and max_len, first_ns, last_ns) of the ICMP

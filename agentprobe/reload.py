@@ -68,6 +68,12 @@ class RuleReloader:
             w.stages[i] = self.wrap(engine) if self.wrap else engine
         else:
             w.stages.insert(0, self.wrap(engine) if self.wrap else engine)
+        from .rules import recorded_ports
+
+        try:
+            w.update_recorded_ports(recorded_ports(engine.ruleset))
+        except Exception as e:
+            print(f"agentprobe: reload: could not update the always-recorded ports: {e}", file=self.err, flush=True)
         if deny is not None or w.options.deny:
             try:
                 w.update_deny(deny)

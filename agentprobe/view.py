@@ -108,6 +108,10 @@ def detail(rec: dict) -> str:
         refused = " refused" if rec.get("refused") else ""
         what = "UDP sends" if rec.get("sendmsg") else "connects"
         return f"{dest} {rec.get('count')} more {what}{refused} in {rec.get('interval_ns', 0) / 1e9:.1f}s"
+    if t == "connect_sweep":
+        return (f"{rec.get('count')} more connects to new destinations (ports {rec.get('min_port')}-"
+                f"{rec.get('max_port')}, last {rec.get('address')}:{rec.get('port')}), past "
+                f"{rec.get('budget_per_s')}/s recorded")
     if t == "verdict":
         state = "frozen" if rec.get("frozen") else ("clean" if rec.get("clean") else "alerted")
         return clean(f"{(rec.get('cgroup') or {}).get('path')} {state}: {rec.get('alerts')} alerts "

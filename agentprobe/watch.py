@@ -80,6 +80,8 @@ class WatchOptions:
     label_dir: str | None = None     # a sandbox manager's label files: DIR/<cgroup id>.json
     # in-kernel deny: {"ports": [...], "allow": [CIDR...], "deny": [CIDR...]}, or None for off
     deny: dict | None = None
+    # ports whose connects the kernel always records, never counts as part of a sweep (rules.recorded_ports)
+    recorded_ports: tuple[int, ...] = (22, 53)
     probe_mode: str = "auto"  # auto | syscalls (see loader.LoaderOptions)
     gpu_probe: str = "auto"   # auto | fentry | on-demand | always
     gpu_idle_detach: float = 5.0  # on-demand ioctl probe: detach this long after the last GPU holder exits
@@ -279,6 +281,7 @@ class Watcher:
             self._probes.close()
             self._probes = None
             raise
+        self._probes.set_recorded_ports(self.options.recorded_ports)
         deny = self.options.deny
         if deny:
             self._probes.set_deny(deny.get("ports", ()), deny.get("allow", ()), deny.get("deny", ()), True)
@@ -769,6 +772,14 @@ class Watcher:
                 "sendmsg": bool(key.kind & 2),
                 "count": n, "interval_ns": max(0, last - first)})
             self.emit(rec)
+        for pid, s, n in self._probes.conn_sweeps(time.monotonic_ns() - 10 * 10**9):
+            fam = "inet" if s.family == socket.AF_INET else "inet6"
+            addr = ipaddress.ip_address(bytes(s.addr)[: 4 if fam == "inet" else 16])
+            mapped = getattr(addr, "ipv4_mapped", None)
+            self.emit(self.enricher.synthetic("connect_sweep", pid, s.cgroup_id, s.last_ns, {
+                "count": n, "budget_per_s": abi.CONN_RECORDS_PER_SEC, "min_port": s.min_port,
+                "max_port": s.max_port, "family": fam, "address": str(mapped or addr), "port": s.port,
+                "interval_ns": max(0, s.last_ns - s.first_ns)}))
 
     def _flush_flow_counts(self) -> None:
         """ICMP packets and DNS queries counted in the kernel: one `flow_counts` record per process and
@@ -900,6 +911,12 @@ class Watcher:
     def meta_record(self, type_: str, fields: dict) -> dict:
         """A watcher record (ts, ktime, node set) of `type_`, for emit()."""
         return self._meta(type_, fields)
+
+    def update_recorded_ports(self, ports) -> None:
+        """New ports never counted as part of a sweep (after a reload)."""
+        self.options.recorded_ports = tuple(ports)
+        if self._probes is not None:
+            self._probes.set_recorded_ports(self.options.recorded_ports)
 
     def update_deny(self, deny: dict | None) -> None:
         """New in-kernel deny lists (after a reload); the exec-name deny keeps what it loaded with."""

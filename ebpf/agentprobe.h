@@ -32,6 +32,7 @@ typedef uint64_t __u64;
 #define AP_PAYLOAD_LEN 64     /* first bytes of a socket's first payload kept */
 #define AP_PACKET_LEN 128     /* bytes kept of a sampled ICMP echo or DNS query */
 #define AP_PACKETS_PER_SEC 20 /* sampled packets per process and second; the rest only counted */
+#define AP_CONN_RECORDS_PER_SEC 256 /* connect records to new destinations per process and second */
 
 /* ---- record types ---- */
 #define AP_EV_EXEC 1
@@ -286,6 +287,25 @@ struct ap_conn_count {
 	__u64 count;    /* repeats after the recorded connect */
 	__u64 first_ns; /* the recorded connect: the window starts here */
 	__u64 last_ns;
+};
+
+/* per process (conn_sweeps map): connect records to new destinations in the
+ * current one-second window; beyond AP_CONN_RECORDS_PER_SEC, a sweep (a port or
+ * host scan) is counted here instead of recorded, except to the ports the rules
+ * name (conn_always_ports) */
+struct ap_conn_sweep {
+	__u64 window_ns; /* the window's start */
+	__u64 count;     /* connects counted instead of recorded (all windows) */
+	__u64 first_ns;  /* first counted one */
+	__u64 last_ns;   /* last counted one */
+	__u64 cgroup_id; /* of the last counted one */
+	__u32 recorded;  /* records in this window */
+	__u16 family;    /* of the last counted one */
+	__u16 port;      /* of the last counted one (host byte order) */
+	__u16 min_port;  /* over all counted ones */
+	__u16 max_port;
+	__u32 _pad;
+	__u8 addr[16];   /* of the last counted one */
 };
 
 /* key and value of the in-kernel GPU ioctl aggregation (gpu_counts map) */

@@ -20,6 +20,9 @@
 #endif
 BPF_TABLE("lru_hash", struct ap_conn_key, struct ap_conn_count, conn_repeats, AP_MAX_CONN_KEYS);
 
+BPF_TABLE("lru_hash", u32, struct ap_conn_sweep, conn_sweeps, 16384);
+BPF_HASH(conn_always_ports, u16, u8, 4096); /* host byte order: never counted as part of a sweep */
+
 /* 1 when this connect repeats one recorded less than a window ago: counted, no
  * record. Decided from the hook's context alone, before any record is built:
  * a connect flood to one destination costs a map lookup per connect. */
@@ -31,11 +34,56 @@ static __always_inline int ap_connect_repeat(struct ap_conn_key *k, u64 now)
 		c->last_ns = now;
 		return 1;
 	}
+	return 0;
+}
+
+/* The window of a destination whose connect is recorded now. */
+static __always_inline void ap_connect_window(struct ap_conn_key *k, u64 now)
+{
 	struct ap_conn_count init = {.count = 0, .first_ns = now, .last_ns = now};
+	struct ap_conn_count *c = conn_repeats.lookup(k);
 	if (c) /* a new window: the repeats of the last one stay for user space */
 		init.count = c->count;
 	conn_repeats.update(k, &init);
-	return 0;
+}
+
+/* 1 when this connect to a new destination is one too many for the process's
+ * record budget in this second (a port or host sweep): counted in conn_sweeps,
+ * no record, no per-destination state. Ports the rules name are always
+ * recorded. */
+static __always_inline int ap_connect_swept(struct ap_conn_key *k, u64 now)
+{
+	u16 port = bpf_ntohs(k->port);
+	if (conn_always_ports.lookup(&port))
+		return 0;
+	struct ap_conn_sweep *s = conn_sweeps.lookup(&k->pid);
+	if (!s) {
+		struct ap_conn_sweep init = {.window_ns = now, .recorded = 1, .min_port = 0xffff};
+		conn_sweeps.update(&k->pid, &init);
+		return 0;
+	}
+	if (now - s->window_ns >= 1000000000ULL) {
+		s->window_ns = now;
+		s->recorded = 1;
+		return 0;
+	}
+	if (s->recorded < AP_CONN_RECORDS_PER_SEC) {
+		s->recorded++;
+		return 0;
+	}
+	if (!s->first_ns)
+		s->first_ns = now;
+	s->last_ns = now;
+	s->cgroup_id = bpf_get_current_cgroup_id();
+	s->family = k->family;
+	s->port = port;
+	if (port < s->min_port)
+		s->min_port = port;
+	if (port > s->max_port)
+		s->max_port = port;
+	__builtin_memcpy(s->addr, k->addr, 16);
+	__sync_fetch_and_add(&s->count, 1);
+	return 1;
 }
 
 static __always_inline void ap_conn_key_begin(struct ap_conn_key *k, struct bpf_sock_addr *ctx, int allowed,
@@ -80,8 +128,10 @@ static __always_inline void ap_connect4_record(struct bpf_sock_addr *ctx, int al
 	struct ap_conn_key k = {};
 	ap_conn_key_begin(&k, ctx, allowed, flags);
 	__builtin_memcpy(k.addr, &ip, 4);
-	if (ap_connect_repeat(&k, bpf_ktime_get_ns()))
+	u64 now = bpf_ktime_get_ns();
+	if (ap_connect_repeat(&k, now) || ap_connect_swept(&k, now))
 		return;
+	ap_connect_window(&k, now);
 	struct ap_connect_event *e = ap_connect_begin(ctx, allowed, flags);
 	if (!e)
 		return;
@@ -100,8 +150,10 @@ static __always_inline void ap_connect6_record(struct bpf_sock_addr *ctx, int al
 	struct ap_conn_key k = {};
 	ap_conn_key_begin(&k, ctx, allowed, flags);
 	__builtin_memcpy(k.addr, ip6, 16);
-	if (ap_connect_repeat(&k, bpf_ktime_get_ns()))
+	u64 now = bpf_ktime_get_ns();
+	if (ap_connect_repeat(&k, now) || ap_connect_swept(&k, now))
 		return;
+	ap_connect_window(&k, now);
 	struct ap_connect_event *e = ap_connect_begin(ctx, allowed, flags);
 	if (!e)
 		return;

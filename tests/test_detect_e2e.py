@@ -294,13 +294,15 @@ def scenarios(net, tmp: Path, gpu: Path) -> dict[str, tuple[str, str]]:
         "internal_network_probing": (
             "python3 -c 'import socket\nfor p in range(1, 25):\n s=socket.socket(); s.settimeout(0.5)\n"
             f" s.connect_ex((\"{INTERNAL_ADDR}\", p)); s.close()'", "alert"),
+        # a real scanner: nmap's connect scan of 2000 loopback ports, far past the record budget
+        "connection_sweep": ("nmap -sT -Pn -n -p 20000-21999 --min-rate 5000 127.0.0.1", "alert"),
     }
 
 
 RULES_BY_REAL_PROCESS = ["tunnel_tool_started", "cloudflared_tunnel", "netcat_exec", "netcat_listener", "socat_relay",
                          "shell_network_redirection", "interpreter_reverse_shell", "miner_binary_started",
                          "miner_arguments", "gpu_use_not_allowed", "cuda_context_from_temp_dir",
-                         "gpu_sustained_use_not_allowed", "internal_network_probing"]
+                         "gpu_sustained_use_not_allowed", "internal_network_probing", "connection_sweep"]
 
 
 @pytest.mark.parametrize("rule", RULES_BY_REAL_PROCESS)
@@ -326,6 +328,19 @@ def test_default_rule_fires_on_a_real_process(rule, agents, episode, net, tmp_pa
                 assert ex["failed"] and ex["error"] == "EPERM"
             else:
                 assert ex["killed"] and ex["argv"][0].endswith("/xmrig")
+        if rule == "connection_sweep":
+            # nmap's connects: the budget's worth recorded, the rest counted in the kernel, none lost
+            assert p.wait(20) == 0
+            recs = wait_records(out, episode, lambda rs: sum(
+                r["count"] for r in rs if r["type"] in ("connect_sweep", "connect_counts")) + len(
+                [r for r in rs if r["type"] == "connect" and 20000 <= r.get("port", 0) < 22000]) >= 2000, timeout=10)
+            recorded = [r for r in recs if r["type"] == "connect" and 20000 <= r.get("port", 0) < 22000]
+            sweeps = [r for r in recs if r["type"] == "connect_sweep"]
+            assert {r["proc"]["comm"] for r in recorded + sweeps} == {"nmap"}
+            assert len({(r["address"], r["port"]) for r in recorded}) == len(recorded) <= 2000 - sum(
+                r["count"] for r in sweeps)
+            assert 20000 <= min(r["min_port"] for r in sweeps) <= max(r["max_port"] for r in sweeps) <= 21999
+            assert alert["evidence"][-1]["type"] == "connect_sweep"
     finally:
         try:
             os.killpg(p.pid, 9)

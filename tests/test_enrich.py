@@ -133,3 +133,22 @@ def test_socket_owners_exact_by_cookie_inferred_by_destination_and_bounded():
     for i in range(20):
         o.learn(conn(20 + i, 200 + i, port=1000 + i))
     assert len(o.by_cookie) == 8 and len(o.by_dest) == 2 and o.owner(100, 7, "x", 0) is None
+
+
+def test_records_after_exit_still_name_the_process():
+    """Counts flushed after a process exited (connect sweeps, GPU counts) still carry its name and
+    command line; a new process that reuses the pid wins."""
+    from agentprobe.enrich import Enricher, ProcInfo
+
+    e = Enricher(lambda cid: "/agents/ep", 0, node="n")
+    e.tree.add(ProcInfo(4242, 1, "nmap", "/usr/bin/nmap", ["nmap", "-sT", "127.0.0.1"], 0))
+    e.tree.exit(4242)
+    assert e.tree.get(4242) is None
+    rec = e.synthetic("connect_sweep", 4242, 9, 1, {"count": 5})
+    assert (rec["proc"]["comm"], rec["proc"]["cmdline"], rec["count"]) == ("nmap", ["nmap", "-sT", "127.0.0.1"], 5)
+    e.tree.add(ProcInfo(4242, 1, "sleep", "/usr/bin/sleep", ["sleep", "9"], 0))
+    assert e.synthetic("connect_sweep", 4242, 9, 1, {})["proc"]["comm"] == "sleep"
+    for pid in range(10000, 10000 + 5000):
+        e.tree.add(ProcInfo(pid, 1, "x", None, [], 0))
+        e.tree.exit(pid)
+    assert len(e.tree._gone) == 4096 and e.tree.get_recent(10000) is None

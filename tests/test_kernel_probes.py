@@ -509,6 +509,35 @@ def test_many_threads_connecting_concurrently(capture, watched, tcp_servers):
     assert capture.probes._bpf[b"conn_repeats"].items() == []
 
 
+def test_port_sweep_past_the_record_budget_is_counted_and_named_ports_still_recorded(capture, watched):
+    """A process that connects to more new destinations in a second than the record budget: the
+    first AP_CONN_RECORDS_PER_SEC are records, the rest one count per process (ports, last one);
+    a port the rules name is recorded even past the budget."""
+    capture.probes.set_recorded_ports([22])
+    n = abi.CONN_RECORDS_PER_SEC + 100
+    r = watched.run(py(f"""
+        import socket, time
+        t = time.monotonic()
+        for port in [*range(40000, 40000 + {n}), 22]:
+            s = socket.socket(); s.connect_ex(("127.0.0.1", port)); s.close()
+        print(time.monotonic() - t)
+    """), text=True)
+    assert float(r.stdout) < 0.9, "the sweep must fit in one window for the counts below"
+    cs = [c for c in connects(capture.settle(0.5)) if c.address == "127.0.0.1"]
+    ports = [c.port for c in cs]
+    sweeps = capture.probes.conn_sweeps(0)
+    if capture.mode == "syscalls":  # every connect of the syscall path is a record
+        assert ports == [*range(40000, 40000 + n), 22] and sweeps == []
+        return
+    assert ports == [*range(40000, 40000 + abi.CONN_RECORDS_PER_SEC), 22]
+    ((pid, st, counted),) = sweeps
+    assert (pid, counted, st.min_port, st.max_port, st.port) == (
+        cs[0].proc.pid, 100, 40000 + abi.CONN_RECORDS_PER_SEC, 40000 + n - 1, 40000 + n - 1)
+    assert bytes(st.addr)[:4] == socket.inet_aton("127.0.0.1") and st.cgroup_id == watched.id
+    assert capture.probes.conn_sweeps(0) == []  # each count reported once
+    capture.probes.conn_counts(time.monotonic_ns() + 1)
+
+
 # ---------------------------------------------------------------- first bytes (cgroup egress hook)
 def payloads(evs):
     return [e for e in evs if isinstance(e, PayloadEvent)]

@@ -55,7 +55,7 @@ def test_every_rule_is_complete(ruleset):
         "proxy_connect_to_session_or_pool_port", "miner_binary_started", "miner_exec_denied", "miner_arguments",
         "mining_pool_connection", "stratum_protocol", "gpu_miner_staged_from_writable_dir", "gpu_use_not_allowed",
         "cuda_context_from_temp_dir", "gpu_sustained_use_not_allowed", "gpu_busy_not_allowed",
-        "internal_network_probing",
+        "internal_network_probing", "connection_sweep",
         "egress_outside_allowlist", "agent_left_its_cgroup", "raw_socket_opened", "icmp_tunnel",
         "dns_to_unexpected_server", "dns_tunnel_query", "dns_tunnel_many_names", "agent_listens_outside_loopback",
         "session_through_local_tunnel"]

@@ -157,6 +157,21 @@ def build_engine(paths: Iterable[str | Path] = (), *, with_defaults: bool = True
     return RuleEngine(compile_sources(sources), dedup_window_s=dedup_window_s, limits=limits)
 
 
+# ports whose connects are always recorded one by one, never counted as part of a sweep: DNS (the
+# DNS rules), and the ports the rule lists name
+ALWAYS_RECORDED = (53,)
+RECORDED_PORT_LISTS = ("interactive_session_ports", "mining_pool_ports")
+
+
+def recorded_ports(ruleset: RuleSet) -> tuple[int, ...]:
+    ports = set(ALWAYS_RECORDED)
+    for name in RECORDED_PORT_LISTS:
+        for item in ruleset.lists.get(name, ()):
+            lo, _, hi = str(item).partition("-")
+            ports.update(range(int(lo), int(hi or lo) + 1))
+    return tuple(sorted(ports))
+
+
 def deny_policy(ruleset: RuleSet) -> dict | None:
     """What the kernel refuses, from the rule lists: pool ports outside allowed_networks (when the
     mining_pool_connection rule is on) and mining_pool_hosts."""

@@ -59,7 +59,8 @@ OPS_BY_TYPE[STRS] = OPS_BY_TYPE[STR]
 TYPE_OF_PREFIX = {"exec": ("exec",), "net": ("connect", "packet", "flow_counts"), "gpu": ("gpu",),
                   "fork": ("fork",), "exit": ("exit",), "payload": ("payload",), "move": ("cgroup_move",),
                   "socket": ("socket",), "bind": ("bind",), "packet": ("packet", "flow_counts"),
-                  "flow": ("flow_counts",), "dns": ("packet",), "tunnel": ("tunnel",)}
+                  "flow": ("flow_counts",), "dns": ("packet",), "tunnel": ("tunnel",),
+                  "sweep": ("connect_sweep",)}
 
 LIST_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9]*(?:_[A-Za-z0-9]+)+$")
 MACRO_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

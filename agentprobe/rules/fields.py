@@ -23,7 +23,7 @@ from .argspec import OptionSpec, ParsedArgs, parse_args
 
 STR, INT, BOOL, IP, STRS = "str", "int", "bool", "ip", "strs"
 EVENT_TYPES = ("exec", "connect", "gpu", "fork", "exit", "payload", "cgroup_move", "socket", "bind", "packet",
-               "flow_counts", "tunnel")
+               "flow_counts", "tunnel", "connect_sweep")
 DESTINATION_TYPES = ("connect", "packet", "flow_counts")  # records whose address/port are a destination
 DELETED = " (deleted)"
 
@@ -337,7 +337,7 @@ def _truncated(ev: EventView) -> bool | None:
 
 
 _field("evt.type", STR, "record type: exec, connect, gpu, fork, exit, payload, cgroup_move, socket, bind, packet, "
-       "flow_counts", _top("type"))
+       "flow_counts, tunnel, connect_sweep", _top("type"))
 _field("net.sendmsg", BOOL, "connect: a UDP sendto/sendmsg with a destination, not a connect",
        _of_type("connect", lambda ev: bool(ev.rec.get("sendmsg"))))
 _field("tunnel.carried", STR, "tunnel: what a local forwarder carries (ssh, stratum)",
@@ -359,6 +359,14 @@ _field("packet.len", INT, "packet: payload bytes after the ICMP/UDP header", _of
 _field("packet.echo_request", BOOL, "packet: an ICMP echo request", _of_type("packet", _top("echo_request")))
 _field("flow.packets", INT, "flow_counts: packets since the last record", _of_type("flow_counts", _top("packets")))
 _field("flow.max_len", INT, "flow_counts: largest payload", _of_type("flow_counts", _top("max_len")))
+_field("sweep.count", INT, "connect_sweep: connects to new destinations counted past the record budget",
+       _of_type("connect_sweep", _top("count")))
+_field("sweep.min_port", INT, "connect_sweep: lowest destination port counted",
+       _of_type("connect_sweep", _top("min_port")))
+_field("sweep.max_port", INT, "connect_sweep: highest destination port counted",
+       _of_type("connect_sweep", _top("max_port")))
+_field("sweep.address", STR, "connect_sweep: the last destination address counted",
+       _of_type("connect_sweep", _top("address")))
 _field("flow.bytes", INT, "flow_counts: payload bytes since the last record", _of_type("flow_counts", _top("bytes")))
 _field("dns.qname", STR, "packet: the DNS question's name", lambda ev: _dns(ev).get("qname"))
 _field("dns.qtype", STR, "packet: the DNS question's type (A, AAAA, TXT, NULL, ...)",
