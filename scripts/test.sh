@@ -19,6 +19,8 @@ assert set(r) >= {"cost", "freeze", "throughput", "footprint", "machine", "kerne
 assert all(r["cost"][c]["getppid"] > 0 for c in ("none", "outside", "inside")), r["cost"]
 assert all(f["frozen"] == f["trials"] for f in r["freeze"].values()), r["freeze"]
 assert r["throughput"]["held_per_s"] > 0 and r["footprint"]["startup_s"] > 0
+assert all(r[t]["generator_ceiling_per_s"] > 0 for t in ("throughput", "throughput_distinct")), r["throughput"]
+assert all("detect" in f and "freeze" in f for f in r["freeze"].values()), r["freeze"]
 print("bench smoke: ok")
 PY
 rm -rf "$bench_out"
