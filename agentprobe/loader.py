@@ -439,6 +439,9 @@ class ProbeSet:
             b[name].clear()
         for port in ports:
             b[b"deny_ports"][ct.c_uint16(port)] = ct.c_uint8(1)
+        hosts = 0  # bits 1 and 2 of deny_conf: the deny tries hold IPv4 / IPv6 entries (deny.bpf.c)
+        for spec in deny:
+            hosts |= 2 if ipaddress.ip_network(spec, strict=False).version == 4 else 4
         for trie4, trie6, nets in ((b"allow4", b"allow6", allow), (b"deny4", b"deny6", deny)):
             for spec in nets:
                 net = ipaddress.ip_network(spec, strict=False)
@@ -448,7 +451,7 @@ class ProbeSet:
                 else:
                     key6 = abi.LpmV6(net.prefixlen, (ct.c_uint8 * 16)(*net.network_address.packed))
                     b[trie6][key6] = ct.c_uint8(1)
-        b[b"deny_conf"][ct.c_int(0)] = ct.c_uint32(1 if enabled else 0)
+        b[b"deny_conf"][ct.c_int(0)] = ct.c_uint32(1 | hosts if enabled else 0)
 
     def _attach_cgroups(self, wanted: dict[int, WatchedCgroup]) -> None:
         """Attach the socket programs to the top-most watched cgroups (they cover the subtree)."""

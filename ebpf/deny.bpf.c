@@ -14,29 +14,36 @@ BPF_LPM_TRIE(allow6, struct ap_lpm_v6, u8, 1024);
 BPF_LPM_TRIE(deny4, struct ap_lpm_v4, u8, 1024);
 BPF_LPM_TRIE(deny6, struct ap_lpm_v6, u8, 1024);
 
-static __always_inline int ap_deny_enabled(void)
+/* deny_conf[0]: bit 0 on; bits 1 and 2: deny4 and deny6 hold entries (a trie
+ * lookup is the dearest step of a connect here: skipped when there is nothing
+ * to find) */
+#define AP_DENY_ON 1
+#define AP_DENY_HOSTS4 2
+#define AP_DENY_HOSTS6 4
+
+static __always_inline u32 ap_deny_enabled(void)
 {
 	u32 zero = 0;
 	u32 *on = deny_conf.lookup(&zero);
-	return on && *on;
+	return on && (*on & AP_DENY_ON) ? *on : 0;
 }
 
-static __always_inline u32 ap_deny_v4(u32 ip_be, u16 port)
+static __always_inline u32 ap_deny_v4(u32 conf, u32 ip_be, u16 port)
 {
 	struct ap_lpm_v4 key = {.prefixlen = 32};
 	__builtin_memcpy(key.addr, &ip_be, 4);
-	if (deny4.lookup(&key))
+	if ((conf & AP_DENY_HOSTS4) && deny4.lookup(&key))
 		return AP_DENY_HOST;
 	if (deny_ports.lookup(&port) && !allow4.lookup(&key))
 		return AP_DENY_PORT;
 	return 0;
 }
 
-static __always_inline u32 ap_deny_v6(const u32 *ip6_be, u16 port)
+static __always_inline u32 ap_deny_v6(u32 conf, const u32 *ip6_be, u16 port)
 {
 	struct ap_lpm_v6 key = {.prefixlen = 128};
 	__builtin_memcpy(key.addr, ip6_be, 16);
-	if (deny6.lookup(&key))
+	if ((conf & AP_DENY_HOSTS6) && deny6.lookup(&key))
 		return AP_DENY_HOST;
 	if (deny_ports.lookup(&port) && !allow6.lookup(&key))
 		return AP_DENY_PORT;
@@ -75,9 +82,10 @@ static __always_inline void ap_report_deny(void *ctx, u16 family, u16 port, u32 
  * report): the rules act on the connect record, read first. */
 static __always_inline u32 ap_connect4_deny(struct bpf_sock_addr *ctx)
 {
-	if (!ap_deny_enabled())
+	u32 conf = ap_deny_enabled();
+	if (!conf)
 		return 0;
-	return ap_deny_v4(ctx->user_ip4, bpf_ntohs((u16)ctx->user_port));
+	return ap_deny_v4(conf, ctx->user_ip4, bpf_ntohs((u16)ctx->user_port));
 }
 
 static __always_inline void ap_connect4_report(struct bpf_sock_addr *ctx, u32 reason)
@@ -101,14 +109,15 @@ static __always_inline int ap_v4mapped(const u32 *ip6)
 
 static __always_inline u32 ap_connect6_deny(struct bpf_sock_addr *ctx)
 {
-	if (!ap_deny_enabled())
+	u32 conf = ap_deny_enabled();
+	if (!conf)
 		return 0;
 	u32 ip6[4];
 	ap_ctx_ip6(ctx, ip6);
 	u16 port = bpf_ntohs((u16)ctx->user_port);
 	if (ap_v4mapped(ip6))
-		return ap_deny_v4(ip6[3], port);
-	return ap_deny_v6(ip6, port);
+		return ap_deny_v4(conf, ip6[3], port);
+	return ap_deny_v6(conf, ip6, port);
 }
 
 static __always_inline void ap_connect6_report(struct bpf_sock_addr *ctx, u32 reason)
