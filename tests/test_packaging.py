@@ -15,11 +15,13 @@ import yaml
 from agentprobe.cgroups import glob_regex
 from agentprobe.cli import watch
 from agentprobe.config import load_config
+from agentprobe.kube import pod_cgroup
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "packaging/systemd/agentprobe.service"
 DAEMONSET = REPO / "packaging/kubernetes/daemonset.yaml"
-UID_ = "5f3c2a1b_8d4e_4f6a_9b7c_0123456789ab"
+UID = "5f3c2a1b-8d4e-4f6a-9b7c-0123456789ab"
+UID_ = UID.replace("-", "_")
 CID = "3f4e5d6c" * 8
 
 
@@ -89,10 +91,19 @@ def test_daemonset_config_is_a_valid_config_whose_globs_match_real_pod_cgroups(t
         f"kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_}.slice/cri-containerd-{CID}.scope",
         f"kubepods.slice/kubepods-pod{UID_}.slice/cri-containerd-{CID}.scope",
         f"kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{UID_}.slice/crio-{CID}.scope",
+        # the cgroupfs driver: containerd's bare id, CRI-O's crio-<id>; Guaranteed pods right under kubepods
+        f"kubepods/burstable/pod{UID}/{CID}",
+        f"kubepods/besteffort/pod{UID}/{CID}",
+        f"kubepods/pod{UID}/{CID}",
+        f"kubepods/burstable/pod{UID}/crio-{CID}",
     ]
     for path in real:
         assert any(g.fullmatch(path) for g in globs), path
-    assert not any(g.fullmatch("system.slice/containerd.service") for g in globs)
+        assert pod_cgroup("/" + path).container_id == CID  # what the globs match is a container's cgroup
+    # not the node's services, nor the pod and QoS levels (a pod's cgroup holds no process of its own)
+    for path in ("system.slice/containerd.service", "kubepods", "kubepods/burstable", f"kubepods/burstable/pod{UID}",
+                 f"kubepods/pod{UID}", "kubepods.slice/kubepods-burstable.slice"):
+        assert not any(g.fullmatch(path) for g in globs), path
 
 
 @pytest.mark.skipif(shutil.which("vagrant") is None,
