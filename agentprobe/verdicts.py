@@ -44,6 +44,7 @@ class VerdictStage:
         self.clock_offset_ns = clock_offset_ns
         self.max_episodes = max_episodes
         self.episodes: dict[str, EpisodeState] = {}
+        self._to_check: list[str] = []  # episodes poll_ended() has yet to look at this round
         self.overflow = 0
 
     def process(self, rec: dict) -> list[dict]:
@@ -88,9 +89,20 @@ class VerdictStage:
             if rec.get("outcome") in ("frozen", "already_frozen", "killed"):
                 st.frozen = st.frozen or rec.get("outcome") != "killed"
 
-    def poll_ended(self) -> list[dict]:
-        """Verdicts of the episodes whose cgroup is gone."""
-        gone = [p for p in self.episodes if not self.exists(p)]
+    def poll_ended(self, budget_s: float = 0.0005) -> list[dict]:
+        """Verdicts of the episodes whose cgroup is gone. The episodes are looked at in turn,
+        within `budget_s` per call: with hundreds open, checking them all at once would hold up
+        the records queued behind this check (a miner's exec among them) for milliseconds."""
+        if not self._to_check:
+            self._to_check = list(self.episodes)
+        deadline = time.monotonic() + budget_s
+        gone = []
+        while self._to_check:
+            p = self._to_check.pop()
+            if p in self.episodes and not self.exists(p):
+                gone.append(p)
+            if time.monotonic() >= deadline:
+                break
         return [self._verdict(self.episodes.pop(p), "cgroup_removed") for p in gone]
 
     def end(self, path: str, reason: str) -> dict | None:

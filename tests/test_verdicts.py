@@ -54,3 +54,25 @@ def test_hostile_labels_stay_bounded():
     st.process(rec("exec", "/a/b", 1, labels={f"k{i}": "v" for i in range(50)}))
     (v,) = st.end_all()
     assert len(v["labels"]) == 16
+
+
+def test_ended_episodes_are_looked_at_in_turn_within_a_budget():
+    """Hundreds of open episodes: each call checks what fits in its time budget (at least one),
+    and every removed episode gets exactly one verdict over the following calls."""
+    live = {f"/agents/ep-{i}" for i in range(300)}
+    checked = []
+
+    def exists(p: str) -> bool:
+        checked.append(p)
+        return p in live
+
+    st = VerdictStage(lambda p: p, exists, "node-1", 0)
+    for i in range(300):
+        st.process(rec("exec", f"/agents/ep-{i}", i))
+    live.clear()
+    assert len(st.poll_ended(budget_s=0.0)) == 1 and len(checked) == 1
+    seen = []
+    for _ in range(299):
+        seen += [v["cgroup"]["path"] for v in st.poll_ended(budget_s=0.0)]
+    assert len(seen) == 299 and len(set(seen)) == 299 and not st.episodes
+    assert st.poll_ended() == []
