@@ -10,6 +10,7 @@ could be looked at still yields its record with what the kernel gave.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import pwd
 import socket
@@ -42,6 +43,7 @@ class ProcInfo:
     exited: bool = False
     children: set[int] = field(default_factory=set)
     labels: dict[str, str] | None = None  # from --label-env, read at exec, inherited by children
+    stdio_socket: dict | None = None  # a TCP/UDP socket on stdin/stdout/stderr at exec (stdio_socket())
 
 
 class ProcessTree:
@@ -81,7 +83,7 @@ class ProcessTree:
 
     def fork(self, parent: ProcInfo, child_pid: int) -> ProcInfo:
         child = ProcInfo(child_pid, parent.pid, parent.comm, parent.exe, parent.cmdline, parent.uid,
-                         parent.sha256, labels=parent.labels)
+                         parent.sha256, labels=parent.labels, stdio_socket=parent.stdio_socket)
         return self.add(child)
 
     def exit(self, pid: int) -> None:
@@ -197,6 +199,70 @@ def _read_status(pid: int) -> tuple[int, int, str] | None:
         return None
 
 
+_TCP_STATES = {1: "established", 2: "syn_sent", 3: "syn_recv", 4: "fin_wait1", 5: "fin_wait2", 6: "time_wait",
+               7: "close", 8: "close_wait", 9: "last_ack", 10: "listen", 11: "closing"}
+
+
+def _hex_endpoint(text: str) -> tuple[str, int]:
+    """ADDR:PORT of /proc/net/tcp* (the address in host-order 32-bit words) as (address, port)."""
+    addr, port = text.split(":")
+    raw = bytes.fromhex(addr)
+    raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    ip = ipaddress.ip_address(raw)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip), int(port, 16)
+
+
+def _stdio_inodes(pid: int) -> dict[int, list[int]]:
+    """socket inode -> which of fds 0, 1, 2 of the process refer to it."""
+    out: dict[int, list[int]] = {}
+    for fd in (0, 1, 2):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            out.setdefault(int(target[8:-1]), []).append(fd)
+    return out
+
+
+def _inet_socket(pid: int, inodes: dict[int, list[int]]) -> dict | None:
+    """The first of the inodes that is a TCP or UDP socket in the process's network namespace."""
+    for proto in ("tcp", "tcp6", "udp", "udp6"):
+        try:
+            with open(f"/proc/{pid}/net/{proto}") as f:
+                next(f, None)
+                for line in f:
+                    cols = line.split()
+                    if len(cols) < 10 or not cols[9].isdigit() or int(cols[9]) not in inodes:
+                        continue
+                    local, remote = _hex_endpoint(cols[1]), _hex_endpoint(cols[2])
+                    state = int(cols[3], 16)
+                    return {"fds": inodes[int(cols[9])], "proto": proto.rstrip("6"),
+                            "state": _TCP_STATES.get(state, str(state)) if proto.startswith("tcp") else None,
+                            "local": f"{local[0]}:{local[1]}", "peer_address": remote[0], "peer_port": remote[1]}
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def stdio_socket(pid: int, ppid: int) -> dict | None:
+    """A TCP or UDP socket on stdin, stdout or stderr of a process that just exec'd: the signature of a
+    reverse or bind shell, whatever its command line. Its parent's are looked at too: a pty relay
+    (python's pty.spawn, script, socat PTY) holds the socket and gives the shell a terminal. Unix
+    sockets (the journal, a socketpair) are not counted. Cost: three readlinks per process, and the
+    socket tables only when a descriptor is a socket."""
+    for who in (pid, ppid):
+        if who <= 0:
+            continue
+        inodes = _stdio_inodes(who)
+        found = _inet_socket(who, inodes) if inodes else None
+        if found is not None:
+            return {"pid": who, **found}
+    return None
+
+
 class SocketOwners:
     """Which process owns an agent socket, for the records written where the kernel has no task (the
     egress hook: first bytes, sampled packets). The connect records carry the socket's cookie and
@@ -278,26 +344,28 @@ class Enricher:
         return self.tree.get(chain[0].pid) if chain else None
 
     def _env_labels(self, pid: int, ppid: int) -> dict[str, str] | None:
-        """--label-env variables of a process that just exec'd: its own, else (gone) its parent's."""
+        """--label-env labels of a process that just exec'd: those it inherited (from before the exec,
+        else its parent's) with its own environment's on top, per key: a child started with `env -i`
+        keeps its episode."""
         if not self.label_env:
             return None
-        from .labels import env_labels
+        from .labels import env_labels, merge_labels
 
+        before = self.tree.get(pid)
+        if before is None or before.exited:  # not seen before the exec, or a stale entry of a reused pid
+            before = self.tree.get(ppid)
+        inherited = (before.labels if before is not None else None) or {}
         own = env_labels(pid, self.label_env)
-        if own is not None:
-            return own
-        parent = self.tree.get(ppid) or self.tree.get(pid)
-        return parent.labels if parent is not None else None
+        return merge_labels(inherited, own) if own else (inherited or None)
 
     def labels_of(self, pid: int, cgroup_id: int, path: str | None) -> dict[str, str]:
-        """The record's labels: the cgroup's (and its ancestors'), then the process's env labels."""
-        out: dict[str, str] = {}
-        if self._cgroup_labels is not None and cgroup_id and path:
-            out.update(self._cgroup_labels(cgroup_id, path))
+        """The record's labels: the cgroup's (and its ancestors'), then the process's env labels,
+        which win per key (and, past MAX_LABELS, are the ones kept: they name the tool call)."""
+        from .labels import merge_labels
+
+        cg = self._cgroup_labels(cgroup_id, path) if self._cgroup_labels is not None and cgroup_id and path else {}
         info = self.tree.get(pid)
-        if info is not None and info.labels:
-            out.update(info.labels)
-        return out
+        return merge_labels(cg, info.labels if info is not None and info.labels else {})
 
     def _proc_info(self, ev: Event) -> ProcInfo:
         p = ev.proc
@@ -329,7 +397,8 @@ class Enricher:
             if sha is None and exe is not None:
                 sha = self.hasher.of_path(exe)
             labels = self._env_labels(p.pid, p.ppid)
-            info = self.tree.add(ProcInfo(p.pid, p.ppid, p.comm, exe, list(ev.argv), p.uid, sha, labels=labels))
+            info = self.tree.add(ProcInfo(p.pid, p.ppid, p.comm, exe, list(ev.argv), p.uid, sha, labels=labels,
+                                          stdio_socket=stdio_socket(p.pid, p.ppid)))
         elif isinstance(ev, ForkEvent):
             parent = self._proc_info(ev)
             self.tree.fork(parent, ev.child_pid)
@@ -393,6 +462,7 @@ class Enricher:
             "cmdline": info.cmdline,
             "user": self.user_name(p.uid),
             "sha256": info.sha256,
+            **({"stdio_socket": info.stdio_socket} if info.stdio_socket else {}),
             "ancestors": [
                 {"pid": a.pid, "comm": a.comm, "exe": a.exe} for a in self.tree.ancestors(p.pid)
             ],

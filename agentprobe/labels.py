@@ -8,7 +8,11 @@ Two sources, both bounded and escaped, never interpreted:
   write them. A sandbox manager may instead write a JSON file `ID.json` (ID: the cgroup's inode
   number) into the watcher's `--label-dir`.
 - the agent process: the environment variables the site names (`--label-env EPISODE_ID,...`), read
-  once per exec from /proc/PID/environ and inherited by the process's children.
+  once per exec from /proc/PID/environ and inherited by the process's children: an exec keeps the
+  labels the process had and the new environment's win per key, so `env -i` loses none.
+
+A record's labels are the cgroup's with the process's over them, at most MAX_LABELS (the process's
+first).
 """
 
 from __future__ import annotations
@@ -47,6 +51,26 @@ def clean_labels(pairs: dict) -> dict[str, str]:
             break
         if isinstance(k, str) and KEY.match(k) and isinstance(v, (str, bytes, int, float, bool)):
             out[k] = clean_value(v if isinstance(v, (str, bytes)) else str(v))
+    return out
+
+
+def merge_labels(base: dict[str, str], top: dict[str, str]) -> dict[str, str]:
+    """`base` with `top` over it, per key, at most MAX_LABELS: every label of `top` (itself at most
+    MAX_LABELS) is kept, then those of `base` in their order while there is room."""
+    if not top:
+        return dict(base)
+    if not base:
+        return dict(top)
+    room = MAX_LABELS - len(top)
+    out = {}
+    for k, v in base.items():
+        if k in top:
+            out[k] = top[k]
+        elif room > 0:
+            out[k] = v
+            room -= 1
+    for k, v in top.items():
+        out.setdefault(k, v)
     return out
 
 

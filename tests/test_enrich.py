@@ -7,6 +7,9 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+
+import psutil
 
 from agentprobe.enrich import Enricher, ExeHasher, ProcessTree, ProcInfo
 from agentprobe.events import ConnectEvent, ExecEvent, ExitEvent, ForkEvent, Process
@@ -152,3 +155,45 @@ def test_records_after_exit_still_name_the_process():
         e.tree.add(ProcInfo(pid, 1, "x", None, [], 0))
         e.tree.exit(pid)
     assert len(e.tree._gone) == 4096 and e.tree.get_recent(10000) is None
+
+
+def test_exec_labels_inherit_and_the_new_environment_wins(tmp_path):
+    """A real tree: a labelled shell starts a child with `env -i` (no EPISODE_ID) and a grandchild that
+    sets its own TOOL_CALL_ID; an exec keeps what the process inherited, its own variables win per key."""
+    e = Enricher(lambda cid: "/agents/ep-1", 1000, node="n1",
+                 cgroup_labels=lambda cid, path: {f"c{i}": str(i) for i in range(16)} | {"TOOL_CALL_ID": "cg"},
+                 label_env=("EPISODE_ID", "TOOL_CALL_ID"))
+    go = tmp_path / "go"
+    os.mkfifo(go)
+    # sh (labelled) -> env -i sh (empty environment) -> env TOOL_CALL_ID=9 sleep: each waits on the fifo
+    p = subprocess.Popen(["/bin/sh", "-c", f"env -i /bin/sh -c 'env TOOL_CALL_ID=9 /bin/sleep 30 & "
+                                           f"read x < {go}; kill $!' & read x < {go}; wait"],
+                         env={"EPISODE_ID": "ep-7", "TOOL_CALL_ID": "1", "PATH": "/usr/bin:/bin"})
+    kids = []
+    try:
+        deadline = time.monotonic() + 5
+        while True:
+            kids = psutil.Process(p.pid).children(recursive=True)
+            sleep = [k for k in kids if k.name() == "sleep"]
+            if sleep or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        inner = sleep[0].ppid()
+        e.record(ExecEvent("exec", 1, 5, proc(p.pid, 1, "sh"), filename="/bin/sh", argv=["sh"]))
+        e.record(ForkEvent("fork", 2, 5, proc(p.pid, 1, "sh"), child_pid=inner))
+        rec = e.record(ExecEvent("exec", 3, 5, proc(inner, p.pid, "sh"), filename="/bin/sh", argv=["sh"]))
+        assert rec["proc"]["pid"] == inner and e.tree.get(inner).labels == {"EPISODE_ID": "ep-7", "TOOL_CALL_ID": "1"}
+        e.record(ForkEvent("fork", 4, 5, proc(inner, p.pid, "sh"), child_pid=sleep[0].pid))
+        rec = e.record(ExecEvent("exec", 5, 5, proc(sleep[0].pid, inner, "sleep"), filename="/bin/sleep",
+                                 argv=["sleep", "30"]))
+        # the process's labels win over the cgroup's and are all kept: 16 in all, the cgroup's in their order
+        assert rec["labels"] == {**{f"c{i}": str(i) for i in range(14)}, "TOOL_CALL_ID": "9", "EPISODE_ID": "ep-7"}
+    finally:
+        with open(go, "w") as f:  # releases both readers
+            f.write("x\ny\n")
+        for k in [*kids, p]:
+            try:
+                k.kill()
+            except psutil.NoSuchProcess:
+                pass
+        p.wait()

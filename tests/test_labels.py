@@ -19,6 +19,7 @@ from agentprobe.labels import (
     clean_value,
     env_labels,
     file_labels,
+    merge_labels,
     parse_assignments,
     set_cgroup_labels,
 )
@@ -99,3 +100,13 @@ def test_label_cli(agent_cgroup, agentprobe_cmd):
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "bad label" in r.stderr
     r = subprocess.run([*agentprobe_cmd, "label", "/tmp", "a=1"], capture_output=True, text=True)
     assert r.returncode == 1 and "is not a cgroup" in r.stderr
+
+
+def test_merged_labels_are_bounded_and_the_top_wins():
+    base = {f"b{i}": str(i) for i in range(16)}
+    top = {"b3": "top", **{f"t{i}": "t" for i in range(5)}}
+    got = merge_labels(base, top)
+    assert len(got) == MAX_LABELS
+    assert got == {**{f"b{i}": str(i) for i in range(11) if i != 3}, "b3": "top",
+                   **{f"t{i}": "t" for i in range(5)}} and list(got)[3] == "b3"  # its place kept
+    assert merge_labels({}, top) == top and merge_labels(base, {}) == base
