@@ -3,8 +3,10 @@ shaped as the watcher writes them. The kernel side and real tools are in the ker
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
-from rule_samples import Proc, bind_record, packet_record, socket_record
+from rule_samples import Proc, bind_record, exec_record, packet_record, socket_record
 
 from agentprobe.protocols import dns_query, entropy
 from agentprobe.rules import build_engine, resolv_conf_nameservers
@@ -91,3 +93,72 @@ def test_resolv_conf_nameservers(tmp_path):
     f.write_text("# x\nnameserver 10.1.2.3\nnameserver fe80::1%eth0\nnameserver bogus\nsearch example.org\n")
     assert resolv_conf_nameservers(f) == ["10.1.2.3", "fe80::1"]
     assert resolv_conf_nameservers(tmp_path / "missing") == []
+
+
+# ---------------------------------------------------------------- ICMP by rate, TLS wrappers, HTTP tunnels
+def flow_record(proc: Proc, address: str, packets: int, *, max_len: int = 24, ktime: int = 10**9) -> dict:
+    """A flow_counts record as the watcher writes it once a second (ICMP counted in the kernel)."""
+    from rule_samples import _header
+
+    rec = _header("flow_counts", proc, ktime, None, None)
+    rec.update({"protocol": "icmp", "family": "inet", "address": address, "packets": packets,
+                "bytes": packets * max_len, "max_len": max_len, "sampled": min(packets, 20),
+                "interval_ns": 10**9})
+    return rec
+
+
+def test_icmp_tunnel_by_rate(engine, tmp_path):
+    # small packets, 60 a second: no sample is over 128 bytes, the count in the kernel gives it away
+    recs = [flow_record(AGENT, "198.51.100.2", 60, ktime=(i + 1) * 10**9) for i in range(4)]
+    assert fired(engine, *recs) == ["icmp_tunnel_by_rate"]
+    # ping's one a second, for minutes: nothing; a flood to loopback: nothing
+    calm = site_engine(tmp_path)
+    assert fired(calm, *[flow_record(AGENT, "198.51.100.2", 1, ktime=i * 10**9) for i in range(1, 300)]) == []
+    assert fired(calm, *[flow_record(AGENT, "127.0.0.1", 500, ktime=i * 10**9) for i in range(1, 5)]) == []
+
+
+def payload_record(proc: Proc, address: str, port: int, data: bytes) -> dict:
+    from rule_samples import _header
+
+    from agentprobe.protocols import classify, printable
+
+    rec = _header("payload", proc, 10**9, None, None)
+    rec.update({"transport": "tcp", "family": "inet", "address": address, "port": port, "cookie": 9,
+                "len": len(data), "data": data, "text": printable(data), **classify(data)})
+    return rec
+
+
+CLIENT_HELLO = bytes.fromhex("160301020001000200fc0303") + b"\0" * 20
+SSH = Proc(pid=400, exe="/usr/bin/ssh", ancestors=[Proc(pid=1, exe="/bin/bash")])
+
+
+def test_ssh_wrapped_in_tls(engine):
+    openssl = SSH.child(401, "/usr/bin/openssl", ["openssl", "s_client", "-quiet", "-connect", "198.51.100.2:443"])
+    assert fired(engine, payload_record(openssl, "198.51.100.2", 443, CLIENT_HELLO)) == ["ssh_wrapped_in_tls"]
+    # renamed wrapper: still ssh's child speaking TLS
+    assert fired(engine, payload_record(SSH.child(402, "/tmp/w"), "198.51.100.2", 8443, CLIENT_HELLO)) == [
+        "ssh_wrapped_in_tls"]
+    # ssh told to do it, before any packet
+    argv = ["ssh", "-o", "ProxyCommand=socat - OPENSSL:198.51.100.2:443,verify=0", "root@x"]
+    assert fired(engine, exec_record(SSH, argv)) == ["ssh_wrapped_in_tls"]
+    argv = ["ssh", "-oProxyCommand openssl s_client -quiet -connect %h:443", "x"]
+    assert fired(engine, exec_record(replace(SSH, pid=404), argv)) == ["ssh_wrapped_in_tls"]  # one alert a process
+
+
+def test_tls_and_proxycommands_that_are_no_wrapper(engine):
+    python = Proc(pid=410, exe="/usr/bin/python3", ancestors=[Proc(pid=1, exe="/bin/bash")])
+    assert fired(engine, payload_record(python, "198.51.100.2", 443, CLIENT_HELLO)) == []  # HTTPS
+    # a TLS service of the node on loopback, even from ssh's child
+    assert fired(engine, payload_record(SSH.child(403, "/usr/bin/openssl"), "127.0.0.1", 8443, CLIENT_HELLO)) == []
+    # a jump host (-W, ProxyJump) is no TLS wrapper
+    assert fired(engine, exec_record(SSH, ["ssh", "-o", "ProxyCommand=ssh -W %h:%p bastion", "127.0.0.1"])) == []
+
+
+@pytest.mark.parametrize("data, expected", [
+    (b"POST /index.html?crap=1796278576 HTTP/1.1\r\nHost: 198.51.100.2:8888\r\n", ["http_tunnel_client"]),
+    (b"GET http://198.51.100.2:8888/index.html?crap=1796278577 HTTP/1.1\r\n", ["http_tunnel_client"]),
+    (b"GET /index.html HTTP/1.1\r\nHost: example.org\r\n", []),
+    (b"POST /api/v1/jobs?crap=1 HTTP/1.1\r\n", []),
+])
+def test_http_tunnel_requests(engine, data, expected):
+    assert fired(engine, payload_record(AGENT, "198.51.100.2", 8888, data)) == expected

@@ -57,8 +57,8 @@ def test_every_rule_is_complete(ruleset):
         "cuda_context_from_temp_dir", "gpu_sustained_use_not_allowed", "gpu_busy_not_allowed",
         "internal_network_probing", "connection_sweep",
         "egress_outside_allowlist", "agent_left_its_cgroup", "raw_socket_opened", "icmp_tunnel",
-        "dns_to_unexpected_server", "dns_tunnel_query", "dns_tunnel_many_names", "agent_listens_outside_loopback",
-        "session_through_local_tunnel"]
+        "dns_to_unexpected_server", "dns_tunnel_query", "dns_tunnel_many_names", "icmp_tunnel_by_rate",
+        "ssh_wrapped_in_tls", "http_tunnel_client", "agent_listens_outside_loopback", "session_through_local_tunnel"]
     for i in infos:
         assert i.desc and i.name != i.id and i.priority in PRIORITIES and i.action in ACTIONS
         assert i.mitre and all(ATTACK_ID.match(t) for t in i.mitre)
@@ -69,7 +69,7 @@ def test_every_rule_is_complete(ruleset):
         "miner_binary_started", "miner_arguments", "mining_pool_connection", "gpu_miner_staged_from_writable_dir",
         "ssh_protocol_outside_allowlist", "proxy_connect_to_session_or_pool_port", "stratum_protocol",
         "miner_exec_denied", "agent_left_its_cgroup", "icmp_tunnel", "dns_tunnel_query",
-        "session_through_local_tunnel"}
+        "session_through_local_tunnel", "icmp_tunnel_by_rate", "ssh_wrapped_in_tls", "http_tunnel_client"}
 
 
 def test_default_file_is_package_data():
