@@ -196,9 +196,30 @@ class FileSink(Sink):
         self._queue = _Records()
         try:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            # never through a symlink: whoever could plant one would choose where the stream goes
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise SinkError(f"cannot write output {path}: is a symbolic link (refused; "
+                                "name the file itself)") from None
             raise SinkError(f"cannot write output {path}: {e.strerror}") from None
+        try:
+            self._owner_only(path)
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def _owner_only(self, path: str) -> None:
+        """The stream holds every agent's command lines: a file we append to is ours and 0600,
+        also one that was there before with a wider mode."""
+        st = os.fstat(self._fd)
+        if not stat.S_ISREG(st.st_mode):
+            return  # /dev/null, a FIFO: not a file that keeps the stream
+        if st.st_uid != os.geteuid():
+            raise SinkError(f"cannot write output {path}: owned by uid {st.st_uid}, who could read the "
+                            "stream (remove it or chown it)")
+        if st.st_mode & 0o077:
+            os.fchmod(self._fd, 0o600)
 
     def write(self, data: bytes) -> None:
         if len(self._queue) + len(data) > FILE_BUFFER_LIMIT:
@@ -282,12 +303,18 @@ class ServerSink(Sink):
                 gid = _group_id(group) if group else None
                 self._remove_stale_socket(path)
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                self._sock.bind(path)
+                # bind makes the socket file with the umask's mode: owner only from the first instant
+                # (a chmod after bind leaves a moment in which anyone could connect)
+                old_umask = os.umask(0o177)
+                try:
+                    self._sock.bind(path)
+                finally:
+                    os.umask(old_umask)
                 self._unix_path = path
-                # owner only; ?group=NAME lets that group read the stream too (trainers, collectors)
+                # ?group=NAME lets that group read the stream too (trainers, collectors)
                 if gid is not None:
                     os.chown(path, -1, gid)
-                os.chmod(path, 0o660 if gid is not None else 0o600)
+                    os.chmod(path, 0o660)
             else:
                 host, _, port = spec[4:].rpartition(":")
                 host = host.strip("[]")
@@ -441,11 +468,17 @@ def check_output(spec: str) -> None:
                 raise SinkError(f"cannot serve output {spec}: {parent} is not a writable directory")
         return
     p = Path(spec)
+    if p.is_symlink():
+        raise SinkError(f"cannot write output {spec}: is a symbolic link (refused; name the file itself)")
     if p.is_dir():
         raise SinkError(f"cannot write output {spec}: is a directory")
     if p.exists():
         if not os.access(p, os.W_OK):
             raise SinkError(f"cannot write output {spec}: permission denied")
+        st = p.stat()
+        if stat.S_ISREG(st.st_mode) and st.st_uid != os.geteuid():
+            raise SinkError(f"cannot write output {spec}: owned by uid {st.st_uid}, who could read the "
+                            "stream (remove it or chown it)")
         return
     parent = p.parent
     while not parent.exists():

@@ -90,3 +90,58 @@ def test_the_terminal_view_lets_no_control_character_through(text, raw):
         assert not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in line), repr(line)
     assert not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F
                    for c in view.verdict_line({"cgroup": {"path": hostile}, "labels": {"a": hostile}}))
+
+
+# ---------------------------------------------------------------- no shell with event data
+SUBPROCESS_CALLS = {"run", "Popen", "call", "check_call", "check_output"}
+ALWAYS_A_SHELL = {("os", "system"), ("os", "popen"), ("subprocess", "getoutput"), ("subprocess", "getstatusoutput")}
+SHELLS = {"sh", "bash", "dash", "/bin/sh", "/bin/bash", "/bin/dash", "/usr/bin/sh", "/usr/bin/bash"}
+# `sh -c SCRIPT` where SCRIPT is fixed text of ours, the data travelling as separate arguments
+FIXED_SCRIPTS = {("client.py", "self.JOIN"),  # 'echo $$ > "$0" && exec "$@"': the tool call is "$@"
+                 ("demo.py", "script")}        # the demo's own scripted agent, no event data reaches it
+# the only modules that start processes; the watcher's pipeline (decode, enrich, rules, respond, sinks) starts none
+MAY_START_PROCESSES = {"client.py", "demo.py", "lab.py", "loader.py"}
+
+
+def test_no_shell_is_ever_spawned_with_data():
+    """A static check over the whole package: processes are started with argument lists, never
+    shell=True, os.system or os.popen, and `sh -c` only ever runs a fixed script of ours."""
+    import ast
+    from pathlib import Path
+
+    import agentprobe
+
+    problems = []
+    package = Path(agentprobe.__file__).parent
+    for f in sorted(package.rglob("*.py")):
+        tree = ast.parse(f.read_text(), str(f))
+
+        def where(node, f=f):
+            return f"{f.relative_to(package)}:{node.lineno}"
+
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
+                if "subprocess" in names and f.name not in MAY_START_PROCESSES:
+                    problems.append(f"{where(node)}: imports subprocess")
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+                continue
+            owner = node.func.value.id if isinstance(node.func.value, ast.Name) else None
+            name = node.func.attr
+            if (owner, name) in ALWAYS_A_SHELL or (owner == "os" and name.startswith(("spawn", "exec"))):
+                problems.append(f"{where(node)}: {owner}.{name}")
+            if owner != "subprocess" or name not in SUBPROCESS_CALLS:
+                continue
+            for kw in node.keywords:
+                if kw.arg == "shell" and not (isinstance(kw.value, ast.Constant) and kw.value.value is False):
+                    problems.append(f"{where(node)}: shell={ast.unparse(kw.value)}")
+            argv = node.args[0] if node.args else next((k.value for k in node.keywords if k.arg == "args"), None)
+            if isinstance(argv, (ast.Constant, ast.JoinedStr, ast.BinOp)):
+                problems.append(f"{where(node)}: a command line as one string: {ast.unparse(argv)}")
+            if isinstance(argv, (ast.List, ast.Tuple)) and len(argv.elts) >= 3:
+                first, flag, script = argv.elts[:3]
+                if (isinstance(first, ast.Constant) and first.value in SHELLS and isinstance(flag, ast.Constant)
+                        and flag.value == "-c" and not isinstance(script, ast.Constant)
+                        and (f.name, ast.unparse(script)) not in FIXED_SCRIPTS):
+                    problems.append(f"{where(node)}: sh -c with a script built from data: {ast.unparse(script)}")
+    assert problems == []

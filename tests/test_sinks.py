@@ -137,3 +137,51 @@ def test_file_sink_keeps_whole_records_when_the_write_is_short(tmp_path, monkeyp
     sink.close()
     assert [x["n"] for x in read_records(str(tmp_path / "s.msgpack"))] == [0, 1, 2]
     assert sink.written == 3 and sink.dropped == 0
+
+
+# ---------------------------------------------------------------- least privilege
+def test_a_symlink_as_output_file_is_refused(tmp_path):
+    from agentprobe.sinks import SinkError, check_output
+
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"")
+    link = tmp_path / "s.msgpack"
+    link.symlink_to(target)
+    for attempt in (lambda: check_output(str(link)), lambda: FileSink(str(link))):
+        with pytest.raises(SinkError) as e:
+            attempt()
+        assert str(e.value) == f"cannot write output {link}: is a symbolic link (refused; name the file itself)"
+    assert target.read_bytes() == b""
+
+
+def test_an_existing_output_file_is_made_owner_only(tmp_path):
+    f = tmp_path / "s.msgpack"
+    f.write_bytes(record(0))
+    f.chmod(0o666)
+    sink = FileSink(str(f))
+    sink.write(record(1))
+    sink.close()
+    assert f.stat().st_mode & 0o777 == 0o600
+    assert [x["n"] for x in read_records(str(f))] == [0, 1]  # appended to, not replaced
+
+
+def test_a_new_output_file_is_owner_only_whatever_the_umask(tmp_path):
+    old = os.umask(0)
+    try:
+        sink = FileSink(str(tmp_path / "new.msgpack"))
+    finally:
+        os.umask(old)
+    sink.close()
+    assert (tmp_path / "new.msgpack").stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a file another user owns")
+def test_an_output_file_another_user_owns_is_refused(tmp_path):
+    from agentprobe.sinks import SinkError, check_output
+
+    f = tmp_path / "theirs.msgpack"
+    f.write_bytes(b"")
+    os.chown(f, 65534, 65534)
+    for attempt in (lambda: check_output(str(f)), lambda: FileSink(str(f))):
+        with pytest.raises(SinkError, match=r"owned by uid 65534, who could read the stream"):
+            attempt()

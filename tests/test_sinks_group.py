@@ -37,3 +37,35 @@ def test_unix_socket_for_a_group(tmp_path):
 def test_bad_socket_options_are_one_clear_error(tmp_path, spec, message):
     with pytest.raises(SinkError, match=message.replace("?", r"\?")):
         check_output(spec.format(d=tmp_path))
+
+
+def test_the_socket_never_exists_with_a_wider_mode(tmp_path, monkeypatch):
+    """Bound under a restrictive umask: even with umask 0, the socket file is 0600 from the first
+    instant (a chmod after bind would leave a window in which anyone could connect)."""
+    import agentprobe.sinks as sinks
+
+    seen = []
+    real_chmod, real_chown = os.chmod, os.chown
+
+    def spy(real):
+        def call(path, *a, **kw):
+            seen.append(os.stat(path).st_mode & 0o777)  # the mode just before we change anything
+            return real(path, *a, **kw)
+        return call
+
+    monkeypatch.setattr(sinks.os, "chmod", spy(real_chmod))
+    monkeypatch.setattr(sinks.os, "chown", spy(real_chown))
+    old = os.umask(0)
+    try:
+        plain = open_sink(f"unix:{tmp_path / 'p.sock'}")
+        shared = open_sink(f"unix:{tmp_path / 'g.sock'}?group={grp.getgrgid(65534).gr_name}")
+        assert os.umask(0) == 0  # the watcher's umask is left as it was
+    finally:
+        os.umask(old)
+    try:
+        assert all(mode == 0o600 for mode in seen), seen
+        assert os.stat(tmp_path / "p.sock").st_mode & 0o777 == 0o600
+        assert os.stat(tmp_path / "g.sock").st_mode & 0o777 == 0o660
+    finally:
+        plain.close()
+        shared.close()
