@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -70,32 +72,219 @@ def test_kvm_that_dies_at_once_falls_back_to_tcg(tmp_path, monkeypatch, capsys):
     if os.geteuid() != 0:
         pytest.fail("needs root: vm-run checks for root")
     vm = _vm_run_module()
-    fake = tmp_path / "bin"
-    fake.mkdir()
+    fake_guest_qemu(tmp_path / "bin")
     calls = tmp_path / "calls"
-    (fake / "qemu-system-x86_64").write_text(
-        "#!/bin/sh\n"
-        f'echo "$*" >> {calls}\n'
-        'case "$*" in *-enable-kvm*)\n'
-        '  echo "qemu-system-x86_64: error: failed to set MSR 0x10a to 0x69"\n'
-        "  echo \"kvm.c:3183: kvm_buf_set_msrs: Assertion failed.\"; exit 134;;\n"
-        "esac\n"
-        f'echo "{vm.INIT_MARK} 6.1.0-fake"; echo "hello from the guest"; echo "{vm.EXIT_MARK}7"\n')
-    (fake / "qemu-system-x86_64").chmod(0o755)
-    image = tmp_path / "cache" / "6.1-x"
-    image.mkdir(parents=True)
-    for name in ("root.img", "vmlinuz", "initrd.img"):
-        (image / name).write_bytes(b"")
-    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_KVM", "dies")
+    monkeypatch.setenv("FAKE_QEMU_CALLS", str(calls))
     monkeypatch.setattr(vm, "CACHE", tmp_path / "cache")
+    image = cached_image(tmp_path / "cache")
     monkeypatch.setattr(vm, "build_image", lambda kernel: image)
     monkeypatch.setattr(vm, "kvm_works", lambda: True)
-    monkeypatch.setattr(sys, "argv", ["vm-run", "--", "true"])
+    monkeypatch.setattr(sys, "argv", ["vm-run", "--", "sh", "-c", "echo hello from the guest; exit 7"])
     assert vm.main() == 7
     out = capsys.readouterr()
-    assert "hello from the guest" in out.out
-    assert "vm-run: KVM guest did not come up (qemu exited before the guest came up:" in out.err
-    assert "vm-run: guest up (TCG): 6.1.0-fake" in out.err
+    assert out.out == "hello from the guest\n"
+    assert out.err.splitlines()[0] == ("vm-run: KVM guest did not come up (qemu exited before the guest came up: "
+                                       "kvm.c:3183: kvm_buf_set_msrs: Assertion failed.); using TCG")
+    assert "vm-run: guest up (TCG): 6.1.0-fake lsm=lockdown,capability,bpf" in out.err
     assert [("-enable-kvm" in c, "tcg,thread=multi" in c) for c in calls.read_text().splitlines()] == \
         [(True, False), (False, True)]
     assert (tmp_path / "cache" / "accel").read_text() == "tcg"
+
+
+# A qemu that plays the guest: it reads the work disk vm-run built (debugfs, no mount), runs the
+# command from it in the copied checkout and prints what the guest's init prints.
+FAKE_GUEST = r'''#!PYTHON
+import ctypes, os, shutil, signal, subprocess, sys, tempfile
+args = sys.argv[1:]
+if os.environ.get("FAKE_QEMU_CALLS"):
+    with open(os.environ["FAKE_QEMU_CALLS"], "a") as f:
+        f.write(" ".join(args) + "\n")
+if "-enable-kvm" in args and os.environ.get("FAKE_KVM") == "hangs":
+    os.execvp("sleep", ["sleep", "600"])  # nested KVM: stuck before the kernel prints anything
+if "-enable-kvm" in args and os.environ.get("FAKE_KVM") == "dies":  # an MSR the host will not set
+    print("qemu-system-x86_64: error: failed to set MSR 0x10a to 0x69")
+    print("kvm.c:3183: kvm_buf_set_msrs: Assertion failed.", flush=True)
+    sys.exit(134)
+work = [a for i, a in enumerate(args) if i and args[i - 1] == "-drive"][1].split(",")[0][len("file="):]
+top = tempfile.mkdtemp(prefix="fake-guest-")
+try:
+    subprocess.run(["debugfs", "-R", f"rdump /src /.vm {top}", work], check=True, capture_output=True)
+    argv = open(f"{top}/.vm/argv", "rb").read().split(b"\0")[:-1]
+    nonce = open(f"{top}/.vm/nonce").read()
+    print("INIT_MARK 6.1.0-fake lsm=lockdown,capability,bpf", flush=True)
+    # the command dies with this "VM" when vm-run kills it, as it would with a real one
+    die_with_vm = lambda: ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    rc = subprocess.run(argv, cwd=f"{top}/src", preexec_fn=die_with_vm).returncode
+    print(f"EXIT_MARK{nonce}={rc}", flush=True)
+finally:
+    shutil.rmtree(top, ignore_errors=True)
+'''
+
+
+def fake_guest_qemu(bin_dir: Path) -> None:
+    vm = _vm_run_module()
+    bin_dir.mkdir(exist_ok=True)
+    q = bin_dir / "qemu-system-x86_64"
+    q.write_text(FAKE_GUEST.replace("PYTHON", sys.executable).replace("INIT_MARK", vm.INIT_MARK)
+                 .replace("EXIT_MARK", vm.EXIT_MARK))
+    q.chmod(0o755)
+
+
+def cached_image(cache: Path) -> Path:
+    """An image in the cache where vm-run looks for it (the fake qemu never reads it)."""
+    vm = _vm_run_module()
+    vm.CACHE = cache
+    image = vm.image_dir("6.1")
+    image.mkdir(parents=True)
+    for name in ("root.img", "vmlinuz", "initrd.img"):
+        (image / name).write_bytes(b"")
+    return image
+
+
+@pytest.fixture
+def fake_vm(tmp_path):
+    """Environment for vm-run with a fake guest qemu and an image in a cache of the test's own."""
+    if os.geteuid() != 0:
+        pytest.fail("needs root: vm-run checks for root")
+    fake_guest_qemu(tmp_path / "bin")
+    cached_image(tmp_path / "cache")
+    return {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+            "AGENTPROBE_VM_CACHE": str(tmp_path / "cache"), "TMPDIR": str(tmp_path)}
+
+
+def test_arguments_arrive_exactly(fake_vm):
+    """Quotes, newlines, glob and shell characters, an empty argument, non-ASCII and a script of
+    tens of KB reach the guest's command as the same argv."""
+    script = "# a long script\n" + "".join(f"x{i} = {i!r}  # 'quoted' \"twice\" $HOME `id`\n" for i in range(1500))
+    assert len(script) > 40_000
+    given = ["a b", "it's", 'say "hi"', "line1\nline2\n", "", "$HOME", "*", "\\n", "tab\there", "é ü 漢", "-x",
+             script]
+    prog = "import json, sys; print(json.dumps(sys.argv[1:]))"
+    r = run("--accel", "tcg", "--", "python3", "-c", prog, *given, env=fake_vm)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == given
+    assert "vm-run: guest up (TCG): 6.1.0-fake lsm=lockdown,capability,bpf" in r.stderr
+
+
+def test_output_with_exit_markers_does_not_end_the_run(fake_vm):
+    """`cat scripts/vm-run` prints marker-like lines (the image init's fixed one among them); only
+    this run's nonce ends the run, and the command's status is the exit status."""
+    text = (REPO / "scripts" / "vm-run").read_text()
+    assert "AGENTPROBE-VM-EXIT=125" in text
+    r = run("--accel", "tcg", "--", "cat", "scripts/vm-run", env=fake_vm)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == text
+    fake = "AGENTPROBE-VM-EXIT-0123456789abcdef0123456789abcdef=3"
+    r = run("--accel", "tcg", "--", "sh", "-c", f"echo {fake}; echo AGENTPROBE-VM-EXIT=4; printf tail; exit 5",
+            env=fake_vm)
+    assert r.returncode == 5, r.stderr
+    assert r.stdout == f"{fake}\nAGENTPROBE-VM-EXIT=4\ntail"
+
+
+def test_hanging_command_is_killed_with_the_last_console_lines(fake_vm):
+    start = time.monotonic()
+    r = run("--accel", "tcg", "--timeout", "2", "--", "sh", "-c",
+            "for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 33 34 "
+            "35 36 37 38 39 40 41 42 43 44 45; do echo line $i; done; exec sleep 600", env=fake_vm)
+    assert time.monotonic() - start < 30
+    assert r.returncode == 124
+    err = r.stderr.strip().splitlines()
+    assert err[1] == "vm-run: timed out; last console lines:"
+    assert err[2:] == [f"  | line {i}" for i in range(6, 46)]  # the last 40
+
+
+def test_kvm_that_hangs_at_boot_falls_back_to_tcg(tmp_path, monkeypatch, capsys):
+    """Nested KVM that never prints a line: after AGENTPROBE_VM_KVM_BOOT_TIMEOUT the run goes on
+    under TCG and says so."""
+    if os.geteuid() != 0:
+        pytest.fail("needs root: vm-run checks for root")
+    vm = _vm_run_module()
+    fake_guest_qemu(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_KVM", "hangs")
+    monkeypatch.setenv("AGENTPROBE_VM_KVM_BOOT_TIMEOUT", "1.5")
+    monkeypatch.setattr(vm, "CACHE", tmp_path / "cache")
+    image = cached_image(tmp_path / "cache")
+    monkeypatch.setattr(vm, "build_image", lambda kernel: image)
+    monkeypatch.setattr(vm, "kvm_works", lambda: True)
+    monkeypatch.setattr(sys, "argv", ["vm-run", "--", "sh", "-c", "echo up; exit 3"])
+    start = time.monotonic()
+    assert vm.main() == 3
+    assert time.monotonic() - start < 20
+    out = capsys.readouterr()
+    assert out.out == "up\n"
+    assert out.err.splitlines()[0] == ("vm-run: KVM guest did not come up (no sign of life from the guest: "
+                                       "no output); using TCG")
+    assert (tmp_path / "cache" / "accel").read_text() == "tcg"
+
+
+def test_bad_kvm_boot_timeout(tmp_path, monkeypatch, fake_vm):
+    r = run("--accel", "tcg", "--", "true", env={**fake_vm, "AGENTPROBE_VM_BOOT_TIMEOUT": "soon"})
+    assert r.returncode == 2
+    assert r.stderr.strip() == "vm-run: AGENTPROBE_VM_BOOT_TIMEOUT='soon': not a positive number of seconds"
+
+
+def fake_mmdebstrap(bin_dir: Path, body: str) -> None:
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "mmdebstrap").write_text("#!/bin/sh\n" + body)
+    (bin_dir / "mmdebstrap").chmod(0o755)
+
+
+@pytest.fixture
+def roomy_cache(tmp_path):
+    """An empty cache dir that reports enough free space for a build (a tmpfs: nothing is allocated)."""
+    if os.geteuid() != 0:
+        pytest.fail("needs root (a tmpfs mount)")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8g", "none", str(cache)], check=True)
+    try:
+        yield cache
+    finally:
+        subprocess.run(["umount", "-l", str(cache)], check=True)
+
+
+def test_image_build_that_fails_leaves_no_image(tmp_path, roomy_cache):
+    """Registry unreachable: mmdebstrap fails; one line says so, the exit is non-zero, and nothing
+    is left in the cache that a later run could take for an image."""
+    fake_mmdebstrap(tmp_path / "bin", 'mkdir -p "$4/etc"; echo "E: cannot reach deb.debian.org" >&2; exit 1\n')
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "AGENTPROBE_VM_CACHE": str(roomy_cache)}
+    r = run("--kernel", "6.1", "--", "true", env=env)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == ("vm-run: image build failed (package registry unreachable?): "
+                                                 "E: cannot reach deb.debian.org")
+    assert list(roomy_cache.iterdir()) == []
+
+
+def test_build_killed_midway_is_cleaned_up_by_the_next_run(tmp_path, roomy_cache):
+    """vm-run killed during mmdebstrap leaves its building dir; the next run removes it (its builder
+    is dead: the lock is free) but leaves a live build alone."""
+    import fcntl
+    import signal
+
+    started = tmp_path / "started"
+    fake_mmdebstrap(tmp_path / "bin", f'mkdir -p "$4/usr"; touch {started}; exec sleep 600\n')
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "AGENTPROBE_VM_CACHE": str(roomy_cache)}
+    p = subprocess.Popen([*VM_RUN, "--kernel", "6.1", "--", "true"], env=env, start_new_session=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not started.exists():
+            assert time.monotonic() < deadline and p.poll() is None, "the build did not start"
+            time.sleep(0.05)
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)  # vm-run and the build under it, at once
+        p.wait()
+    dead = list(roomy_cache.glob("6.1.building-*"))
+    assert len(dead) == 1 and (dead[0] / "root" / "usr").is_dir()
+    live = roomy_cache / "6.12.building-live"
+    live.mkdir()
+    with open(live / "builder.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        fake_mmdebstrap(tmp_path / "bin", 'echo "E: no network" >&2; exit 1\n')
+        r = run("--kernel", "6.1", "--", "true", env=env)
+    assert r.returncode == 2
+    assert f"vm-run: removing {dead[0]} (its build was stopped midway)" in r.stderr.splitlines()
+    assert sorted(p.name for p in roomy_cache.iterdir()) == ["6.12.building-live"]
