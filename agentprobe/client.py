@@ -11,9 +11,17 @@ at the end.
     reward -= 10 if not verdict.clean else 0
 
 The client never loads BPF: a running `agentprobe watch -o unix:SOCKET` on the parent cgroup does
-the watching; the client reads that stream and keeps the records of its own episode. It works as
-non-root where the site delegates the parent cgroup to the trainer's user (chown of the directory,
-its cgroup.procs and its cgroup.subtree_control) and lets it read the socket.
+the watching; the client reads that stream and keeps the records of its own episode. It connects
+and waits for the watcher's `start` record before it creates the episode's cgroup, so it sees every
+record of the episode. It works as non-root where the site delegates the parent cgroup to the
+trainer's user (chown of the directory, its cgroup.procs and its cgroup.subtree_control) and lets it
+read the socket.
+
+Memory is bounded: the client holds the last `max_records` records of its episode (the window that
+`records` and `stream()` read), and the first `max_kept` alerts and `max_kept` responses (`alerts()`,
+`responses()`, the Verdict's lists) whatever falls out of that window. `counts` counts every record
+of the episode by type; `dropped` counts those no longer held. The watcher's verdict record counts
+everything, whatever the client held.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import os
 import subprocess
 import threading
 import time
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +41,9 @@ from .labels import LabelError, check_labels, set_cgroup_labels
 
 DEFAULT_SOCKET = "/run/agentprobe.sock"
 DEFAULT_PARENT = "agents"
+MAX_RECORDS = 4096  # the episode's latest records the client holds (records, stream())
+MAX_KEPT = 1024  # alerts, and responses, held whatever falls out of that window
+KEPT_TYPES = ("alert", "response")
 
 
 class ClientError(AgentprobeError):
@@ -67,7 +79,8 @@ class Episode:
     """A sandbox cgroup for one episode under the watched parent cgroup, with labels."""
 
     def __init__(self, name: str, labels: dict[str, str] | None = None, parent: str = DEFAULT_PARENT,
-                 socket: str = DEFAULT_SOCKET, verdict_timeout: float = 10.0) -> None:
+                 socket: str = DEFAULT_SOCKET, verdict_timeout: float = 10.0, connect_timeout: float = 10.0,
+                 max_records: int = MAX_RECORDS, max_kept: int = MAX_KEPT) -> None:
         if not name or "/" in name or name in (".", ".."):
             raise ClientError(f"bad episode name {name!r}")
         root = find_v2_mount()
@@ -80,13 +93,23 @@ class Episode:
             raise ClientError(str(e)) from None
         self.socket = socket
         self.verdict_timeout = verdict_timeout
-        self.records: list[dict] = []
+        self.connect_timeout = connect_timeout
+        self.max_kept = max_kept
+        self.counts: Counter = Counter()  # every record of the episode, by type
+        self.dropped = 0  # records of the episode no longer held (out of the window, not kept)
+        self.watcher: dict | None = None  # the watcher's start record
         self.verdict: Verdict | None = None
+        self._log: deque[tuple[int, dict, bool]] = deque(maxlen=max(1, max_records))  # (n, record, kept)
+        self._n = 0
+        self._kept: dict[str, list[dict]] = {t: [] for t in KEPT_TYPES}
+        self._verdict_rec: dict | None = None
+        self._hello = threading.Event()
         self._lock = threading.Condition()
         self._reader: threading.Thread | None = None
         self._stream_error: str | None = None
         self._stream_sock = None
         self._closed = False
+        self._eof = False  # the reader has stopped (the stream ended, or end() closed it)
 
     # ---- lifecycle ----
     def __enter__(self) -> Episode:
@@ -102,15 +125,29 @@ class Episode:
         self._connect()
         try:
             self.path.mkdir()
-        except FileExistsError:
-            raise ClientError(f"episode cgroup {self.path} exists already") from None
         except OSError as e:
+            self._disconnect()
+            if isinstance(e, FileExistsError):
+                raise ClientError(f"episode cgroup {self.path} exists already") from None
             raise ClientError(f"cannot create {self.path}: {e.strerror}") from None
         try:
             set_cgroup_labels(self.path, dict(self.labels))
         except LabelError as e:
+            self._disconnect()
             self._remove_cgroup()
             raise ClientError(str(e)) from None
+
+    def _disconnect(self) -> None:
+        with self._lock:
+            self._closed = True
+        if self._stream_sock is not None:
+            import socket as socketlib
+
+            try:
+                self._stream_sock.shutdown(socketlib.SHUT_RDWR)  # wakes the reader (close alone does not)
+            except OSError:
+                pass
+            self._stream_sock.close()
 
     def _connect(self) -> None:
         import socket as socketlib
@@ -125,23 +162,51 @@ class Episode:
         self._stream_sock = s
         self._reader = threading.Thread(target=self._read, args=(s,), daemon=True)
         self._reader.start()
+        # The watcher sends its start record when it accepts a reader, and every record after that:
+        # only once it has come may the episode's cgroup exist, or its first records could be missed.
+        if not self._hello.wait(self.connect_timeout) or self._stream_error:
+            self._disconnect()
+            why = self._stream_error or f"no start record within {self.connect_timeout} s"
+            raise ClientError(f"the watcher at {self.socket} did not answer: {why}")
 
     def _read(self, sock) -> None:
         from .stream import StreamError, iter_stream
 
         try:
             for rec in iter_stream(sock, self.socket):
+                if not self._hello.is_set():
+                    self.watcher = rec if rec.get("type") == "start" else None
+                    self._hello.set()
                 if self._mine(rec):
                     with self._lock:
-                        self.records.append(rec)
+                        self._add(rec)
                         self._lock.notify_all()
         except (StreamError, OSError, ValueError) as e:
-            self._stream_error = str(e)
+            if not self._closed:
+                self._stream_error = str(e)
         finally:
             with self._lock:
                 if self._stream_error is None and not self._closed:
                     self._stream_error = "the watcher closed the stream"
+                self._eof = True
                 self._lock.notify_all()
+            self._hello.set()
+
+    def _add(self, rec: dict) -> None:
+        """Hold one record of the episode, within the bounds (called with the lock held)."""
+        t = rec.get("type")
+        self.counts[t] += 1
+        kept = False
+        if t in self._kept and len(self._kept[t]) < self.max_kept:
+            self._kept[t].append(rec)
+            kept = True
+        elif t == "verdict":
+            self._verdict_rec = rec
+            kept = True
+        if len(self._log) == self._log.maxlen and not self._log[0][2]:
+            self.dropped += 1
+        self._log.append((self._n, rec, kept))
+        self._n += 1
 
     def _mine(self, rec: dict) -> bool:
         path = (rec.get("cgroup") or {}).get("path") or ""
@@ -156,6 +221,7 @@ class Episode:
         """Start a tool call inside the episode's cgroup (it joins, then execs argv)."""
         if not argv:
             raise ClientError("empty tool call")
+        self._check_cgroup()
         return subprocess.Popen(["/bin/sh", "-c", self.JOIN, str(self.path / "cgroup.procs"), *map(str, argv)],
                                 **kw)
 
@@ -185,9 +251,14 @@ class Episode:
                 if expired:
                     raise subprocess.TimeoutExpired(argv, timeout) from None
                 break
+        self._check_cgroup(f" while the tool call ran (exit status {p.returncode})")
         result = subprocess.CompletedProcess(argv, p.returncode, out, err)
         result.frozen = frozen
         return result
+
+    def _check_cgroup(self, when: str = "") -> None:
+        if not (self.path / "cgroup.procs").exists():
+            raise ClientError(f"episode cgroup {self.path} was removed{when}; end() still gets its verdict")
 
     @staticmethod
     def _kill_group(p: subprocess.Popen) -> None:
@@ -199,13 +270,20 @@ class Episode:
             p.kill()
 
     # ---- what the watcher saw ----
-    def alerts(self) -> list[dict]:
+    @property
+    def records(self) -> list[dict]:
+        """The episode's records the client still holds (the latest `max_records`), oldest first."""
         with self._lock:
-            return [r for r in self.records if r.get("type") == "alert"]
+            return [r for _, r, _ in self._log]
+
+    def alerts(self) -> list[dict]:
+        """The episode's alerts so far (the first `max_kept`; `counts["alert"]` counts them all)."""
+        with self._lock:
+            return list(self._kept["alert"])
 
     def responses(self) -> list[dict]:
         with self._lock:
-            return [r for r in self.records if r.get("type") == "response"]
+            return list(self._kept["response"])
 
     @property
     def frozen(self) -> bool:
@@ -215,26 +293,36 @@ class Episode:
             return False
 
     def stream(self, timeout: float | None = None) -> Iterator[dict]:
-        """The episode's records as they come, until the verdict (or `timeout` seconds of silence)."""
-        i = 0
+        """The episode's records as they come, from its first, until the verdict, the end of the
+        watcher's stream, or `timeout` seconds of silence. A reader that falls more than
+        `max_records` behind gets a `lost` record (`source: client`, `total`) in place of those
+        it missed."""
+        nxt = 0
         while True:
             with self._lock:
-                if i >= len(self.records):
+                if self._n <= nxt and not self._eof:
                     self._lock.wait(timeout)
-                if i >= len(self.records):
+                if self._n <= nxt:
                     return
-                rec = self.records[i]
-            i += 1
+                first = self._log[0][0]
+                if first > nxt:
+                    missed, nxt = first - nxt, first
+                    rec = {"v": 1, "type": "lost", "source": "client", "total": missed,
+                           "cgroup": {"path": self.rel}}
+                else:
+                    rec = self._log[nxt - first][1]
+                    nxt += 1
             yield rec
             if rec.get("type") == "verdict":
                 return
 
     def wait_alert(self, timeout: float = 10.0) -> dict | None:
+        """The episode's first alert, waiting up to `timeout` seconds for one (None: none came)."""
         deadline = time.monotonic() + timeout
         with self._lock:
             while True:
-                got = [r for r in self.records if r.get("type") == "alert"]
-                if got or time.monotonic() >= deadline:
+                got = self._kept["alert"]
+                if got or time.monotonic() >= deadline or self._stream_error is not None:
                     return got[0] if got else None
                 self._lock.wait(max(0.0, deadline - time.monotonic()))
 
@@ -246,20 +334,17 @@ class Episode:
         self._remove_cgroup()
         deadline = time.monotonic() + self.verdict_timeout
         with self._lock:
-            while not any(r.get("type") == "verdict" for r in self.records):
+            while self._verdict_rec is None:
                 if self._stream_error or time.monotonic() >= deadline:
                     break
                 self._lock.wait(max(0.0, deadline - time.monotonic()))
-            recs = list(self.records)
-        self._closed = True
-        if self._stream_sock is not None:
-            self._stream_sock.close()
-        verdicts = [r for r in recs if r.get("type") == "verdict"]
-        if not verdicts:
+            rec = self._verdict_rec
+            alerts, responses = list(self._kept["alert"]), list(self._kept["response"])
+        self._disconnect()
+        if rec is None:
             why = self._stream_error or f"no verdict within {self.verdict_timeout} s"
             raise ClientError(f"episode {self.rel}: {why}")
-        self.verdict = Verdict(verdicts[-1], [r for r in recs if r.get("type") == "alert"],
-                               [r for r in recs if r.get("type") == "response"])
+        self.verdict = Verdict(rec, alerts, responses)
         return self.verdict
 
     def _remove_cgroup(self) -> None:
