@@ -81,6 +81,7 @@ def test_what_the_client_holds_is_bounded_and_counted(tmp_path):
         assert ep.dropped == 7  # 0-9 left the window; 3, 5 and 7 are still held as alert and response
         # a reader that fell behind is told how many records it missed, then gets the window
         srv.send(rec("verdict", 20, clean=False))
+        wait_for(lambda: ep.counts["verdict"] == 1)
         got = list(ep.stream(timeout=5))
         assert got[0] == {"v": 1, "type": "lost", "source": "client", "total": 11, "cgroup": {"path": EP}}
         assert [r["seq"] for r in got[1:]] == list(range(11, 21)) and got[-1]["type"] == "verdict"
