@@ -131,10 +131,28 @@ def main() -> None:
               callback=lambda ctx, param, v: v if v > 0 and v & (v - 1) == 0 else (_ for _ in ()).throw(
                   click.BadParameter(f"{v} is not a power of two")),
               help="Size of the kernel-to-user ring buffer in pages (a power of two).")
+@click.option("--kube-pods", is_flag=True,
+              help="Watch this node's agent pods, chosen on the Kubernetes API server by --pod-selector or "
+                   "--pod-annotation (pods of either kind); each pod's cgroup "
+                   "with all its containers. Implied by --pod-selector and --pod-annotation.")
+@click.option("--pod-selector", "pod_selectors", multiple=True, metavar="SELECTOR",
+              help="Pods whose labels match SELECTOR (key=value, key!=value, key, !key; comma-separated: all "
+                   "of them). Repeatable: any of them.")
+@click.option("--pod-annotation", "pod_annotations", multiple=True, metavar="KEY[=VALUE]",
+              help="Pods with this annotation (any value without =VALUE). Repeatable. "
+                   "Default: agentprobe.io/watch=true.")
+@click.option("--kube-api", metavar="URL", help="The API server. Default: in-cluster "
+              "(https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT).")
+@click.option("--kube-credentials", default="/var/run/secrets/kubernetes.io/serviceaccount", show_default=True,
+              metavar="DIR", help="Service account token and ca.crt for the API server (token re-read each time).")
+@click.option("--node-name", metavar="NAME", help="This node's name in Kubernetes. Default: $NODE_NAME, "
+              "else the host name.")
+@click.option("--kube-refresh", type=float, default=10.0, show_default=True, metavar="SECONDS",
+              help="How often the node's pods are listed again (a new pod cgroup of an unknown pod asks at once).")
 def watch(config_path, cgroups, globs, outputs, metrics_addr, buffer, no_view, duration, gpu_interval, gpu_majors,
           rescan, rule_files, no_default_rules, dry_run, in_kernel_deny, no_cut_network, status_dir,
           probe_mode, gpu_probe, gpu_idle_detach, label_env, label_dir, no_verdicts, on_loss, ring_pages,
-          insecure_files) -> None:
+          insecure_files, **kube) -> None:
     """Trace exec, connect and NVIDIA ioctls of agent processes, apply the detection
     rules, freeze agent cgroups that misbehave, and stream everything as msgpack."""
     import signal
@@ -196,6 +214,7 @@ def watch(config_path, cgroups, globs, outputs, metrics_addr, buffer, no_view, d
             watcher.sinks.append(metrics)
         reloader = _reloader(watcher, config_path, rule_files, no_default_rules, in_kernel_deny and not dry_run,
                              metrics)
+        opts.pods = _pod_selection(**kube)
         watcher.prepare()
         from .cgroups import find_v1_freezer
 
@@ -233,6 +252,22 @@ def watch(config_path, cgroups, globs, outputs, metrics_addr, buffer, no_view, d
                f"lost: {sum(s.lost_kernel.values())} in kernel, {s.lost_output} in outputs, "
                f"{s.decode_errors} undecodable"
                + (f", {s.internal_errors} skipped by internal errors" if s.internal_errors else ""), err=True)
+
+
+def _pod_selection(kube_pods, pod_selectors, pod_annotations, kube_api, kube_credentials, node_name, kube_refresh):
+    """The agent pods of this node from the API server (agentprobe/kubeapi.py), or None when not asked."""
+    if not (kube_pods or pod_selectors or pod_annotations):
+        return None
+    from .kubeapi import DEFAULT_ANNOTATION, KubeApi, KubeError, PodSelection, default_api_url, default_node_name
+
+    url = kube_api or default_api_url()
+    if not url:
+        raise KubeError("no Kubernetes API server: not in a pod (KUBERNETES_SERVICE_HOST is unset); give --kube-api")
+    if kube_refresh <= 0:
+        raise KubeError(f"--kube-refresh must be more than 0 seconds, not {kube_refresh}")
+    annotations = list(pod_annotations) or [DEFAULT_ANNOTATION]
+    return PodSelection(KubeApi(url, kube_credentials), node_name or default_node_name(), list(pod_selectors),
+                        annotations, kube_refresh)
 
 
 def _label_env_names(values) -> tuple[str, ...]:

@@ -15,7 +15,8 @@ Names come from the directories the kubelet keeps for container logs on every no
     /var/log/containers/<pod>_<namespace>_<container>-<container id>.log   (links into the above)
 
 Pod labels and annotations are not on disk (the kubelet keeps them in memory; containerd does
-not write them into the container's state): selecting pods by label needs the API server.
+not write them into the container's state): selecting pods by label needs the API server
+(kubeapi.py), whose names, where it is asked, come first (PodDirectory.learn).
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ class PodDirectory:
         self.containers: dict[str, tuple[str, str, str]] = {}  # id -> (namespace, pod, container)
         self._scanned = -RESCAN_S
         self._known: dict[str, dict] = {}  # cgroup path -> container map, once its names are all known
+        self.api_pods: dict[str, tuple[str, str]] = {}  # the same, from the API server (kubeapi.py)
+        self.api_containers: dict[str, tuple[str, str, str]] = {}
 
     @property
     def available(self) -> bool:
@@ -106,17 +109,28 @@ class PodDirectory:
             pass
         self.pods, self.containers = pods, containers
 
+    def learn(self, pods: dict[str, tuple[str, str]], containers: dict[str, tuple[str, str, str]]) -> None:
+        """Names from the API server's pod list (they win over the log directories'): all of them,
+        replacing what it said before."""
+        self.api_pods, self.api_containers = dict(pods), dict(containers)
+        self._known.clear()
+
     def names(self, pc: PodCgroup) -> dict:
         """{'namespace', 'pod', 'container'} as far as known (empty when nothing is)."""
-        known = pc.pod_uid in self.pods and (pc.container_id is None or pc.container_id in self.containers)
-        if not known and time.monotonic() - self._scanned >= RESCAN_S:
+        pod = self.api_pods.get(pc.pod_uid) or self.pods.get(pc.pod_uid)
+        container = pc.container_id and (self.api_containers.get(pc.container_id)
+                                         or self.containers.get(pc.container_id))
+        if (pod is None or (pc.container_id and container is None)) and time.monotonic() - self._scanned >= RESCAN_S:
             self.scan()
+            pod = self.api_pods.get(pc.pod_uid) or self.pods.get(pc.pod_uid)
+            container = pc.container_id and (self.api_containers.get(pc.container_id)
+                                             or self.containers.get(pc.container_id))
         out: dict = {}
-        if pc.pod_uid in self.pods:
-            out["namespace"], out["pod"] = self.pods[pc.pod_uid]
-        if pc.container_id and pc.container_id in self.containers:
-            ns, pod, container = self.containers[pc.container_id]
-            out.update(namespace=ns, pod=pod, name=container)
+        if pod:
+            out["namespace"], out["pod"] = pod
+        if container:
+            ns, pod_name, name = container
+            out.update(namespace=ns, pod=pod_name, name=name)
         return out
 
     def container_info(self, path: str) -> dict | None:

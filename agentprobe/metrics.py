@@ -88,6 +88,8 @@ class WatchMetrics(Sink):
         self.alerts: Counter = Counter()
         self.responses: Counter = Counter()
         self.reloads: Counter = Counter()
+        self.kube_errors = 0
+        self.kube_selected: int | None = None  # None: pods are not chosen on the API server
         self.rule_seconds = Histogram(RULE_SECONDS_BUCKETS)
         self.freeze_seconds = Histogram(FREEZE_SECONDS_BUCKETS)
         self.watched: dict[int, str] = {}
@@ -128,6 +130,13 @@ class WatchMetrics(Sink):
                     self.watched.pop(cg.get("id"), None)
             elif t == "reload":
                 self.reloads["ok" if rec.get("ok") else "failed"] += 1
+            elif t == "kube":
+                if rec.get("ok"):
+                    if "selected" in rec:
+                        self.kube_selected = len(rec["selected"])
+                else:
+                    self.kube_errors += 1
+                    self.kube_selected = self.kube_selected or 0
         self.written += 1
 
     def write(self, data: bytes) -> None:
@@ -190,6 +199,12 @@ class WatchMetrics(Sink):
             family("agentprobe_config_reloads_total", "counter", "Configuration reloads (SIGHUP), by result.",
                    [f"agentprobe_config_reloads_total{_labels(result=r)} {self.reloads.get(r, 0)}"
                     for r in ("ok", "failed")])
+            if self.kube_selected is not None:
+                family("agentprobe_kube_selected_pods", "gauge", "Pods of this node chosen by label or annotation.",
+                       [f"agentprobe_kube_selected_pods {self.kube_selected}"])
+                family("agentprobe_kube_api_errors_total", "counter",
+                       "Pod lists the Kubernetes API server did not give (the last good selection stays).",
+                       [f"agentprobe_kube_api_errors_total {self.kube_errors}"])
             if self.started is not None:
                 family("agentprobe_start_time_seconds", "gauge", "When the watcher started (Unix time).",
                        [f"agentprobe_start_time_seconds {_num(self.started)}"])

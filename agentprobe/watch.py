@@ -85,6 +85,7 @@ class WatchOptions:
     probe_mode: str = "auto"  # auto | syscalls (see loader.LoaderOptions)
     gpu_probe: str = "auto"   # auto | fentry | on-demand | always
     gpu_idle_detach: float = 5.0  # on-demand ioctl probe: detach this long after the last GPU holder exits
+    pods: object | None = None  # kubeapi.PodSelection: agent pods chosen by label/annotation on the API server
 
 
 @dataclass
@@ -230,7 +231,7 @@ class Watcher:
         self.root = find_v2_mount()
         opts = self.options
         paths = list(opts.cgroups)
-        if not paths and not opts.cgroup_globs:
+        if not paths and not opts.cgroup_globs and opts.pods is None:
             default = self.root / DEFAULT_AGENT_CGROUP
             if not default.exists() and opts.create_default:
                 default.mkdir()
@@ -240,7 +241,8 @@ class Watcher:
         self.cgroup_set.check()
         for spec in opts.outputs:
             check_output(spec)
-        self.watched = self.cgroup_set.scan()
+        self._kube_records = opts.pods.start() if opts.pods is not None else []  # KubeError: one line, exit 1
+        self.watched = self._scan()
         for cg in self.watched.values():
             self._lock(cg, explicit=True)
 
@@ -266,11 +268,15 @@ class Watcher:
         self._labels = CgroupLabels(self.root, self.options.label_dir)
         self.enricher = Enricher(self._cgroup_name, self.clock_offset_ns, cgroup_labels=self._cgroup_labels,
                                  label_env=self.options.label_env)
+        if self.options.pods is not None:  # the API server's pod, namespace and container names
+            self.options.pods.directory = self.enricher.pods
+            self.options.pods._names()
         self._probes = ProbeSet(
             LoaderOptions(buffer=self.options.buffer, extra_gpu_majors=self.options.extra_gpu_majors,
                           deny_exec_names=tuple((self.options.deny or {}).get("exec_names", ())),
                           probe_mode=self.options.probe_mode, gpu_probe=self.options.gpu_probe,
-                          ringbuf_pages=self.options.ring_pages, watch_mkdir=bool(self.options.cgroup_globs)),
+                          ringbuf_pages=self.options.ring_pages,
+                          watch_mkdir=bool(self.options.cgroup_globs or self.options.pods)),
             self._on_raw,
             cgroup_root=self.root,
         )
@@ -301,6 +307,8 @@ class Watcher:
         self.probe_paths = start["probes"]
         self._started = start["ts"]
         self.emit(start)
+        for fields in self._kube_records:
+            self.emit(self._meta("kube", fields))
         self.flush()
         self.write_status()
         # What start-up built (BCC, LLVM's tables, the rules) lives as long as the watcher: keep it out
@@ -318,6 +326,7 @@ class Watcher:
             "cgroup_root": str(self.root),
             "cgroups": [{"id": c.id, "path": c.path} for c in self.watched.values()],
             "globs": self.options.cgroup_globs,
+            "kube": self.options.pods.describe() if self.options.pods is not None else None,
             "gpu_majors": {str(k): v for k, v in self._probes.gpu_majors.items()},
             "nvml": self._nvml.reason,
             "hardening": self.hardening,
@@ -441,8 +450,11 @@ class Watcher:
             self.emit(self._move_record(ev))
             return
         if isinstance(ev, MkdirEvent):
-            if self.cgroup_set.matches_glob(ev.path):
+            pods = self.options.pods
+            if self.cgroup_set.matches_glob(ev.path) or (pods is not None and pods.new_pod_cgroup(ev.path)):
                 self.rescan()  # watched now, not at the next periodic rescan
+            elif pods is not None:
+                self._kube_refreshed(pods.take_pending())
             return
         try:
             rec = self.enricher.record(ev)
@@ -648,8 +660,27 @@ class Watcher:
             self._flush_flow_counts()
             self._check_losses()
 
-    def rescan(self) -> None:
+    def _scan(self) -> dict[int, WatchedCgroup]:
         found = self.cgroup_set.scan()
+        if self.options.pods is not None:
+            for cid, cg in self.options.pods.cgroups(self.root).items():
+                found.setdefault(cid, cg)
+        return found
+
+    def _kube_refreshed(self, records: list[dict]) -> None:
+        """`kube` records of a pod list: a new selection, or a failure (said once on stderr per streak)."""
+        for fields in records:
+            if not fields.get("ok") and fields.pop("first", False):
+                print(f"agentprobe: {fields['error']}; the {fields['selected_kept']} pods selected before stay "
+                      "watched, retrying", file=self.err, flush=True)
+            elif fields.get("recovered"):
+                print("agentprobe: the Kubernetes API answers again", file=self.err, flush=True)
+            self.emit(self._meta("kube", fields))
+
+    def rescan(self) -> None:
+        if self.options.pods is not None:
+            self._kube_refreshed(self.options.pods.take_pending() + self.options.pods.refresh())
+        found = self._scan()
         for cid in set(found) - set(self.watched):
             if not self._lock(found[cid], explicit=False):
                 del found[cid]

@@ -46,6 +46,13 @@ def test_every_watch_option_is_a_key_with_its_type(tmp_path):
         on-loss: freeze
         ring-pages: 256
         insecure-files: false
+        kube-pods: true
+        pod-selector: ["app=rl-agent", "team=research,!canary"]
+        pod-annotation: agentprobe.io/watch=true
+        kube-api: "https://10.96.0.1:443"
+        kube-credentials: /var/run/secrets/kubernetes.io/serviceaccount
+        node-name: gpu-node-7
+        kube-refresh: 30
         """)
     values = load_config(p, watch)
     assert values == {
@@ -56,7 +63,11 @@ def test_every_watch_option_is_a_key_with_its_type(tmp_path):
         "no_default_rules": False, "dry_run": True, "in_kernel_deny": False, "no_cut_network": True,
         "status_dir": "/tmp/st", "probe_mode": "syscalls", "gpu_probe": "always", "gpu_idle_detach": 2,
         "label_env": ["EPISODE_ID", "TOOL_CALL_ID"], "label_dir": "/run/labels", "no_verdicts": True,
-        "on_loss": "freeze", "ring_pages": 256, "insecure_files": False}
+        "on_loss": "freeze", "ring_pages": 256, "insecure_files": False,
+        "kube_pods": True, "pod_selectors": ["app=rl-agent", "team=research,!canary"],
+        "pod_annotations": ["agentprobe.io/watch=true"], "kube_api": "https://10.96.0.1:443",
+        "kube_credentials": "/var/run/secrets/kubernetes.io/serviceaccount", "node_name": "gpu-node-7",
+        "kube_refresh": 30}
     # every option of `watch` (but --config itself) can be set in the file
     assert set(values) == {p_.name for p_ in watch.params if p_.name not in ("config_path", "help")}
 
@@ -107,10 +118,11 @@ def test_cli_config_show_and_bad_config(agentprobe_cmd, tmp_path):
         assert r.returncode == 1
         assert r.stderr.splitlines() == [f"agentprobe: config {bad}: unknown key 'rescn' (known: buffer, cgroup, "
                                          "cgroup-glob, dry-run, duration, gpu-idle-detach, gpu-interval, gpu-major, "
-                                         "gpu-probe, in-kernel-deny, insecure-files, label-dir, label-env, metrics, "
-                                         "no-cut-network, "
-                                         "no-default-rules, no-verdicts, no-view, on-loss, output, probes, rescan, "
-                                         "ring-pages, rules, status-dir)"]
+                                         "gpu-probe, in-kernel-deny, insecure-files, kube-api, kube-credentials, "
+                                         "kube-pods, kube-refresh, label-dir, label-env, metrics, no-cut-network, "
+                                         "no-default-rules, no-verdicts, no-view, node-name, on-loss, output, "
+                                         "pod-annotation, pod-selector, probes, rescan, ring-pages, rules, "
+                                         "status-dir)"]
     r = subprocess.run([*agentprobe_cmd, "watch", "--config", str(tmp_path / "none.yaml")], capture_output=True,
                        text=True)
     assert r.returncode == 1 and r.stderr == f"agentprobe: cannot read config {tmp_path / 'none.yaml'}: no such file\n"

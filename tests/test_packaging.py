@@ -59,16 +59,26 @@ def test_unit_is_hardened_and_says_why_for_each_capability():
 
 def test_daemonset_has_what_a_gpu_node_needs():
     docs = list(yaml.safe_load_all(DAEMONSET.read_text()))
-    assert [d["kind"] for d in docs] == ["Namespace", "ServiceAccount", "ConfigMap", "DaemonSet"]
-    ds = docs[3]
+    assert [d["kind"] for d in docs] == ["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding",
+                                         "ConfigMap", "DaemonSet"]
+    ds = docs[5]
     spec = ds["spec"]["template"]["spec"]
-    assert spec["hostPID"] is True and spec["automountServiceAccountToken"] is False
+    assert spec["hostPID"] is True and spec["automountServiceAccountToken"] is True
+    # the API server: list this node's pods, nothing more
+    assert docs[2]["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}]
+    assert docs[3]["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                  "name": docs[2]["metadata"]["name"]}
+    assert docs[3]["subjects"] == [{"kind": "ServiceAccount", "name": docs[1]["metadata"]["name"],
+                                    "namespace": docs[1]["metadata"]["namespace"]}]
+    assert spec["serviceAccountName"] == docs[1]["metadata"]["name"]
     assert ds["spec"]["selector"]["matchLabels"].items() <= ds["spec"]["template"]["metadata"]["labels"].items()
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
     assert spec["nodeSelector"]["nvidia.com/gpu.present"] == "true"
     (c,) = spec["containers"]
     assert c["securityContext"]["privileged"] is True
     assert c["args"] == ["watch", "--config", "/etc/agentprobe/config.yaml"]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
     volumes = {v["name"]: v for v in spec["volumes"]}
     for path in ("/sys/fs/cgroup", "/sys/kernel/btf", "/sys/kernel/debug", "/sys/kernel/tracing", "/lib/modules",
@@ -80,12 +90,17 @@ def test_daemonset_has_what_a_gpu_node_needs():
     assert c["ports"][0]["containerPort"] == 9477
 
 
-def test_daemonset_config_is_a_valid_config_whose_globs_match_real_pod_cgroups(tmp_path):
-    cm = list(yaml.safe_load_all(DAEMONSET.read_text()))[2]
+def test_daemonset_configs_are_valid_and_their_globs_match_real_pod_cgroups(tmp_path):
+    cm = list(yaml.safe_load_all(DAEMONSET.read_text()))[4]
+    assert set(cm["data"]) == {"config.yaml", "config-all-containers.yaml"}
     cfg = tmp_path / "config.yaml"
     cfg.write_text(cm["data"]["config.yaml"])
     values = load_config(cfg, watch)
     assert values["metrics_addr"] == "0.0.0.0:9477" and values["no_view"] is True
+    assert values["kube_pods"] is True and "globs" not in values  # agent pods by annotation or label
+    cfg.write_text(cm["data"]["config-all-containers.yaml"])
+    values = load_config(cfg, watch)
+    assert values["metrics_addr"] == "0.0.0.0:9477" and "kube_pods" not in values
     globs = [glob_regex(g) for g in values["globs"]]
     real = [
         f"kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_}.slice/cri-containerd-{CID}.scope",
