@@ -114,6 +114,11 @@ try:
     argv = open(f"{top}/.vm/argv", "rb").read().split(b"\0")[:-1]
     nonce = open(f"{top}/.vm/nonce").read()
     print("INIT_MARK 6.1.0-fake lsm=lockdown,capability,bpf", flush=True)
+    if os.environ.get("FAKE_GUEST_OUTPUT"):  # a canned run: record the command, print what it would have
+        open(os.environ["FAKE_GUEST_ARGV"], "wb").write(b"\0".join(argv))
+        sys.stdout.write(open(os.environ["FAKE_GUEST_OUTPUT"]).read())
+        print(f"EXIT_MARKnonce={os.environ['FAKE_GUEST_RC']}".replace("nonce", nonce), flush=True)
+        sys.exit(0)
     # the command dies with this "VM" when vm-run kills it, as it would with a real one
     die_with_vm = lambda: ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     rc = subprocess.run(argv, cwd=f"{top}/src", preexec_fn=die_with_vm).returncode
@@ -288,3 +293,106 @@ def test_build_killed_midway_is_cleaned_up_by_the_next_run(tmp_path, roomy_cache
     assert r.returncode == 2
     assert f"vm-run: removing {dead[0]} (its build was stopped midway)" in r.stderr.splitlines()
     assert sorted(p.name for p in roomy_cache.iterdir()) == ["6.12.building-live"]
+
+
+# ---- scripts/vm-test ----
+def _vm_test_module():
+    import importlib.machinery
+    import importlib.util
+
+    loader = importlib.machinery.SourceFileLoader("vm_test", str(REPO / "scripts" / "vm-test"))
+    spec = importlib.util.spec_from_loader("vm_test", loader)
+    mod = importlib.util.module_from_spec(spec)
+    loader.exec_module(mod)
+    return mod
+
+
+GUEST_UP = "vm-run: guest up (TCG): 6.1.0-57-cloud-amd64 lsm=lockdown,capability,landlock,yama,apparmor,bpf"
+FEATURES_61 = {"exec": "raw_tracepoint sched_process_exec", "connect": "cgroup connect4/6 hooks on the watched cgroups",
+               "gpu_ioctl": "fentry __x64_sys_ioctl", "gpu_open": "cgroup device hook on the watched cgroups",
+               "fork_exit": "raw_tracepoint sched_process_fork/exit",
+               "deny": "cgroup connect4/6 on the watched cgroups: EPERM before any packet",
+               "exec_deny": "bpf-lsm bprm_check_security (43 names)", "freeze": "cgroup v2 cgroup.freeze: frozen",
+               "kernel": "6.1.0-57-cloud-amd64"}
+
+
+@pytest.mark.parametrize("rc, tail, good, summary", [
+    (0, ["tests/test_a.py::test_x PASSED", "===== 3 passed, 12 deselected in 41.20s ====="], True,
+     "3 passed, 12 deselected in 41.20s"),
+    (1, ["tests/test_a.py::test_x FAILED", "===== 1 failed, 2 passed in 9.02s ====="], False,
+     "1 failed, 2 passed in 9.02s"),
+    # a skip in the VM is a failure, even with pytest's status 0
+    (0, ["SKIPPED [1] tests/test_a.py:3: no BPF-LSM", "===== 2 passed, 1 skipped in 5.00s ====="], False,
+     "2 passed, 1 skipped in 5.00s"),
+    (1, ["===== 1 passed, 1 error in 5.00s ====="], False, "1 passed, 1 error in 5.00s"),
+    (5, ["===== no tests ran in 0.01s ====="], False, "no tests ran in 0.01s"),
+    # the run died before pytest summed up (a guest that hung, a crash): a failure, never a pass
+    (0, ["tests/test_a.py::test_x PASSED"], False, "no pytest summary (exit 0)"),
+    (124, ["vm-run: timed out; last console lines:"], False, "no pytest summary (exit 124)"),
+])
+def test_vm_test_result_parsing(rc, tail, good, summary):
+    vm_test = _vm_test_module()
+    r = vm_test.parse([GUEST_UP, "collected 15 items / 12 deselected / 3 selected", *tail], rc)
+    assert (r["good"], r["summary"]) == (good, summary)
+    assert (r["release"], r["accel"], r["bpf_lsm"]) == ("6.1.0-57-cloud-amd64", "TCG", True)
+    assert r["features"] == {"error": "no features line"}
+
+
+def test_vm_test_guest_side(tmp_path, monkeypatch, capsys):
+    """Inside the VM: pytest's status is the exit status, and the features line follows the tests."""
+    vm_test = _vm_test_module()
+    (tmp_path / "test_one.py").write_text("def test_ok():\n    pass\n\ndef test_bad():\n    assert 0\n")
+    monkeypatch.setattr(vm_test, "measure_features", lambda: FEATURES_61)
+    assert vm_test.guest(["-q", "-p", "no:cacheprovider", str(tmp_path / "test_one.py"), "-k", "ok"]) == 0
+    assert vm_test.guest(["-q", "-p", "no:cacheprovider", str(tmp_path / "test_one.py")]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines.count(vm_test.FEATURES_MARK + json.dumps(FEATURES_61, sort_keys=True)) == 2
+    assert vm_test.parse(lines, 1)["features"] == FEATURES_61
+
+
+def test_vm_test_through_vm_run(tmp_path, fake_vm):
+    """vm-test -> vm-run -> a guest that prints a canned pytest run and features line: the command
+    the guest gets (the guest side of vm-test, with the env the tests expect), the result table and
+    the kernel x features table that the README shows."""
+    (tmp_path / "cache" / "accel").write_text("tcg")
+    out = tmp_path / "guest-output"
+    out.write_text("tests/test_kernel_probes.py::test_exec PASSED\n"
+                   "===== 1 passed, 40 deselected in 30.00s =====\n"
+                   f"AGENTPROBE-VM-FEATURES {json.dumps(FEATURES_61)}\n")
+    env = {**fake_vm, "FAKE_GUEST_OUTPUT": str(out), "FAKE_GUEST_ARGV": str(tmp_path / "argv"), "FAKE_GUEST_RC": "0"}
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "vm-test"), "--kernel", "6.1", "--", "-k", "exec",
+                        "tests/test_kernel_probes.py"], capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    argv = (tmp_path / "argv").read_bytes().split(b"\0")
+    assert argv == [b"env", b"AGENTPROBE_REQUIRE_KERNEL=1", b"AGENTPROBE_EXPECT_LSM=1", b"AGENTPROBE_EXPECT_FENTRY=1",
+                    b"AGENTPROBE_EXPECT_MATCHING_HEADERS=1", b"AGENTPROBE_TIME_SCALE=4", b"python3", b"scripts/vm-test",
+                    b"--guest", b"--", b"-v", b"-rs", b"-p", b"no:cacheprovider", b"--color=no", b"-k", b"exec",
+                    b"tests/test_kernel_probes.py"]
+    tables = r.stdout.split("\n\n")[-2:]
+    assert tables[0].splitlines()[2].startswith(
+        "| 6.1 | 6.1.0-fake | TCG | yes | PASS: 1 passed, 40 deselected in 30.00s | ")
+    assert tables[1].splitlines() == [
+        "| | 6.1: 6.1.0-fake |",
+        "|---|---|",
+        "| exec | raw_tracepoint sched_process_exec |",
+        "| connect | cgroup connect4/6 hooks on the watched cgroups |",
+        "| NVIDIA ioctls | fentry __x64_sys_ioctl |",
+        "| GPU opens | cgroup device hook on the watched cgroups |",
+        "| fork, exit | raw_tracepoint sched_process_fork/exit |",
+        "| in-kernel connect deny | cgroup connect4/6 on the watched cgroups: EPERM before any packet |",
+        "| in-kernel exec stop | BPF-LSM: bpf-lsm bprm_check_security |",
+        "| freeze | cgroup v2 cgroup.freeze: frozen |",
+    ]
+
+
+def test_vm_test_run_without_features_fails(tmp_path, fake_vm):
+    """Tests passed but the guest printed no features line: the table says so, with a '?'."""
+    (tmp_path / "cache" / "accel").write_text("tcg")
+    out = tmp_path / "guest-output"
+    out.write_text("===== 1 skipped in 1.00s =====\n")
+    env = {**fake_vm, "FAKE_GUEST_OUTPUT": str(out), "FAKE_GUEST_ARGV": str(tmp_path / "argv"), "FAKE_GUEST_RC": "0"}
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "vm-test"), "--kernel", "6.1"],
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 1
+    assert "| 6.1 | 6.1.0-fake | TCG | yes | FAIL: 1 skipped in 1.00s |" in r.stdout
+    assert "| exec | ? (no features line) |" in r.stdout.splitlines()
