@@ -228,3 +228,35 @@ def test_start_faults_are_one_line_and_exit_1(agentprobe_cmd, agent_cgroup, tmp_
                             "--status-dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
     assert r.stderr.strip() == f"agentprobe: cannot serve metrics on 127.0.0.1:{port}: Address already in use"
+
+
+def test_nats_drops_reach_the_stream_as_lost_records(agent_cgroup, nats_server, tmp_path):
+    """NATS away and a small buffer: what did not fit is counted in `lost` records (source output)
+    that the other outputs carry; the file itself misses nothing."""
+    from watcher import WatcherProcess
+
+    url = nats_server.url + "?buffer=65536"
+    out = tmp_path / "s.msgpack"
+    w = WatcherProcess(["--cgroup", str(agent_cgroup.path), "--no-view", "-o", url, "-o", str(out),
+                        "--status-dir", str(tmp_path / "st")])
+    try:
+        nats_server.stop()
+        agent_cgroup.run(["/bin/sh", "-c", "for i in $(seq 400); do /bin/true; done"], timeout=60)
+
+        def lost():
+            return [r for r in read_records(str(out)) if r["type"] == "lost" and r["source"] == "output"]
+
+        wait_for(lost, what="a lost record from the NATS output")
+        assert w.proc.poll() is None  # the watcher carries on
+    finally:
+        rc, _, stderr = w.stop(signal.SIGINT)
+    assert rc == 0, stderr
+    assert "connection lost" in stderr
+    recs = list(read_records(str(out)))
+    assert [r["seq"] for r in recs] == list(range(len(recs)))  # the file output lost nothing
+    drops = [r for r in recs if r["type"] == "lost" and r["source"] == "output"]
+    assert drops and all(r["total"] > 0 for r in drops)
+    # counts are the outputs' totals so far; the records' totals add up to the NATS output's count
+    assert drops[-1]["counts"] == {url: sum(r["total"] for r in drops), str(out): 0}
+    assert sum(1 for r in recs if r["type"] == "exec") >= 400
+    assert recs[-1]["type"] == "stop" and recs[-1]["lost_output"] >= drops[-1]["counts"][url]
