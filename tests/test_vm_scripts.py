@@ -311,6 +311,7 @@ GUEST_UP = "vm-run: guest up (TCG): 6.1.0-57-cloud-amd64 lsm=lockdown,capability
 FEATURES_61 = {"exec": "raw_tracepoint sched_process_exec", "connect": "cgroup connect4/6 hooks on the watched cgroups",
                "gpu_ioctl": "fentry __x64_sys_ioctl", "gpu_open": "cgroup device hook on the watched cgroups",
                "fork_exit": "raw_tracepoint sched_process_fork/exit",
+               "first_bytes": "cgroup_skb/egress + cgroup connect4/6 on the watched cgroups",
                "deny": "cgroup connect4/6 on the watched cgroups: EPERM before any packet",
                "exec_deny": "bpf-lsm bprm_check_security (43 names)", "freeze": "cgroup v2 cgroup.freeze: frozen",
                "kernel": "6.1.0-57-cloud-amd64"}
@@ -379,6 +380,7 @@ def test_vm_test_through_vm_run(tmp_path, fake_vm):
         "| NVIDIA ioctls | fentry __x64_sys_ioctl |",
         "| GPU opens | cgroup device hook on the watched cgroups |",
         "| fork, exit | raw_tracepoint sched_process_fork/exit |",
+        "| first bytes | cgroup_skb/egress + cgroup connect4/6 on the watched cgroups |",
         "| in-kernel connect deny | cgroup connect4/6 on the watched cgroups: EPERM before any packet |",
         "| in-kernel exec stop | BPF-LSM: bpf-lsm bprm_check_security |",
         "| freeze | cgroup v2 cgroup.freeze: frozen |",
