@@ -30,6 +30,7 @@ esac
 if [ "$WANT_TEST" = 1 ]; then
     pkgs+=(openssh-server openssh-client autossh socat ncat nats-server curl git make systemd
            ptunnel-ng dns2tcp iputils-ping  # covert-channel tests: real tunnel tools
+           httptunnel proxytunnel corkscrew stunnel4 tinyproxy-bin dnsmasq-base  # tests/test_tunnel_tools.py
            nmap  # a real port scanner (connection-sweep test)
            qemu-system-x86 mmdebstrap e2fsprogs)  # scripts/vm-run, scripts/vm-test
 fi

@@ -26,8 +26,13 @@ TYPE_FIELDS = {
     "exit": ("status", "code", "signal"),
     "cgroup_move": ("to", "mover"),
     "tunnel": ("carried", "port", "to", "client", "detail"),
+    "packet": ("family", "protocol", "address", "port", "len", "icmp_type", "echo_request", "dns"),
+    "flow_counts": ("family", "protocol", "address", "port", "packets", "bytes", "max_len", "sampled",
+                    "interval_ns"),
+    "socket": ("family", "sock_type", "protocol", "protocol_name"),
+    "bind": ("family", "address", "port", "sock_type", "protocol"),
 }
-PROC_FIELDS = ("pid", "ppid", "uid", "comm", "exe", "sha256")
+PROC_FIELDS = ("pid", "ppid", "uid", "comm", "exe", "sha256", "stdio_socket")
 
 
 def _clean(text: object, limit: int = MAX_VALUE_CHARS) -> str:

@@ -1,0 +1,262 @@
+"""Tunnel tools from the distribution's packages, each against its real server in the namespace that
+stands for the outside, carrying a real ssh session (or a stratum one) from an agent cgroup: httptunnel
+through a real HTTP proxy (tinyproxy), proxytunnel and corkscrew through the same proxy, stunnel and
+openssl wrapping SSH in TLS, ping at a tunnel's packet rate. Each tool is a renamed copy with a byte
+appended, so neither name nor hash gives it away: the rule that fires is the one for what it does.
+Benign look-alikes (a web request through the proxy, a local TLS service, a lookup through a real
+resolver) raise nothing.
+
+The tools come from scripts/install.sh --test; these tests carry the `tools` marker as well as `kernel`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+
+import pytest
+import test_detect_e2e as e2e
+from test_detect_e2e import disguise, for_episode, wait_records
+
+from agentprobe.lab import HOST_ADDR
+
+pytestmark = [pytest.mark.kernel, pytest.mark.tools]
+
+# the e2e module's fixtures: a watcher with the default rules, per-test episode cgroups, the lab "internet"
+agents, episode, net = e2e.agents, e2e.episode, e2e.net
+
+PROXY_PORT = 3128
+HTS_PORT = 8888
+TLS_PORT = 4443
+WEB_PORT = 80
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed: scripts/install.sh --test installs it", pytrace=False)
+    return path
+
+
+def alert_of(recs: list[dict], rule: str) -> dict:
+    return next(r for r in recs if r["type"] == "alert" and r["rule"] == rule)
+
+
+@pytest.fixture(scope="module")
+def outside(net, tmp_path_factory):
+    """Servers in the outside namespace: tinyproxy (a real CONNECT proxy), hts (httptunnel's server)
+    and stunnel (TLS in front of sshd), each a real program; and a web server on port 80."""
+    d = tmp_path_factory.mktemp("outside")
+    (d / "tinyproxy.conf").write_text(
+        f"Port {PROXY_PORT}\nListen {net.addr}\nTimeout 30\nMaxClients 20\nAllow {HOST_ADDR}\nLogLevel Info\n")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem"), "-subj", "/CN=outside",
+                    "-days", "1"], check=True, capture_output=True)
+    (d / "stunnel.conf").write_text(
+        f"foreground = yes\npid =\n[ssh]\naccept = {net.addr}:{TLS_PORT}\nconnect = {net.addr}:22\n"
+        f"cert = {d / 'cert.pem'}\nkey = {d / 'key.pem'}\n")
+    (d / "www").mkdir()
+    (d / "www" / "index.html").write_text("hello\n")
+    servers = [
+        ([tool("tinyproxy"), "-d", "-c", str(d / "tinyproxy.conf")], PROXY_PORT),
+        ([tool("hts"), "--no-daemon", "-F", f"{net.addr}:22", str(HTS_PORT)], HTS_PORT),
+        ([tool("stunnel4"), str(d / "stunnel.conf")], TLS_PORT),
+        ([sys.executable, "-m", "http.server", str(WEB_PORT), "--bind", net.addr, "-d", str(d / "www")], WEB_PORT),
+    ]
+    procs = []
+    try:
+        for argv, port in servers:
+            procs.append(subprocess.Popen(net.exec_argv(*argv), stdout=open(d / "servers.log", "ab"),
+                                          stderr=subprocess.STDOUT))
+            net._wait_port(port)
+        yield d
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+@contextmanager
+def agent(episode, argv: list[str]):
+    """Run argv in the episode in its own session; killed (and the episode thawed) after."""
+    p = episode.popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        yield p
+    finally:
+        try:
+            os.killpg(p.pid, 9)
+        except ProcessLookupError:
+            pass
+        (episode.path / "cgroup.freeze").write_text("0")
+        p.wait()
+
+
+def frozen_with(agents, episode, rule: str) -> list[dict]:
+    _, out, _ = agents
+    if not episode.wait_frozen(20):
+        pytest.fail(f"not frozen; alerts: {[r['rule'] for r in for_episode(out, episode) if r['type'] == 'alert']}")
+    recs = wait_records(out, episode, lambda rs: any(r["type"] == "alert" and r["rule"] == rule for r in rs))
+    alert = alert_of(recs, rule)
+    assert alert["action"] == "freeze"
+    resp = [r for r in recs if r["type"] == "response"]
+    assert resp and resp[0]["outcome"] == "frozen" and resp[0]["cgroup"]["path"] == episode.rel
+    return recs
+
+
+# ---------------------------------------------------------------- HTTP tunnels and CONNECT proxies
+def test_httptunnel_through_a_proxy_carries_ssh(agents, episode, net, outside, tmp_path):
+    """ssh's ProxyCommand is a renamed htc, through tinyproxy to hts, which hands it to sshd."""
+    worker = tmp_path / "sync-agent"
+    disguise(tool("htc"), worker)
+    proxy = f"ProxyCommand={worker} -s -P {net.addr}:{PROXY_PORT} {net.addr}:{HTS_PORT}"
+    with agent(episode, net.ssh_argv("-o", proxy, "-N", f"root@{net.addr}")):
+        recs = frozen_with(agents, episode, "http_tunnel_client")
+    alert = alert_of(recs, "http_tunnel_client")
+    (ev,) = [e for e in alert["evidence"] if e["type"] == "payload"]
+    assert ev["proc"]["comm"] == "sync-agent" and (ev["address"], ev["port"]) == (net.addr, PROXY_PORT)
+    # htc's long-poll pair, a POST up and a GET down, through the proxy: whichever left first
+    assert re.match(rf"(POST|GET) http://{re.escape(net.addr)}:{HTS_PORT}/index\.html\?crap=\d+ HTTP/1\.1",
+                    ev["text"]), ev["text"]
+    assert "sync-agent" in alert["summary"] and f"{net.addr}:{PROXY_PORT}" in alert["summary"]
+
+
+@pytest.mark.parametrize("name", ["proxytunnel", "corkscrew"])
+def test_connect_proxy_tools_carry_ssh(name, agents, episode, net, outside, tmp_path):
+    """ssh's ProxyCommand is a renamed proxytunnel/corkscrew asking tinyproxy for CONNECT to sshd."""
+    worker = tmp_path / "netcheck"
+    disguise(tool(name), worker)
+    cmd = {"proxytunnel": f"{worker} -q -p {net.addr}:{PROXY_PORT} -d %h:%p",
+           "corkscrew": f"{worker} {net.addr} {PROXY_PORT} %h %p"}[name]
+    with agent(episode, net.ssh_argv("-o", f"ProxyCommand={cmd}", "-N", f"root@{net.addr}")):
+        recs = frozen_with(agents, episode, "proxy_connect_to_session_or_pool_port")
+    alert = alert_of(recs, "proxy_connect_to_session_or_pool_port")
+    assert alert["evidence"][0]["proc"]["comm"] == "netcheck" and alert["evidence"][0]["target"] == f"{net.addr}:22"
+    assert f"CONNECT {net.addr}:22 via {net.addr}:{PROXY_PORT} by netcheck" in alert["summary"]
+
+
+STRATUM = r"""
+import json, socket, sys, time
+deadline = time.monotonic() + 10
+while True:
+    try:
+        s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5)
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.1)
+s.sendall(json.dumps({"id": 1, "method": "mining.subscribe", "params": ["kworker"]}).encode() + b"\n")
+time.sleep(10)
+"""
+
+
+def test_proxytunnel_carries_stratum(agents, episode, net, outside, tmp_path):
+    """A renamed proxytunnel listens on loopback and asks the proxy for the pool; a miner talks to it."""
+    worker = tmp_path / "cache-proxy"
+    disguise(tool("proxytunnel"), worker)
+    (tmp_path / "miner.py").write_text(STRATUM)
+    with agent(episode, ["/bin/sh", "-c", f"{worker} -q -a 2290 -p {net.addr}:{PROXY_PORT} -d "
+                                          f"{net.addr}:{net.pool_port} & {sys.executable} {tmp_path}/miner.py 2290"]):
+        frozen_with(agents, episode, "stratum_protocol")
+        recs = wait_records(agents[1], episode, lambda rs: any(r["type"] == "tunnel" for r in rs))
+    stratum = alert_of(recs, "stratum_protocol")
+    assert stratum["evidence"][0]["port"] == 2290 and stratum["evidence"][0]["method"] == "mining.subscribe"
+    # the stratum bytes on loopback lead to the renamed proxytunnel listening there
+    (t,) = [r for r in recs if r["type"] == "tunnel"]
+    assert (t["carried"], t["port"], t["proc"]["comm"]) == ("stratum", 2290, "cache-proxy")
+    # its CONNECT races the freeze: where it left first, it names the pool it asked the proxy for
+    for a in [r for r in recs if r["type"] == "alert" and r["rule"] == "proxy_connect_to_session_or_pool_port"]:
+        assert f"CONNECT {net.addr}:{net.pool_port} via {net.addr}:{PROXY_PORT} by cache-proxy" in a["summary"]
+    if t["to"]:
+        assert t["to"] == [f"{net.addr}:{PROXY_PORT}"]
+
+
+# ---------------------------------------------------------------- TLS wrappers
+def test_ssh_wrapped_in_tls_by_openssl(agents, episode, net, outside, tmp_path):
+    """ssh's ProxyCommand is a renamed openssl s_client to stunnel in front of sshd: HTTPS on the wire."""
+    worker = tmp_path / "fetcher"
+    disguise(tool("openssl"), worker)
+    proxy = f"ProxyCommand={worker} s_client -quiet -connect {net.addr}:{TLS_PORT}"
+    with agent(episode, net.ssh_argv("-o", proxy, "-N", f"root@{net.addr}")):
+        recs = frozen_with(agents, episode, "ssh_wrapped_in_tls")
+    alert = alert_of(recs, "ssh_wrapped_in_tls")
+    ev = alert["evidence"][0]
+    assert (ev["type"], ev["app"], ev["address"], ev["port"]) == ("payload", "tls", net.addr, TLS_PORT)
+    assert ev["proc"]["comm"] == "fetcher" and alert["chain"][1]["comm"] == "ssh"
+    assert f"by fetcher (pid {ev['proc']['pid']}, parent ssh) to {net.addr}:{TLS_PORT}" in alert["summary"]
+
+
+def test_ssh_through_a_local_stunnel_client(agents, episode, net, outside, tmp_path):
+    """A renamed stunnel in client mode listens on loopback and wraps what it gets in TLS to the outside
+    stunnel; ssh goes to the loopback port. The alert names the wrapper and where it goes."""
+    worker = tmp_path / "tls-helper"
+    disguise(tool("stunnel4"), worker)
+    conf = tmp_path / "client.conf"
+    conf.write_text(f"foreground = yes\npid =\n[ssh]\nclient = yes\naccept = 127.0.0.1:2289\n"
+                    f"connect = {net.addr}:{TLS_PORT}\n")
+    ssh = shlex.join(net.ssh_argv("-p", "2289", "-N", "root@127.0.0.1"))
+    with agent(episode, ["/bin/sh", "-c", f"{worker} {conf} & sleep 0.5; {ssh}"]):
+        recs = frozen_with(agents, episode, "session_through_local_tunnel")
+    (t,) = [r for r in recs if r["type"] == "tunnel"]
+    assert (t["carried"], t["port"], t["proc"]["comm"], t["client"]["comm"]) == ("ssh", 2289, "tls-helper", "ssh")
+    alert = alert_of(recs, "session_through_local_tunnel")
+    if t["to"]:  # the freeze may come before stunnel has connected out; then there is nowhere to name
+        assert t["to"] == [f"{net.addr}:{TLS_PORT}"] and f"to {net.addr}:{TLS_PORT}" in alert["summary"]
+    assert "tls-helper" in alert["summary"]
+
+
+# ---------------------------------------------------------------- ICMP by rate
+def test_icmp_at_a_tunnels_rate(agents, episode, net):
+    """Small echo requests, 500 a second: no packet is large, the kernel's count gives it away."""
+    with agent(episode, ["ping", "-q", "-i", "0.002", "-s", "24", "-c", "1500", net.addr]) as p:
+        recs = frozen_with(agents, episode, "icmp_tunnel_by_rate")
+        alert = alert_of(recs, "icmp_tunnel_by_rate")
+        assert all(e["type"] == "flow_counts" and e["address"] == net.addr for e in alert["evidence"])
+        assert sum(e["packets"] for e in alert["evidence"]) >= 200
+        assert max(e["max_len"] for e in alert["evidence"]) == 24
+        assert alert["proc"]["pid"] == p.pid and "icmp_tunnel" not in {
+            r["rule"] for r in recs if r["type"] == "alert"}
+
+
+# ---------------------------------------------------------------- benign look-alikes
+def test_web_through_the_proxy_local_tls_and_a_real_resolver_raise_nothing(agents, episode, net, outside,
+                                                                             tmp_path):
+    _, out, _ = agents
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 127.0.0.77\n")
+    dns = subprocess.Popen([tool("dnsmasq"), "--no-daemon", "--no-resolv", "--no-hosts", "--bind-interfaces",
+                            "--listen-address=127.0.0.77", "--port=53", "--address=/pypi.org/198.51.100.2",
+                            f"--pid-file={tmp_path / 'dnsmasq.pid'}"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    script = f"""
+set -e
+proxy=http://{net.addr}:{PROXY_PORT}
+curl -sf -x $proxy http://{net.addr}:{WEB_PORT}/ | grep -q hello
+curl -sf -x $proxy --proxytunnel http://{net.addr}:{WEB_PORT}/ | grep -q hello
+openssl s_server -accept 127.0.0.1:18443 -cert {outside / 'cert.pem'} -key {outside / 'key.pem'} -www -quiet &
+srv=$!
+for i in $(seq 50); do curl -skf https://127.0.0.1:18443/ >/dev/null && break; sleep 0.1; done
+kill $srv
+unshare -m sh -c 'mount --bind {resolv} /etc/resolv.conf; getent ahostsv4 pypi.org' | grep -q 198.51.100.2
+"""
+    try:
+        time.sleep(0.3)
+        r = episode.run(["/bin/bash", "-c", script], text=True)
+        assert r.returncode == 0, r.stderr
+        time.sleep(1.5)
+        recs = for_episode(out, episode)
+    finally:
+        dns.kill()
+        dns.wait()
+    assert [r["rule"] for r in recs if r["type"] == "alert"] == [] and not episode.frozen()
+    payloads = {(r["address"], r["port"], r["app"]) for r in recs if r["type"] == "payload"}
+    assert (net.addr, PROXY_PORT, "http") in payloads and (net.addr, PROXY_PORT, "http-connect") in payloads
+    assert ("127.0.0.1", 18443, "tls") in payloads
+    dnsq = [r for r in recs if r["type"] == "packet" and r.get("port") == 53]
+    assert dnsq and {r["address"] for r in dnsq} == {"127.0.0.77"} and dnsq[0]["dns"]["qname"] == "pypi.org"
