@@ -448,17 +448,24 @@ from hypothesis import strategies as st  # noqa: E402
 
 _scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40), st.text(max_size=20),
                      st.sampled_from(["127.0.0.1", "10.0.0.1", "::1", "/tmp/x", "ssh", "-R", "first_use",
-                                      "counts", "nvidia", "inet", "stream"]))
+                                      "counts", "nvidia", "inet", "stream", "icmp", "udp", "tls", "http",
+                                      "http-connect", "stratum", "198.51.100.2:22", "x:99999", "[::1]:22",
+                                      "POST /index.html?crap=1 HTTP/1.1"]))
+_subkeys = st.one_of(st.text(max_size=8), st.sampled_from(["qname", "qtype", "pid", "comm", "exe", "path", "id"]))
 _values = st.recursive(_scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                                         st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+                                                         st.dictionaries(_subkeys, inner, max_size=4)),
                        max_leaves=10)
 _keys = st.sampled_from(["proc", "argv", "address", "port", "family", "kind", "device", "counts", "total",
                          "nr", "detail", "cgroup", "ktime", "filename", "child_pid", "interval_ns", "sock_type",
-                         "first_device", "truncated", "failed", "cmdline", "exe", "pid", "ancestors"])
+                         "first_device", "truncated", "failed", "cmdline", "exe", "pid", "ancestors",
+                         # covert-channel records: packet, payload, socket, bind, tunnel, flow_counts
+                         "protocol", "len", "dns", "echo_request", "icmp_type", "app", "text", "target", "banner",
+                         "method", "transport", "carried", "to", "client", "packets", "bytes", "max_len"])
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(rtype=st.sampled_from(["exec", "connect", "gpu", "fork", "exit", "lost", "cgroup"]),
+@given(rtype=st.sampled_from(["exec", "connect", "gpu", "fork", "exit", "lost", "cgroup", "packet", "payload",
+                              "socket", "bind", "tunnel", "flow_counts"]),
        fields=st.dictionaries(_keys, _values, max_size=10),
        proc=st.dictionaries(_keys, _values, max_size=8))
 def test_default_rules_never_raise_on_odd_records(rtype, fields, proc):
