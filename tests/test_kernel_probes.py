@@ -451,10 +451,11 @@ os.execv("/bin/true", ["/bin/true", "woke"])
 
 def test_fork_and_exit_records_wait_quietly_until_an_exec_wakes_the_reader(agent_cgroup):
     """Fork and exit records do not wake the reader; the exec behind them does (else the
-    one poll below would sleep its whole 5 s), and everything arrives in the kernel's order."""
+    one poll below would sleep its whole 5 s), and everything arrives in the kernel's order.
+    (Busy polling off: a reader that polls is not woken; tests/test_busy_poll.py.)"""
     from kernelutil import Capture
 
-    cap = Capture(buffer="ringbuf")
+    cap = Capture(buffer="ringbuf", busy_poll_ms=0)
     p = None
     try:
         cap.watch(agent_cgroup)
