@@ -43,6 +43,12 @@ FIELDS: dict[tuple[str, str], str] = {
     ("mm_struct", "arg_end"): "AP_OFF_MM_STRUCT_ARG_END",
     ("linux_binprm", "filename"): "AP_OFF_LINUX_BINPRM_FILENAME",
     ("linux_binprm", "argc"): "AP_OFF_LINUX_BINPRM_ARGC",
+    # a child's v2 cgroup at fork: task->cgroups->dfl_cgrp->kn->id (clone3 CLONE_INTO_CGROUP)
+    ("task_struct", "cgroups"): "AP_OFF_TASK_STRUCT_CGROUPS",
+    ("css_set", "dfl_cgrp"): "AP_OFF_CSS_SET_DFL_CGRP",
+    ("cgroup", "kn"): "AP_OFF_CGROUP_KN",
+    ("cgroup", "level"): "AP_OFF_CGROUP_LEVEL",
+    ("kernfs_node", "id"): "AP_OFF_KERNFS_NODE_ID",
 }
 # read only by the fentry ioctl probe, which is built only where these exist (x86-64)
 OPTIONAL_FIELDS = {

@@ -647,6 +647,23 @@ class ProbeSet:
                 for k, v, d in self._moved(b"flow_counts", ("packets", "bytes", "sampled"), self._flow_last,
                                            expire_ns)]
 
+    def remember_agents(self, pids: dict[int, int]) -> int:
+        """Processes found running in the watched cgroups (pid -> cgroup id): the kernel learns agent
+        processes at fork and exec, so one started before the watcher would leave unseen. An entry the
+        kernel already holds is newer and kept. Returns how many were added."""
+        table = self._bpf[b"agent_pids"]
+        added = 0
+        for pid, cid in pids.items():
+            key = table.Key(pid)
+            if key in table:
+                continue
+            table[key] = table.Leaf(cid)
+            if not os.path.exists(f"/proc/{pid}"):  # exited before the write: its pid may be reused
+                table.pop(key, None)
+                continue
+            added += 1
+        return added
+
     def forget_process(self, pid: int) -> None:
         """Drop in-kernel GPU state of an exited process."""
         table = self._bpf[b"gpu_counts"]

@@ -345,11 +345,22 @@ class Watcher:
 
     def _discover_running(self) -> None:
         """Processes already in the watched cgroups, at any depth (the agents in their episode
-        cgroups below a watched one), join the process tree with their ancestors."""
-        for pid in self._agent_pids():
+        cgroups below a watched one), join the process tree with their ancestors, and the kernel's
+        agent map."""
+        found = self._remember_agents()
+        for pid in sorted(found):
             self.enricher.discover(pid)
             if self._holds_gpu(pid):
                 self._gpu_holders.add(pid)
+
+    def _remember_agents(self) -> dict[int, int]:
+        """Tell the kernel which processes of the watched cgroups are agents: it learns them at fork
+        and exec, so one that ran before the watcher, or was moved in from outside, would otherwise
+        leave the agent cgroups (a shell's builtin `echo $$ > other/cgroup.procs`) unreported. At
+        start and at every rescan."""
+        found = self._agent_cgroups()
+        self._probes.remember_agents(found)
+        return found
 
     def _holds_gpu(self, pid: int) -> bool:
         """Has this running process a GPU device open (found at start or when a cgroup is added)?"""
@@ -705,6 +716,8 @@ class Watcher:
         self.watched = found
         if added:
             self._discover_running()
+        else:
+            self._remember_agents()
         if changed:
             self.write_status()
 
@@ -764,15 +777,20 @@ class Watcher:
 
     def _agent_pids(self) -> list[int]:
         """Live processes of the watched cgroups (from cgroup.procs of every watched subtree)."""
-        pids: set[int] = set()  # (a watched cgroup may lie below another)
+        return sorted(self._agent_cgroups())
+
+    def _agent_cgroups(self) -> dict[int, int]:
+        """Live processes of the watched cgroups -> the id of the cgroup each is in."""
+        pids: dict[int, int] = {}  # (a watched cgroup may lie below another)
         for cg in self.watched.values():
             top = self.root / cg.path.lstrip("/")
             for procs in top.rglob("cgroup.procs"):
                 try:
-                    pids.update(int(p) for p in procs.read_text().split())
+                    cid = os.stat(procs.parent).st_ino
+                    pids.update((int(p), cid) for p in procs.read_text().split())
                 except OSError:
                     continue
-        return sorted(pids)
+        return pids
 
     def _sample_nvml(self) -> None:
         if self._nvml is None or not self._nvml.available:

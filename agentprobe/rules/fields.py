@@ -191,6 +191,19 @@ def _exe_memfd(ev: EventView) -> bool | None:
     return None if exe is None else exe.startswith("/memfd:")
 
 
+def _stdio(ev: EventView) -> dict | None:
+    d = _proc(ev).get("stdio_socket")
+    return d if isinstance(d, dict) else None
+
+
+def _stdio_dest(ev: EventView) -> str | None:
+    d = _stdio(ev)
+    if not d or not d.get("peer_address"):
+        return None
+    addr = d["peer_address"]
+    return f"[{addr}]:{d.get('peer_port')}" if ":" in addr else f"{addr}:{d.get('peer_port')}"
+
+
 def _make_getopt(part: str) -> Callable[[OptionSpec], Getter]:
     def make(spec: OptionSpec) -> Getter:
         key = ("getopt", spec.key)
@@ -418,6 +431,13 @@ _field("proc.optargs", STRS, "option values as OPT=VALUE ('-R=8080:h:22'): proc.
        make=_make_getopt("optargs"))
 _field("proc.operands", STRS, "arguments that are neither options nor their values: proc.operands[LIST]",
        make=_make_getopt("operands"))
+_field("proc.stdio_socket", BOOL, "a TCP/UDP socket is stdin, stdout or stderr of the process (or, for a pty "
+       "relay, of its parent) since its exec", lambda ev: _stdio(ev) is not None)
+_field("proc.stdin_socket", BOOL, "that socket is stdin", lambda ev: 0 in ((_stdio(ev) or {}).get("fds") or ()))
+_field("proc.stdio_proto", STR, "tcp or udp: the protocol of that socket", lambda ev: (_stdio(ev) or {}).get("proto"))
+_field("proc.stdio_peer", IP, "that socket's peer address", lambda ev: parse_ip((_stdio(ev) or {}).get("peer_address")
+                                                                                or ""))
+_field("proc.stdio_dest", STR, "that socket's peer as ADDRESS:PORT", lambda ev: _stdio_dest(ev))
 _field("proc.pname", STR, "parent's comm", lambda ev: _parent(ev).get("comm"))
 _field("proc.pexe", STR, "parent's executable", lambda ev: _parent(ev).get("exe"))
 _field("proc.anames", STRS, "comm and exe basename of every known ancestor", _anames)
