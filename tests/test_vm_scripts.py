@@ -75,6 +75,7 @@ def test_kvm_that_dies_at_once_falls_back_to_tcg(tmp_path, monkeypatch, capsys):
     fake_guest_qemu(tmp_path / "bin")
     calls = tmp_path / "calls"
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setenv("FAKE_KVM", "dies")
     monkeypatch.setenv("FAKE_QEMU_CALLS", str(calls))
     monkeypatch.setattr(vm, "CACHE", tmp_path / "cache")
@@ -117,14 +118,14 @@ try:
     if os.environ.get("FAKE_GUEST_OUTPUT"):  # a canned run: record the command, print what it would have
         open(os.environ["FAKE_GUEST_ARGV"], "wb").write(b"\0".join(argv))
         sys.stdout.write(open(os.environ["FAKE_GUEST_OUTPUT"]).read())
-        print(f"EXIT_MARKnonce={os.environ['FAKE_GUEST_RC']}".replace("nonce", nonce), flush=True)
-        sys.exit(0)
-    # the command dies with this "VM" when vm-run kills it, as it would with a real one
-    die_with_vm = lambda: ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    rc = subprocess.run(argv, cwd=f"{top}/src", preexec_fn=die_with_vm).returncode
-    print(f"EXIT_MARK{nonce}={rc}", flush=True)
+        rc = int(os.environ["FAKE_GUEST_RC"])
+    else:
+        # the command dies with this "VM" when vm-run kills it, as it would with a real one
+        die_with_vm = lambda: ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        rc = subprocess.run(argv, cwd=f"{top}/src", preexec_fn=die_with_vm).returncode
 finally:
-    shutil.rmtree(top, ignore_errors=True)
+    shutil.rmtree(top, ignore_errors=True)  # before the marker: vm-run kills the VM once it has that
+print(f"EXIT_MARK{nonce}={rc}", flush=True)
 '''
 
 
@@ -208,6 +209,7 @@ def test_kvm_that_hangs_at_boot_falls_back_to_tcg(tmp_path, monkeypatch, capsys)
     vm = _vm_run_module()
     fake_guest_qemu(tmp_path / "bin")
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setenv("FAKE_KVM", "hangs")
     monkeypatch.setenv("AGENTPROBE_VM_KVM_BOOT_TIMEOUT", "1.5")
     monkeypatch.setattr(vm, "CACHE", tmp_path / "cache")
