@@ -13,9 +13,13 @@ at the end.
 The client never loads BPF: a running `agentprobe watch -o unix:SOCKET` on the parent cgroup does
 the watching; the client reads that stream and keeps the records of its own episode. It connects
 and waits for the watcher's `start` record before it creates the episode's cgroup, so it sees every
-record of the episode. It works as non-root where the site delegates the parent cgroup to the
-trainer's user (chown of the directory, its cgroup.procs and its cgroup.subtree_control) and lets it
-read the socket.
+record of the episode. Or, with `nats="nats://HOST:PORT"`, it reads the records a watcher publishes
+there (`-o nats://...`): it subscribes to `<prefix>.<node>.*` and waits for the server's PONG before
+it makes the cgroup (records from other nodes and repeats after a reconnect are left out; records
+published while the client's own connection is down are not replayed: the episode then ends with a
+ClientError, and the verdict is still in the watcher's stream). It works as non-root where the
+site delegates the parent cgroup to the trainer's user (chown of the directory, its cgroup.procs
+and its cgroup.subtree_control) and lets it read the socket.
 
 Memory is bounded: the client holds the last `max_records` records of its episode (the window that
 `records` and `stream()` read), and the first `max_kept` alerts and `max_kept` responses (`alerts()`,
@@ -27,6 +31,7 @@ everything, whatever the client held.
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import threading
 import time
@@ -80,7 +85,8 @@ class Episode:
 
     def __init__(self, name: str, labels: dict[str, str] | None = None, parent: str = DEFAULT_PARENT,
                  socket: str = DEFAULT_SOCKET, verdict_timeout: float = 10.0, connect_timeout: float = 10.0,
-                 max_records: int = MAX_RECORDS, max_kept: int = MAX_KEPT) -> None:
+                 max_records: int = MAX_RECORDS, max_kept: int = MAX_KEPT, nats: str | None = None,
+                 node: str | None = None) -> None:
         if not name or "/" in name or name in (".", ".."):
             raise ClientError(f"bad episode name {name!r}")
         root = find_v2_mount()
@@ -92,6 +98,8 @@ class Episode:
         except LabelError as e:
             raise ClientError(str(e)) from None
         self.socket = socket
+        self.nats = nats  # nats://HOST:PORT[?prefix=P]: read the watcher's records from NATS instead
+        self.node = node or platform.node()  # the watcher's node (NATS subjects, records' `node`)
         self.verdict_timeout = verdict_timeout
         self.connect_timeout = connect_timeout
         self.max_kept = max_kept
@@ -150,6 +158,9 @@ class Episode:
             self._stream_sock.close()
 
     def _connect(self) -> None:
+        if self.nats:
+            self._connect_nats()
+            return
         import socket as socketlib
 
         s = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
@@ -177,20 +188,90 @@ class Episode:
                 if not self._hello.is_set():
                     self.watcher = rec if rec.get("type") == "start" else None
                     self._hello.set()
-                if self._mine(rec):
-                    with self._lock:
-                        self._add(rec)
-                        self._lock.notify_all()
+                self._take(rec)
         except (StreamError, OSError, ValueError) as e:
             if not self._closed:
                 self._stream_error = str(e)
         finally:
+            self._ended("the watcher closed the stream")
+
+    def _connect_nats(self) -> None:
+        """Subscribe to this node's records on NATS (`<prefix>.<node>.*`, as the watcher's `-o nats:`
+        publishes them). The server's PONG after the SUB says the subscription is in place: every
+        record published after it comes, so the episode's cgroup is made only then."""
+        from .nats import BlockingConnection, NatsError, parse_url, subject_token
+
+        try:
+            addr = parse_url(self.nats)
+            conn = BlockingConnection(addr, timeout=self.connect_timeout)
+        except NatsError as e:
+            raise ClientError(f"cannot read the watcher's records from NATS: {e}") from None
+        self._stream_sock = conn.sock
+        try:
+            conn.sock.sendall(f"SUB {addr.prefix}.{subject_token(self.node)}.* 1\r\nPING\r\n".encode())
+            early = []
+            while True:
+                op = conn.next_op(self.connect_timeout)
+                if op[0] == "PONG":
+                    break
+                if op[0] == "-ERR":
+                    raise NatsError(op[1])
+                if op[0] == "MSG":
+                    early.append(op[1])
+        except (NatsError, TimeoutError, OSError) as e:
+            self._disconnect()
+            raise ClientError(f"NATS server {addr.display} did not take the subscription: "
+                              f"{getattr(e, 'strerror', None) or e}") from None
+        self._hello.set()
+        self._reader = threading.Thread(target=self._read_nats, args=(conn, early), daemon=True)
+        self._reader.start()
+
+    def _read_nats(self, conn, early: list) -> None:
+        from .nats import NatsError
+        from .stream import decode_one
+
+        last_seq = None  # plain NATS may deliver a record twice after the watcher reconnects
+        try:
+            while True:
+                if early:
+                    msg = early.pop(0)
+                else:
+                    op = conn.next_op(None)
+                    if op[0] == "-ERR":
+                        raise NatsError(op[1])
+                    if op[0] != "MSG":
+                        continue
+                    msg = op[1]
+                rec = decode_one(msg.payload)
+                if not isinstance(rec, dict) or rec.get("node") != self.node:
+                    continue
+                seq = rec.get("seq")
+                if rec.get("type") == "start":
+                    last_seq = None  # the watcher started again: its seq starts again
+                elif isinstance(seq, int):
+                    if last_seq is not None and seq <= last_seq:
+                        continue
+                    last_seq = seq
+                self._take(rec)
+        except (NatsError, TimeoutError, OSError, ValueError) as e:
+            if not self._closed:
+                self._stream_error = f"NATS: {getattr(e, 'strerror', None) or e}"
+        finally:
+            self._ended("the NATS server closed the connection")
+
+    def _take(self, rec: dict) -> None:
+        if self._mine(rec):
             with self._lock:
-                if self._stream_error is None and not self._closed:
-                    self._stream_error = "the watcher closed the stream"
-                self._eof = True
+                self._add(rec)
                 self._lock.notify_all()
-            self._hello.set()
+
+    def _ended(self, why: str) -> None:
+        with self._lock:
+            if self._stream_error is None and not self._closed:
+                self._stream_error = why
+            self._eof = True
+            self._lock.notify_all()
+        self._hello.set()
 
     def _add(self, rec: dict) -> None:
         """Hold one record of the episode, within the bounds (called with the lock held)."""

@@ -28,8 +28,18 @@ pytestmark = pytest.mark.kernel
 REPO = Path(__file__).resolve().parent.parent
 
 
+class World(tuple):
+    """(parent cgroup, socket, stream file, lab network), and the NATS server's url."""
+
+    def __new__(cls, items, nats: str):
+        self = super().__new__(cls, items)
+        self.nats = nats
+        return self
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
+    from natsutil import NatsServer
     from watcher import WatcherProcess
 
     root = find_v2_mount()
@@ -41,17 +51,20 @@ def world(tmp_path_factory):
     sock, out = sockdir / "ap.sock", tmp / "stream.msgpack"
     label_dir = tmp / "labels"  # where a sandbox manager writes <cgroup id>.json
     label_dir.mkdir()
+    (tmp / "nats").mkdir()
+    nats = NatsServer(tmp / "nats").start()  # the client may read the records from NATS instead
     w = None
     try:
         with Internet() as net:
             group = grp.getgrgid(65534).gr_name  # the trainers' group: nogroup here
             w = WatcherProcess(["--cgroup", str(parent), "-o", f"unix:{sock}?group={group}", "-o", str(out),
-                                "--no-view",
+                                "-o", nats.url, "--no-view",
                                 "--label-env", "EPISODE_ID,TOOL_CALL_ID", "--label-dir", str(label_dir)])
-            yield parent, sock, out, net
+            yield World((parent, sock, out, net), nats.url)
     finally:
         if w is not None:
             w.stop()
+        nats.stop()
         remove_cgroup_tree(parent)
         shutil.rmtree(sockdir, ignore_errors=True)
 
@@ -294,3 +307,22 @@ def test_labels_from_a_sandbox_managers_label_file(world):
     assert rec["argv"] == ["/bin/echo", "labelled"]
     assert rec["labels"] == {"episode": "from-file", "policy": "p1", "sandbox": "sb-\\x1b9"}
     assert ep.verdict.labels == rec["labels"]
+
+
+def test_the_client_over_nats(world):
+    """The same episode read from NATS (the watcher's `-o nats://`): subscribed before the cgroup
+    exists, it gets the alert, the freeze and the verdict, and every record the stream file has."""
+    parent, _, out, net = world
+    from agentprobe.client import Episode
+
+    with Episode("ep-nats", labels={"episode": "n1"}, parent=str(parent), socket="/nonexistent",
+                 nats=world.nats) as ep:
+        tunnel = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=2", "-N", "-R", "9005:localhost:22",
+                  f"x@{net.addr}"]
+        assert ep.run(tunnel, env={"PATH": "/usr/bin:/bin"}, timeout=30).frozen
+        assert ep.wait_alert(timeout=5)["rule"] == "ssh_port_forwarding"
+    v = ep.verdict
+    assert v.frozen and v.rules == {"ssh_port_forwarding": 1} and v.labels == {"episode": "n1"}
+    assert [(r["rule"], r["outcome"]) for r in v.responses] == [("ssh_port_forwarding", "frozen")]
+    in_file = episode_records(out, ep.rel)
+    assert [r["seq"] for r in ep.records] == [r["seq"] for r in in_file]
