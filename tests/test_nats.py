@@ -384,3 +384,54 @@ def test_a_durable_collector_gets_what_was_published_while_it_was_away(nats_serv
         assert take(3) == [3, 4, 5]  # acknowledged ones are not delivered again
     finally:
         sink.close()
+
+
+def test_collect_live_view_shows_each_line_with_its_node(nats_server, agentprobe_cmd):
+    """Two nodes publishing; `collect` without -o: one readable line per record, prefixed by the node it
+    came from (the record's node name, not the subject's token), and a stranger on the subject said."""
+    import subprocess
+
+    from agentprobe import view
+
+    def exec_rec(node: str, seq: int, pid: int, argv: list[str]) -> dict:
+        return {"v": 1, "type": "exec", "ts": 1764741600_000_000_000 + seq * 10**6, "ktime": seq, "node": node,
+                "seq": seq, "proc": {"pid": pid, "ppid": 1, "comm": argv[0].rsplit("/", 1)[-1], "uid": 0},
+                "filename": argv[0], "argv": argv, "ret": 0, "cgroup": {"id": 7, "path": "/agents/ep-1"}}
+
+    a = [exec_rec("gpu-7.dc1", 0, 4100, ["/usr/bin/python3", "train.py"]),
+         exec_rec("gpu-7.dc1", 1, 4101, ["/usr/bin/curl", "https://example.com"])]
+    b = [exec_rec("gpu-12.dc2", 0, 900, ["/bin/sh", "-c", "nvidia-smi"]),
+         {"v": 1, "type": "alert", "ts": 1764741600_500_000_000, "ktime": 9, "node": "gpu-12.dc2", "seq": 1,
+          "rule": "miner_binary_started", "priority": "critical", "action": "freeze", "summary": "xmrig started",
+          "proc": {"pid": 901, "ppid": 900, "comm": "xmrig"}, "cgroup": {"id": 8, "path": "/agents/ep-2"}}]
+    col = subprocess.Popen([*agentprobe_cmd, "collect", nats_server.url, "--count", "4"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)  # subscribed
+        stranger = BlockingConnection(parse_url(nats_server.url))
+        stranger.sock.sendall(b"PUB agentprobe.intruder.exec 5\r\nhello\r\nPING\r\n")
+        while stranger.next_op(5)[0] != "PONG":
+            pass
+        stranger.close()
+        time.sleep(0.2)  # the collector has it before the records below
+        sinks = [NatsSink(nats_server.url), NatsSink(nats_server.url)]
+        for sink, recs in zip(sinks, (a, b), strict=True):
+            publish(sink, recs)
+        for sink in sinks:
+            settle(sink)
+            sink.close()
+        out, err = col.communicate(timeout=20)
+    finally:
+        if col.poll() is None:
+            col.kill()
+    assert col.returncode == 0, err
+    lines = out.splitlines()
+    assert lines[0] == f"{'NODE':<16} {view.HEADER}"
+    assert len(lines) == 5
+    for node, recs in (("gpu-7.dc1", a), ("gpu-12.dc2", b)):
+        # every line of a node carries its name, in the order the node published
+        assert [ln for ln in lines[1:] if ln.startswith(node + " ")] == [f"{node:<16} {view.line(r)}" for r in recs]
+    (alert,) = [ln for ln in lines if " ALERT " in ln]
+    assert alert.startswith("gpu-12.dc2 ") and "miner_binary_started" in alert and "xmrig" in alert
+    assert err.splitlines() == ["agentprobe: agentprobe.intruder.exec: not an agentprobe record (ExtraData)",
+                                "agentprobe: collected 4 records (1 not readable)"]
