@@ -95,7 +95,8 @@ def test_kvm_that_dies_at_once_falls_back_to_tcg(tmp_path, monkeypatch, capsys):
 
 
 # A qemu that plays the guest: it reads the work disk vm-run built (debugfs, no mount), runs the
-# command from it in the copied checkout and prints what the guest's init prints.
+# command from it with the disk's own launcher (.vm/run.py) in the copied checkout and prints what
+# the guest's init prints.
 FAKE_GUEST = r'''#!PYTHON
 import ctypes, os, shutil, signal, subprocess, sys, tempfile
 args = sys.argv[1:]
@@ -122,7 +123,9 @@ try:
     else:
         # the command dies with this "VM" when vm-run kills it, as it would with a real one
         die_with_vm = lambda: ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        rc = subprocess.run(argv, cwd=f"{top}/src", preexec_fn=die_with_vm).returncode
+        # the guest's own launcher from the work disk, reading the argv file where the guest has it
+        run_py = open(f"{top}/.vm/run.py").read().replace("/work/.vm/", f"{top}/.vm/")
+        rc = subprocess.run([sys.executable, "-c", run_py], cwd=f"{top}/src", preexec_fn=die_with_vm).returncode
 finally:
     shutil.rmtree(top, ignore_errors=True)  # before the marker: vm-run kills the VM once it has that
 print(f"EXIT_MARK{nonce}={rc}", flush=True)
@@ -177,6 +180,9 @@ def test_arguments_arrive_exactly(fake_vm):
 def test_output_with_exit_markers_does_not_end_the_run(fake_vm):
     """`cat scripts/vm-run` prints marker-like lines (the image init's fixed one among them); only
     this run's nonce ends the run, and the command's status is the exit status."""
+    vm = _vm_run_module()
+    # the guest's init prints the marker as the fake guest does
+    assert f'echo "{vm.EXIT_MARK}$(cat /work/.vm/nonce)=$rc"' in vm.GUEST_INIT
     text = (REPO / "scripts" / "vm-run").read_text()
     assert "AGENTPROBE-VM-EXIT=125" in text
     r = run("--accel", "tcg", "--", "cat", "scripts/vm-run", env=fake_vm)
