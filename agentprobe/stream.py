@@ -39,7 +39,24 @@ class StreamError(AgentprobeError):
 
 
 def encode(record: dict) -> bytes:
-    return msgpack.packb(record, use_bin_type=True)
+    try:
+        return msgpack.packb(record, use_bin_type=True)
+    except UnicodeEncodeError:  # a name from the file system that is not UTF-8 (a cgroup made so)
+        return msgpack.packb(_without_surrogates(record), use_bin_type=True)
+
+
+def _without_surrogates(value):
+    """Bytes that were not UTF-8 (held as surrogates, os.fsdecode) become \\xNN, as in argv."""
+    if isinstance(value, str):
+        try:
+            return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_without_surrogates(k): _without_surrogates(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_without_surrogates(v) for v in value]
+    return value
 
 
 def decode_one(data: bytes) -> dict:

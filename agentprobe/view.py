@@ -13,12 +13,19 @@ import shlex
 
 HEADER = f"{'TIME':<12} {'TYPE':<8} {'PID':>7} {'PPID':>7} {'COMM':<16} DETAIL"
 
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# control characters, bidi overrides, and surrogates (file-system bytes that are not UTF-8, which no
+# terminal encoding takes)
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def _escaped(m: re.Match) -> str:
+    o = ord(m.group())
+    return f"\\x{o - 0xDC00:02x}" if 0xDC80 <= o <= 0xDCFF else f"\\x{o:02x}"  # \udcff: the byte 0xff
 
 
 def clean(text: object, limit: int = 400) -> str:
     s = str(text)
-    s = _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}", s)
+    s = _UNPRINTABLE.sub(_escaped, s)
     if len(s) > limit:
         s = s[: limit - 3] + "..."
     return s

@@ -145,3 +145,18 @@ def test_no_shell_is_ever_spawned_with_data():
                         and (f.name, ast.unparse(script)) not in FIXED_SCRIPTS):
                     problems.append(f"{where(node)}: sh -c with a script built from data: {ast.unparse(script)}")
     assert problems == []
+
+
+def test_a_name_that_is_not_utf8_is_escaped_in_the_stream_and_the_view_not_a_skipped_record():
+    """A cgroup made with a byte that is not UTF-8 comes back from the file system as a surrogate
+    (os.fsdecode); msgpack refuses those, which skipped every record of that cgroup: an agent could
+    hide in one. The stream carries it as \\xNN (as argv), the view likewise."""
+    import os
+
+    name = os.fsdecode(b"/agents/ep-\x1b[2J\xff")
+    data = encode({"type": "exec", "cgroup": {"path": name}, "argv": [name], name: 1})
+    assert next(iter_stream(io.BytesIO(data))) == {"type": "exec", "cgroup": {"path": "/agents/ep-\x1b[2J\\xff"},
+                                                   "argv": ["/agents/ep-\x1b[2J\\xff"], "/agents/ep-\x1b[2J\\xff": 1}
+    line = view.line({"type": "cgroup", "ts": 1, "change": "watched", "cgroup": {"path": name}})
+    assert "/agents/ep-\\x1b[2J\\xff" in line
+    line.encode("utf-8")  # printable on any terminal
