@@ -5,8 +5,10 @@
  * remember which process owns a socket (by socket cookie, sock.bpf.c); ICMP
  * packets and DNS queries go to ap_packet_sample (sock.bpf.c); the egress hook
  * copies the first AP_PAYLOAD_LEN bytes of each socket's first TCP segment or
- * UDP datagram that carries data. Every hook returns 1: it observes, never
- * blocks.
+ * UDP datagram that carries data; after an HTTP CONNECT, the next few segments
+ * too (up to AP_AFTER_CONNECT), since there the tunnelled protocol (SSH
+ * through a proxy to port 443, stratum) shows. Every hook returns 1: it
+ * observes, never blocks.
  */
 
 _Static_assert(AP_PAYLOAD_LEN == 64, "the length mask in ap_egress assumes 64");
@@ -14,6 +16,11 @@ _Static_assert(AP_PAYLOAD_LEN == 64, "the length mask in ap_egress assumes 64");
 #define AP_ETH_P_IP 0x0800
 #define AP_ETH_P_IPV6 0x86DD
 
+/* segments after a CONNECT request whose first bytes are reported: the rest of
+ * the request's headers may come first, as writes of their own */
+#define AP_AFTER_CONNECT 3
+
+/* by socket cookie: 1 = reported; 2.. = a CONNECT was sent, that many - 1 segments still reported */
 BPF_TABLE("lru_hash", u64, u8, payload_seen, 65536);
 
 int ap_connect4(struct bpf_sock_addr *ctx)
@@ -92,10 +99,17 @@ int ap_egress(struct __sk_buff *skb)
 		return 1; /* no data: SYN, ACK, ... */
 
 	u64 cookie = bpf_get_socket_cookie(skb);
-	if (payload_seen.lookup(&cookie))
+	u8 *seen = payload_seen.lookup(&cookie);
+	u8 state = seen ? *seen : 0;
+	if (state == 1)
 		return 1;
-	u8 one = 1;
-	payload_seen.update(&cookie, &one);
+	if (state > 1) { /* one of the segments after a CONNECT */
+		u8 left = state - 1;
+		payload_seen.update(&cookie, &left);
+	} else {
+		u8 one = 1;
+		payload_seen.update(&cookie, &one);
+	}
 
 	u32 zero = 0;
 	struct ap_payload_event *e = (struct ap_payload_event *)scratch.lookup(&zero);
@@ -130,6 +144,13 @@ int ap_egress(struct __sk_buff *skb)
 		n += 1;
 		if (bpf_skb_load_bytes(skb, payload_off, e->data, n) == 0)
 			e->captured = n;
+	}
+	/* a socket's first bytes asking a proxy for a tunnel: its next segments are reported too */
+	if (state == 0 && proto == 6 && e->captured >= 8 && e->data[0] == 'C' && e->data[1] == 'O' &&
+	    e->data[2] == 'N' && e->data[3] == 'N' && e->data[4] == 'E' && e->data[5] == 'C' &&
+	    e->data[6] == 'T' && e->data[7] == ' ') {
+		u8 more = AP_AFTER_CONNECT + 1;
+		payload_seen.update(&cookie, &more);
 	}
 	ap_submit(skb, e, sizeof(*e), AP_EV_PAYLOAD);
 	return 1;

@@ -162,3 +162,16 @@ def test_tls_and_proxycommands_that_are_no_wrapper(engine):
 ])
 def test_http_tunnel_requests(engine, data, expected):
     assert fired(engine, payload_record(AGENT, "198.51.100.2", 8888, data)) == expected
+
+
+def test_ssh_through_an_http_proxy_to_any_port(engine):
+    """The segments after a CONNECT are reported too: SSH to port 443 through a proxy on loopback."""
+    tool = Proc(pid=420, exe="/tmp/netcheck", ancestors=[SSH])
+    connect = payload_record(tool, "127.0.0.1", 3128, b"CONNECT 198.51.100.2:443 HTTP/1.0\r\n\r\n")
+    banner = payload_record(tool, "127.0.0.1", 3128, b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\r\n")
+    assert fired(engine, connect) == []  # port 443: a web port
+    assert fired(engine, banner) == ["ssh_through_http_proxy"]
+    # HTTPS through the same proxy: a ClientHello after the CONNECT
+    curl = Proc(pid=421, exe="/usr/bin/curl")
+    assert fired(engine, payload_record(curl, "127.0.0.1", 3128, b"CONNECT pypi.org:443 HTTP/1.1\r\n"),
+                 payload_record(curl, "127.0.0.1", 3128, CLIENT_HELLO)) == []

@@ -140,6 +140,35 @@ def test_connect_proxy_tools_carry_ssh(name, agents, episode, net, outside, tmp_
     assert f"CONNECT {net.addr}:22 via {net.addr}:{PROXY_PORT} by netcheck" in alert["summary"]
 
 
+def test_ssh_through_a_node_proxy_to_a_web_port(agents, episode, net, tmp_path):
+    """A node-local proxy (tinyproxy on loopback, outside the agent cgroup) and CONNECT to sshd on port
+    443: no port and no address gives it away; the SSH bytes right after the CONNECT do."""
+    port = 18128
+    conf = tmp_path / "tinyproxy.conf"
+    conf.write_text(f"Port {port}\nListen 127.0.0.1\nTimeout 30\nAllow 127.0.0.1\n")
+    proxy = subprocess.Popen([tool("tinyproxy"), "-d", "-c", str(conf)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 5
+        while not subprocess.run(["ss", "-Htln", f"sport = :{port}"], capture_output=True, text=True).stdout.strip():
+            assert time.monotonic() < deadline, "tinyproxy did not start"
+            time.sleep(0.05)
+        worker = tmp_path / "netcheck"
+        disguise(tool("corkscrew"), worker)
+        cmd = f"ProxyCommand={worker} 127.0.0.1 {port} %h %p"
+        with agent(episode, net.ssh_argv("-p", str(net.SSH_ALT_PORT), "-o", cmd, "-N", f"root@{net.addr}")):
+            recs = frozen_with(agents, episode, "ssh_through_http_proxy")
+    finally:
+        proxy.kill()
+        proxy.wait()
+    alert = alert_of(recs, "ssh_through_http_proxy")
+    connect, banner = alert["evidence"]
+    assert (connect["app"], connect["target"], connect["port"]) == ("http-connect", f"{net.addr}:443", port)
+    assert (banner["app"], banner["port"], banner["proc"]["comm"]) == ("ssh", port, "netcheck")
+    assert f"SSH through the HTTP proxy 127.0.0.1:{port} by netcheck" in alert["summary"]
+    assert {r["rule"] for r in recs if r["type"] == "alert"} == {"ssh_through_http_proxy"}
+
+
 STRATUM = r"""
 import json, socket, sys, time
 deadline = time.monotonic() + 10
