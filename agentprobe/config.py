@@ -23,6 +23,7 @@ import yaml
 from .errors import AgentprobeError
 
 DEFAULT_CONFIG = "/etc/agentprobe/config.yaml"
+DEFAULT_CONFIG_ENV = "AGENTPROBE_DEFAULT_CONFIG"  # another default file (tests, images that keep it elsewhere)
 NOT_IN_FILE = {"config"}  # options that make no sense inside the file itself
 
 
@@ -118,13 +119,19 @@ def load_config(path: str | os.PathLike, command: click.Command) -> dict[str, An
     return out
 
 
+def default_config() -> str:
+    """/etc/agentprobe/config.yaml, or what $AGENTPROBE_DEFAULT_CONFIG names."""
+    return os.environ.get(DEFAULT_CONFIG_ENV) or DEFAULT_CONFIG
+
+
 def resolve_config(given: str | None) -> str | None:
     """The file to read: the one given (must exist), else the default one if it exists."""
     if given:
         if not Path(given).is_file():
             raise ConfigError(f"cannot read config {given}: no such file")
         return given
-    return DEFAULT_CONFIG if Path(DEFAULT_CONFIG).is_file() else None
+    default = default_config()
+    return default if Path(default).is_file() else None
 
 
 def effective(command: click.Command, values: dict[str, Any]) -> list[tuple[str, Any, str]]:

@@ -164,3 +164,33 @@ def test_a_reload_keeps_the_state_of_unchanged_rules(tmp_path):
         old2.process(connect_record(proc, "192.0.2.1", 7, ktime=(k + 1) * 10**9))
     assert changed.adopt_state(old2) == 0
     assert changed.process(connect_record(proc, "192.0.2.1", 7, ktime=3 * 10**9)) == []
+
+
+def test_the_default_file_is_read_when_no_config_is_given(agentprobe_cmd, tmp_path):
+    """/etc/agentprobe/config.yaml by default; $AGENTPROBE_DEFAULT_CONFIG points the default elsewhere
+    (here, so that the test never writes to /etc)."""
+    import os
+
+    from agentprobe.config import DEFAULT_CONFIG, default_config, resolve_config
+
+    env = {k: v for k, v in os.environ.items() if k != "AGENTPROBE_DEFAULT_CONFIG"}
+    assert DEFAULT_CONFIG == "/etc/agentprobe/config.yaml"
+    p = tmp_path / "etc" / "config.yaml"
+    env["AGENTPROBE_DEFAULT_CONFIG"] = str(p)
+    r = subprocess.run([*agentprobe_cmd, "config", "show"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and r.stdout.splitlines()[0].endswith("(no config file)")  # absent: defaults only
+    p.parent.mkdir()
+    p.write_text("rescan: 7\n")
+    r = subprocess.run([*agentprobe_cmd, "config", "show"], capture_output=True, text=True, env=env)
+    assert r.stdout.splitlines()[0] == f"# effective configuration of agentprobe watch (from {p})"
+    assert any(ln.startswith("rescan: 7 ") and ln.endswith("# config") for ln in r.stdout.splitlines())
+    p.write_text("rescan: fast\n")  # the default file is checked like a given one
+    r = subprocess.run([*agentprobe_cmd, "config", "show"], capture_output=True, text=True, env=env)
+    assert (r.returncode, r.stderr) == (1, f"agentprobe: config {p}: 'rescan' must be a number, not 'fast' (str)\n")
+    old = os.environ.pop("AGENTPROBE_DEFAULT_CONFIG", None)
+    try:
+        assert default_config() == DEFAULT_CONFIG
+        assert resolve_config(None) == (DEFAULT_CONFIG if os.path.isfile(DEFAULT_CONFIG) else None)
+    finally:
+        if old is not None:
+            os.environ["AGENTPROBE_DEFAULT_CONFIG"] = old

@@ -260,3 +260,85 @@ def test_nats_drops_reach_the_stream_as_lost_records(agent_cgroup, nats_server, 
     assert drops[-1]["counts"] == {url: sum(r["total"] for r in drops), str(out): 0}
     assert sum(1 for r in recs if r["type"] == "exec") >= 400
     assert recs[-1]["type"] == "stop" and recs[-1]["lost_output"] >= drops[-1]["counts"][url]
+
+
+CONNECT = "import socket, sys; s = socket.socket(); s.settimeout(2); s.connect_ex((sys.argv[1], int(sys.argv[2])))"
+
+
+def test_sighup_applies_allowlist_and_kernel_deny_list_changes_and_survives_bad_configs(
+        agent_cgroup, tmp_path, monkeypatch):
+    """The default config file (pointed elsewhere with $AGENTPROBE_DEFAULT_CONFIG), changed under a
+    running watcher: a wider allowed_networks lets a pool-port connect through the kernel; a new
+    mining_pool_hosts entry is refused in the kernel; a config with an unknown key or a wrong type is
+    one line and a failed reload, and the last good config keeps running. No record lost."""
+    from watcher import WatcherProcess
+
+    site = tmp_path / "site.yaml"
+    site.write_text("- list: allowed_networks\n  items: [127.0.0.1/32]\n")
+    config = tmp_path / "etc" / "config.yaml"
+    config.parent.mkdir()
+    port = free_port()
+    good = f"rules: ['{site}']\nmetrics: '127.0.0.1:{port}'\n"
+    config.write_text(good)
+    monkeypatch.setenv("AGENTPROBE_DEFAULT_CONFIG", str(config))
+    out = tmp_path / "s.msgpack"
+    w = WatcherProcess(["--cgroup", str(agent_cgroup.path), "--no-view", "-o", str(out),
+                        "--status-dir", str(tmp_path / "st")])
+    eps = iter(range(100))
+
+    def connect(addr: str, port_: int) -> int:
+        """From a new episode cgroup (a refused pool connect freezes its episode); returns the pid once
+        the watcher recorded the connect."""
+        ep = agent_cgroup.child(f"ep-{next(eps)}")
+        pid = ep.popen([sys.executable, "-c", CONNECT, addr, str(port_)]).pid
+        wait_for(lambda: any(r["type"] == "connect" and r["proc"]["pid"] == pid for r in read_records(str(out))),
+                 what=f"the connect to {addr}:{port_}")
+        time.sleep(0.3)  # a deny record follows its connect
+        return pid
+
+    def reload(expect: str, n: int) -> None:
+        w.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: (w._readline(0.1), sum(expect in ln for ln in w.stderr_lines) >= n)[1], what=expect)
+
+    try:
+        denied_pool = connect("127.0.0.2", 3333)  # a pool port outside allowed_networks
+        site.write_text("- list: allowed_networks\n  items: [127.0.0.0/8]\n")
+        reload("agentprobe: reloaded", 1)
+        allowed_pool = connect("127.0.0.2", 3333)
+        not_yet_host = connect("127.0.0.3", 8080)
+        site.write_text("- list: allowed_networks\n  items: [127.0.0.0/8]\n"
+                        "- list: mining_pool_hosts\n  items: [127.0.0.3/32]\n")
+        reload("agentprobe: reloaded", 2)
+        denied_host = connect("127.0.0.3", 8080)
+        config.write_text(good + "colour: red\n")
+        reload("reload failed", 1)
+        config.write_text(good.replace("rules: [", "rescan: fast\nrules: ["))
+        reload("reload failed", 2)
+        still_denied = connect("127.0.0.3", 8080)  # the last good lists still hold, in the kernel too
+        still_allowed = connect("127.0.0.2", 3333)
+        m = scrape(port)
+        assert w.proc.poll() is None
+    finally:
+        rc, _, stderr = w.stop(signal.SIGINT)
+    assert rc == 0, stderr
+    recs = list(read_records(str(out)))
+    assert [r["seq"] for r in recs] == list(range(len(recs))) and recs[-1]["lost_total"] == 0
+    denied = {r["proc"]["pid"]: (r["address"], r["port"]) for r in recs if r["type"] == "deny"}
+    assert denied == {denied_pool: ("127.0.0.2", 3333), denied_host: ("127.0.0.3", 8080),
+                      still_denied: ("127.0.0.3", 8080)}
+    alerted = {r["proc"]["pid"] for r in recs if r["type"] == "alert" and r["rule"] == "mining_pool_connection"}
+    assert alerted == {denied_pool, denied_host, still_denied}
+    result = {r["proc"]["pid"]: (r["result"], r["retval"]) for r in recs if r["type"] == "connect"}
+    for pid in (allowed_pool, not_yet_host, still_allowed):
+        assert result[pid] == ("attempted", 0)  # let through by the kernel
+    for pid in denied:
+        assert result[pid] == ("error", -1)
+    reloads = [r for r in recs if r["type"] == "reload"]
+    assert [r["ok"] for r in reloads] == [True, True, False, False]
+    assert all(r["config"] == str(config) for r in reloads[:2])
+    assert reloads[2]["error"].startswith(f"config {config}: unknown key 'colour' (known: ")
+    assert reloads[3]["error"] == f"config {config}: 'rescan' must be a number, not 'fast' (str)"
+    failed = [ln for ln in stderr.splitlines() if "reload failed" in ln]
+    assert failed == [f"agentprobe: reload failed, the running rules stay: {r['error']}" for r in reloads[2:]]
+    assert m['agentprobe_config_reloads_total{result="ok"}'] == 2
+    assert m['agentprobe_config_reloads_total{result="failed"}'] == 2
