@@ -52,7 +52,8 @@ def test_every_rule_is_complete(ruleset):
         "ssh_port_forwarding", "tunnel_tool_started", "cloudflared_tunnel", "netcat_exec", "netcat_listener",
         "socat_relay", "shell_network_redirection", "interpreter_reverse_shell", "shell_with_network_stdio",
         "shell_outbound_connection", "interactive_session_outside_allowlist", "ssh_protocol_outside_allowlist",
-        "proxy_connect_to_session_or_pool_port", "ssh_through_http_proxy", "miner_binary_started", "miner_exec_denied", "miner_arguments",
+        "proxy_connect_to_session_or_pool_port", "ssh_through_http_proxy", "miner_binary_started", "miner_exec_denied",
+        "miner_arguments",
         "mining_pool_connection", "stratum_protocol", "gpu_miner_staged_from_writable_dir", "gpu_use_not_allowed",
         "cuda_context_from_temp_dir", "gpu_sustained_use_not_allowed", "gpu_busy_not_allowed",
         "internal_network_probing", "connection_sweep",
@@ -70,7 +71,8 @@ def test_every_rule_is_complete(ruleset):
         "ssh_protocol_outside_allowlist", "proxy_connect_to_session_or_pool_port", "stratum_protocol",
         "miner_exec_denied", "agent_left_its_cgroup", "icmp_tunnel", "dns_tunnel_query",
         "shell_with_network_stdio", "shell_outbound_connection",
-        "session_through_local_tunnel", "icmp_tunnel_by_rate", "ssh_wrapped_in_tls", "http_tunnel_client", "ssh_through_http_proxy"}
+        "session_through_local_tunnel", "icmp_tunnel_by_rate", "ssh_wrapped_in_tls", "http_tunnel_client",
+        "ssh_through_http_proxy"}
 
 
 def test_default_file_is_package_data():
