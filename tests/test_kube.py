@@ -213,7 +213,18 @@ class PodListServer:
 
 @pytest.fixture
 def api_server(tmp_path):
+    """HTTPS with its own CA, as in a cluster (openssl makes the certificate)."""
     s = PodListServer(tmp_path)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture
+def plain_api_server(tmp_path):
+    """Plain HTTP, for the kernel tests: the VM that runs them has no openssl; TLS is tested above."""
+    s = PodListServer(tmp_path, tls=False)
     try:
         yield s
     finally:
@@ -332,10 +343,12 @@ def test_api_faults_are_one_clear_error_at_start_and_records_while_running(api_s
 
 
 @pytest.mark.kernel
-def test_start_fails_in_one_line_when_the_api_server_cannot_be_used(agentprobe_cmd, api_server, tmp_path):
+def test_start_fails_in_one_line_when_the_api_server_cannot_be_used(agentprobe_cmd, plain_api_server, tmp_path):
     import subprocess
 
     from natsutil import free_port
+
+    api_server = plain_api_server
 
     def watch(url):
         return subprocess.run([*agentprobe_cmd, "watch", "--no-view", "--duration", "1", "--pod-selector", "app=x",
@@ -357,14 +370,15 @@ def test_start_fails_in_one_line_when_the_api_server_cannot_be_used(agentprobe_c
 
 
 @pytest.mark.kernel
-def test_watch_selects_pods_by_label_and_annotation_from_the_api_server(agent_cgroup, api_server, tmp_path):
-    """A real watcher asking a real HTTPS server for the node's pods: a labelled pod (containerd, systemd
+def test_watch_selects_pods_by_label_and_annotation_from_the_api_server(agent_cgroup, plain_api_server, tmp_path):
+    """A real watcher asking a real HTTP server for the node's pods: a labelled pod (containerd, systemd
     driver) and an annotated one (CRI-O, cgroupfs driver) are watched, the third is not until it gets
     the label; an API outage while running is reported and keeps the pods watched."""
     from watcher import WatcherProcess
 
     from agentprobe.stream import read_records
 
+    api_server = plain_api_server
     a, b, c = new_uid(), new_uid(), new_uid()
     ca, cb, cc = "a1" * 32, "b2" * 32, "c3" * 32
     kubepods = agent_cgroup.child("kubepods.slice")
