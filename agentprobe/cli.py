@@ -213,7 +213,7 @@ def watch(config_path, cgroups, globs, outputs, metrics_addr, buffer, no_view, d
                 rules_stage = TimedStage(rules_stage, metrics)
             watcher.sinks.append(metrics)
         reloader = _reloader(watcher, config_path, rule_files, no_default_rules, in_kernel_deny and not dry_run,
-                             metrics)
+                             metrics, insecure_files)
         opts.pods = _pod_selection(**kube)
         watcher.prepare()
         from .cgroups import find_v1_freezer
@@ -288,9 +288,12 @@ def _label_env_names(values) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _reloader(watcher, config_path, cli_rule_files, cli_no_default_rules, with_deny: bool, metrics):
+def _reloader(watcher, config_path, cli_rule_files, cli_no_default_rules, with_deny: bool, metrics,
+              insecure_files: bool = False):
     """What SIGHUP does: re-read the config file and the rule files it or the command line names
-    (the command line wins, as at start), build the engine, swap it in (agentprobe/reload.py)."""
+    (the command line wins, as at start), build the engine, swap it in (agentprobe/reload.py).
+    The files are checked again as at start: one made writable by others since is refused (the
+    running rules stay) unless --insecure-files."""
     from click.core import ParameterSource
 
     from .reload import RuleReloader
@@ -302,9 +305,15 @@ def _reloader(watcher, config_path, cli_rule_files, cli_no_default_rules, with_d
     def build():
         from .config import load_config
         from .rules import build_engine, deny_policy
+        from .trust import check_trusted
 
+        def warn(m):
+            click.echo(m, err=True)
+
+        check_trusted([config_path] if config_path else [], "config file", insecure_files, warn)
         values = load_config(config_path, ctx.command) if config_path else {}
         files = list(cli_rule_files) if from_cli["rule_files"] else list(values.get("rule_files", ()))
+        check_trusted(files, "rule file", insecure_files, warn)
         no_defaults = cli_no_default_rules if from_cli["no_default_rules"] else values.get("no_default_rules", False)
         engine = build_engine(files, with_defaults=not no_defaults)
         return engine, deny_policy(engine.ruleset) if with_deny else None, config_path

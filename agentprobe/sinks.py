@@ -264,15 +264,32 @@ class _Client:
         self.buf = bytearray()
 
 
-def unix_spec(spec: str) -> tuple[str, str | None]:
-    """unix:PATH[?group=NAME] -> (PATH, NAME or None)."""
-    path, _, query = spec[5:].partition("?")
-    group = None
+MIN_CLIENT_BUFFER = 64 * 1024
+
+
+def server_spec(spec: str) -> tuple[str, str | None, int]:
+    """unix:PATH[?group=NAME&buffer=BYTES] or tcp:HOST:PORT[?buffer=BYTES] ->
+    (PATH or HOST:PORT, group NAME or None, bytes queued per reader before it is dropped)."""
+    kind = spec[:spec.index(":")]
+    where, _, query = spec[len(kind) + 1:].partition("?")
+    group, limit = None, CLIENT_BUFFER_LIMIT
+    allowed = "?group=NAME&buffer=BYTES" if kind == "unix" else "?buffer=BYTES"
     for part in filter(None, query.split("&")):
         key, _, value = part.partition("=")
-        if key != "group" or not value:
-            raise SinkError(f"bad output {spec}: the only option of unix: is ?group=NAME")
-        group = value
+        if key == "group" and kind == "unix" and value:
+            group = value
+        elif key == "buffer" and value.isdigit() and int(value) >= MIN_CLIENT_BUFFER:
+            limit = int(value)
+        elif key == "buffer":
+            raise SinkError(f"bad output {spec}: buffer= takes a number of bytes, at least {MIN_CLIENT_BUFFER}")
+        else:
+            raise SinkError(f"bad output {spec}: the options of {kind}: are {allowed}")
+    return where, group, limit
+
+
+def unix_spec(spec: str) -> tuple[str, str | None]:
+    """unix:PATH[?group=NAME&buffer=BYTES] -> (PATH, NAME or None)."""
+    path, group, _ = server_spec(spec)
     return path, group
 
 
@@ -288,18 +305,21 @@ def _group_id(name: str) -> int:
 class ServerSink(Sink):
     """Serves the live stream to any number of readers on a unix or TCP socket.
     Each reader first gets the watcher's `start` record; a reader that falls
-    more than CLIENT_BUFFER_LIMIT behind is disconnected and counted."""
+    more than ?buffer= bytes (CLIENT_BUFFER_LIMIT) behind is disconnected and counted
+    in `readers_dropped`, one that goes away in `readers_closed`."""
 
     def __init__(self, spec: str, start_record: bytes | None = None) -> None:
         super().__init__()
         self.name = spec
         self._clients: list[_Client] = []
         self.start_record = start_record
-        self.readers_dropped = 0
+        self.readers_dropped = 0  # disconnected by us: fell more than `limit` bytes behind
+        self.readers_closed = 0  # went away on their own (closed, reset)
         self._unix_path: str | None = None
+        where, group, self.limit = server_spec(spec)
         try:
             if spec.startswith("unix:"):
-                path, group = unix_spec(spec)
+                path = where
                 gid = _group_id(group) if group else None
                 self._remove_stale_socket(path)
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -316,7 +336,7 @@ class ServerSink(Sink):
                     os.chown(path, -1, gid)
                     os.chmod(path, 0o660)
             else:
-                host, _, port = spec[4:].rpartition(":")
+                host, _, port = where.rpartition(":")
                 host = host.strip("[]")
                 family = socket.AF_INET6 if ":" in host else socket.AF_INET
                 self._sock = socket.socket(family, socket.SOCK_STREAM)
@@ -365,7 +385,9 @@ class ServerSink(Sink):
     def write(self, data: bytes) -> None:
         self.written += 1
         for c in self._clients:
-            if len(c.buf) + len(data) > CLIENT_BUFFER_LIMIT:
+            if c.sock.fileno() < 0:
+                continue  # dropped since the last flush
+            if len(c.buf) + len(data) > self.limit:
                 self._drop(c)
                 self.dropped += 1
             else:
@@ -387,11 +409,17 @@ class ServerSink(Sink):
                     del c.buf[:n]
             except (BlockingIOError, InterruptedError):
                 pass
-            except OSError:
+            except OSError:  # EPIPE, ECONNRESET: the reader went away; the others carry on
+                self.readers_closed += 1
                 c.sock.close()
                 continue
             alive.append(c)
         self._clients = alive
+
+    def readers(self) -> dict:
+        """For the stop record: readers connected now, dropped for falling behind, gone on their own."""
+        return {"connected": sum(1 for c in self._clients if c.sock.fileno() >= 0),
+                "dropped": self.readers_dropped, "closed": self.readers_closed}
 
     def close(self) -> None:
         self.flush()
@@ -456,7 +484,7 @@ def check_output(spec: str) -> None:
         return
     if spec == "-" or spec.startswith(("unix:", "tcp:")):
         if spec.startswith("tcp:"):
-            host, _, port = spec[4:].rpartition(":")
+            host, _, port = server_spec(spec)[0].rpartition(":")
             if not host or not port.isdigit():
                 raise SinkError(f"bad output {spec}: expected tcp:HOST:PORT")
         if spec.startswith("unix:"):

@@ -876,18 +876,17 @@ class Watcher:
             self._frozen = frozen
         d = Path(self.options.status_dir)
         try:
-            d.mkdir(parents=True, exist_ok=True)
+            d.mkdir(mode=0o755, parents=True, exist_ok=True)
             path = d / f"watcher-{os.getpid()}.json"
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({
+            data = json.dumps({
                 "pid": os.getpid(),
                 "started": self._started,
                 "cgroup_root": str(self.root),
                 "watched": [{"id": c.id, "path": c.path} for c in self.watched.values()],
                 "frozen": self._frozen,
-                "outputs": self.options.outputs,
-            }))
-            tmp.replace(path)
+                "outputs": [_without_credentials(o) for o in self.options.outputs],
+            }).encode()
+            write_status_file(path, data)
             self._status_path = path
         except OSError:
             pass  # status is a convenience; the stream is the record
@@ -931,6 +930,7 @@ class Watcher:
                 "lost": dict(self.summary.lost_kernel),
                 "lost_output": self.summary.lost_output + sum(unwritten.values()),
                 "unwritten_at_stop": unwritten,
+                "readers": {s.name: s.readers() for s in self.sinks if hasattr(s, "readers")},
                 "decode_errors": self.summary.decode_errors,
                 "internal_errors": self.summary.internal_errors,
                 "lost_total": self.summary.lost_total,
@@ -973,3 +973,31 @@ class Watcher:
         if self._probes is not None:
             d = deny or {}
             self._probes.set_deny(d.get("ports", ()), d.get("allow", ()), d.get("deny", ()), bool(deny))
+
+
+STATUS_FILE_MODE = 0o644  # `agentprobe status` works for any local user; it holds no event data, no secrets
+
+
+def write_status_file(path: Path, data: bytes) -> None:
+    """Atomically, with exactly STATUS_FILE_MODE whatever the umask: a new temporary file (never
+    one that is there already, never through a symlink) renamed over the old one."""
+    tmp = path.with_name(path.name + ".tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(tmp, flags, 0o600)
+    except FileExistsError:  # left by a watcher of this pid that was killed mid-write
+        os.unlink(tmp)
+        fd = os.open(tmp, flags, 0o600)
+    try:
+        os.fchmod(fd, STATUS_FILE_MODE)
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _without_credentials(spec: str) -> str:
+    """nats://user:pass@host:4222 -> nats://host:4222: the status file is readable by every user."""
+    import re
+
+    return re.sub(r"^([a-z]+://)[^/?#@]*@", r"\1", spec)

@@ -185,3 +185,47 @@ def test_an_output_file_another_user_owns_is_refused(tmp_path):
     for attempt in (lambda: check_output(str(f)), lambda: FileSink(str(f))):
         with pytest.raises(SinkError, match=r"owned by uid 65534, who could read the stream"):
             attempt()
+
+
+# ---------------------------------------------------------------- stream readers going away
+def test_server_readers_that_close_or_stall_are_counted_and_the_others_get_everything(tmp_path):
+    import socket
+
+    from agentprobe.sinks import ServerSink
+
+    start = msgpack.packb({"type": "start"})
+    sink = ServerSink(f"unix:{tmp_path / 's.sock'}?buffer=65536", start_record=start)
+    try:
+        def reader():
+            c = socket.socket(socket.AF_UNIX)
+            c.connect(str(tmp_path / "s.sock"))
+            return c
+
+        steady, leaving, stalled = reader(), reader(), reader()
+        sink.service()  # accepted; each is sent the start record
+        for c in (steady, leaving, stalled):
+            assert c.recv(len(start)) == start
+        leaving.close()  # mid-stream
+        got = bytearray()
+        steady.setblocking(False)
+        for i in range(400):  # 400 KB: far more than the stalled reader's 64 KiB and its socket buffer
+            sink.write(record(i))
+            sink.flush()
+            try:
+                while chunk := steady.recv(1 << 16):
+                    got += chunk
+            except BlockingIOError:
+                pass
+        steady.setblocking(True)
+        steady.settimeout(2)
+        while len(got) < sum(len(record(i)) for i in range(400)):
+            sink.flush()
+            got += steady.recv(1 << 16)
+        assert [x["n"] for x in read_records(bytes(got))] == list(range(400))
+        assert sink.readers() == {"connected": 1, "dropped": 1, "closed": 1}
+        assert sink.written == 400 and sink.dropped == 1  # the record that overflowed the stalled reader
+        stalled.settimeout(2)
+        while stalled.recv(1 << 16):  # what it had been sent, then the end: we hung up on it
+            pass
+    finally:
+        sink.close()

@@ -32,7 +32,9 @@ def test_unix_socket_for_a_group(tmp_path):
 
 @pytest.mark.parametrize("spec, message", [
     ("unix:{d}/c.sock?group=no-such-group-here", "output socket group 'no-such-group-here': no such group"),
-    ("unix:{d}/c.sock?mode=777", "the only option of unix: is ?group=NAME"),
+    ("unix:{d}/c.sock?mode=777", "the options of unix: are ?group=NAME&buffer=BYTES"),
+    ("unix:{d}/c.sock?buffer=100", "buffer= takes a number of bytes, at least 65536"),
+    ("tcp:127.0.0.1:1?group=staff", "the options of tcp: are ?buffer=BYTES"),
 ])
 def test_bad_socket_options_are_one_clear_error(tmp_path, spec, message):
     with pytest.raises(SinkError, match=message.replace("?", r"\?")):
