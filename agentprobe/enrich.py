@@ -214,17 +214,15 @@ def _hex_endpoint(text: str) -> tuple[str, int]:
     return str(ip), int(port, 16)
 
 
-def _stdio_inodes(pid: int) -> dict[int, list[int]]:
-    """socket inode -> which of fds 0, 1, 2 of the process refer to it."""
-    out: dict[int, list[int]] = {}
-    for fd in (0, 1, 2):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            out.setdefault(int(target[8:-1]), []).append(fd)
-    return out
+def _fd_target(pid: int, fd: int | str) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return None
+
+
+def _socket_inode(target: str | None) -> int | None:
+    return int(target[8:-1]) if target and target.startswith("socket:[") else None
 
 
 def _inet_socket(pid: int, inodes: dict[int, list[int]]) -> dict | None:
@@ -248,18 +246,26 @@ def _inet_socket(pid: int, inodes: dict[int, list[int]]) -> dict | None:
 
 
 def stdio_socket(pid: int, ppid: int) -> dict | None:
-    """A TCP or UDP socket on stdin, stdout or stderr of a process that just exec'd: the signature of a
-    reverse or bind shell, whatever its command line. Its parent's are looked at too: a pty relay
-    (python's pty.spawn, script, socat PTY) holds the socket and gives the shell a terminal. Unix
-    sockets (the journal, a socketpair) are not counted. Cost: three readlinks per process, and the
-    socket tables only when a descriptor is a socket."""
-    for who in (pid, ppid):
-        if who <= 0:
-            continue
-        inodes = _stdio_inodes(who)
-        found = _inet_socket(who, inodes) if inodes else None
-        if found is not None:
-            return {"pid": who, **found}
+    """A TCP or UDP socket behind the stdin of a process that just exec'd: the signature of a reverse
+    or bind shell, whatever its command line. Directly (dup2 in any language, bash's
+    `exec 0<>/dev/tcp`, nc.traditional -e), or relayed by its parent through a pty whose parent's
+    stdin is the socket (python's pty.spawn, script): `relayed` says which. A pipe or socketpair from
+    a parent that also holds a TCP connection is not counted: that is every node.js agent running a
+    command while it talks to its model's API. Cost: one readlink per exec; the socket tables only
+    when stdin is a socket or a pty."""
+    own = _fd_target(pid, 0)
+    ino = _socket_inode(own)
+    if ino is not None:
+        inodes = {ino: [0]}
+        for fd in (1, 2):
+            if _socket_inode(_fd_target(pid, fd)) == ino:
+                inodes[ino].append(fd)
+        found = _inet_socket(pid, inodes)
+        return {"pid": pid, "relayed": None, **found} if found is not None else None
+    if own and own.startswith("/dev/pts/") and ppid > 0:
+        pino = _socket_inode(_fd_target(ppid, 0))
+        found = _inet_socket(ppid, {pino: [0]}) if pino is not None else None
+        return {"pid": ppid, "relayed": "pty", **found} if found is not None else None
     return None
 
 

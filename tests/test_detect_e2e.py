@@ -694,8 +694,9 @@ def test_reverse_shell_from_a_bash_script_file(agents, episode, net, shell_liste
 
 @pytest.mark.parametrize("lang", ["python", "perl"])
 def test_reverse_shell_from_an_interpreter_script_file(lang, agents, episode, net, shell_listener, tmp_path):
-    """A script file (python: socket, dup2, pty.spawn; perl: socket, open STDIN>&S, exec sh): the shell
-    starts with the socket as its terminal, or its parent relays the socket through a pty."""
+    """A script file, so no command-line rule knows it (python: socket, dup2, pty.spawn; perl: socket,
+    open STDIN>&S, exec sh): the shell starts with the socket as its stdin, or its parent relays the
+    socket to it through a pty."""
     _, out, _ = agents
     script = tmp_path / ("rs.py" if lang == "python" else "rs.pl")
     script.write_text(PYTHON_PTY_SHELL if lang == "python" else PERL_SHELL)
@@ -709,25 +710,32 @@ def test_reverse_shell_from_an_interpreter_script_file(lang, agents, episode, ne
         assert ex["type"] == "exec" and ex["filename"] == "/bin/sh"
         sock = ex["proc"]["stdio_socket"]
         assert (sock["proto"], sock["peer_address"], sock["peer_port"]) == ("tcp", net.addr, shell_listener)
-        assert sock["pid"] == p.pid and sock["fds"] == [0, 1, 2]  # python: the pty relay; perl: sh itself
-        assert (ex["proc"]["pid"] == p.pid) == (lang == "perl")
+        assert sock["pid"] == p.pid  # python: the pty relay, parent of the shell; perl: the shell it became
+        assert (ex["proc"]["pid"], sock["relayed"], sock["fds"]) == (
+            (ex["proc"]["pid"], "pty", [0]) if lang == "python" else (p.pid, None, [0, 1, 2]))
         assert response(recs)["outcome"] == "frozen"
 
 
 BENIGN_PYTHON = r"""
-import subprocess, sys, urllib.request
+import socket, subprocess, sys, urllib.parse, urllib.request
 body = urllib.request.urlopen(sys.argv[1], timeout=5).read()
 assert body
 subprocess.run(["curl", "-s", "-o", "/dev/null", sys.argv[1]], check=True)
 subprocess.run(["git", "--version"], check=True, capture_output=True)
 subprocess.run([sys.executable, "-m", "pip", "--version"], check=True, capture_output=True)
 subprocess.run(["/bin/sh", "-c", "echo fetched | wc -c"], check=True, capture_output=True)
+# as node.js (libuv) runs a command: stdin a socketpair, while the agent holds a connection to its API
+api = socket.create_connection(("127.0.0.1", urllib.parse.urlsplit(sys.argv[1]).port))
+a, b = socket.socketpair()
+a.sendall(b"fetched\n")
+subprocess.run(["/bin/sh", "-c", "read line; test $line = fetched"], stdin=b, check=True, timeout=5)
 """
 
 
 def test_python_fetching_over_http_raises_nothing(agents, episode, tmp_path):
-    """An agent's python fetching a page, running curl, git, pip and a shell: sockets, but none as a
-    shell's terminal, and no shell connecting itself."""
+    """An agent's python fetching a page, running curl, git, pip and shells (one with a socketpair as stdin
+    while it holds a connection, as node.js agents do): sockets, but none as a shell's stdin, and no
+    shell connecting itself."""
     import http.server
     import threading
 

@@ -558,6 +558,58 @@ def test_benign_agent_work_raises_nothing(engine):
     assert engine.stats()["errors"] == 0
 
 
+def _with_stdio(rec: dict, peer: str = "203.0.113.9", relayed: str | None = None) -> dict:
+    rec["proc"]["stdio_socket"] = {"pid": rec["proc"]["pid"], "relayed": relayed, "fds": [0, 1, 2], "proto": "tcp",
+                                   "state": "established", "local": "10.0.0.5:40000", "peer_address": peer,
+                                   "peer_port": 4444}
+    return rec
+
+
+@pytest.mark.parametrize("exe, argv, relayed, peer, expected", [
+    ("/usr/bin/dash", ["/bin/sh", "-i"], None, "203.0.113.9", True),
+    ("/usr/bin/dash", ["/bin/sh"], "pty", "203.0.113.9", True),        # python pty.spawn relays it
+    ("/usr/bin/dash", ["/bin/sh"], None, "127.0.0.1", True),           # loopback too (a local relay)
+    ("/tmp/x", ["x"], None, "203.0.113.9", True),                      # a renamed shell: stdin itself
+    ("/tmp/x", ["x"], "pty", "203.0.113.9", False),                    # relayed to a non-shell: not alone
+    ("/usr/bin/perl", ["perl"], "pty", "203.0.113.9", True),
+])
+def test_shell_with_network_stdio(engine, exe, argv, relayed, peer, expected):
+    rec = _with_stdio(exec_record(AGENT.child(300, exe), argv), peer, relayed)
+    assert ("shell_with_network_stdio" in alerts(engine, rec)) == expected
+
+
+def test_stdio_socket_allowlist_and_plain_stdio(tmp_path, engine):
+    assert alerts(engine, exec_record(AGENT.child(301, "/usr/bin/dash"), ["/bin/sh"])) == []
+    site = tmp_path / "site.yaml"
+    site.write_text("- list: stdio_socket_allowed_networks\n  append: true\n  items: [203.0.113.0/24]\n")
+    eng = RuleEngine(load_ruleset([site], extra_lists=EXTRA))
+    assert alerts(eng, _with_stdio(exec_record(AGENT.child(302, "/usr/bin/dash"), ["/bin/sh"]))) == []
+
+
+@pytest.mark.parametrize("exe, address, sock_type, expected", [
+    ("/usr/bin/bash", "203.0.113.9", "stream", True),
+    ("/usr/bin/zsh", "2001:db8::1", "stream", True),
+    ("/usr/bin/bash", "127.0.0.1", "stream", False),    # allowed_networks
+    ("/usr/bin/bash", "203.0.113.9", "dgram", False),   # its resolver lookups
+    ("/usr/bin/busybox", "203.0.113.9", "stream", False),  # busybox wget
+    ("/usr/bin/python3.11", "203.0.113.9", "stream", False),
+])
+def test_shell_outbound_connection(engine, exe, address, sock_type, expected):
+    rec = connect_record(AGENT.child(310, exe, cmdline=["bash", "x.sh"]), address, 8443, sock_type=sock_type)
+    assert ("shell_outbound_connection" in alerts(engine, rec)) == expected
+
+
+@pytest.mark.parametrize("exe, expected", [
+    ("/memfd:payload (deleted)", True),
+    ("/memfd: (deleted)", True),
+    ("/memfd:runc_cloned:/proc/self/exe (deleted)", False),
+    ("/tmp/payload", False),
+])
+def test_fileless_exec(engine, exe, expected):
+    rec = exec_record(AGENT.child(320, exe), ["kworker/0:1"], filename="/dev/fd/3")
+    assert ("fileless_exec" in alerts(engine, rec)) == expected
+
+
 def test_docs_list_every_default_rule(ruleset):
     from pathlib import Path
 

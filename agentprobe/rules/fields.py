@@ -23,7 +23,7 @@ from .argspec import OptionSpec, ParsedArgs, parse_args
 
 STR, INT, BOOL, IP, STRS = "str", "int", "bool", "ip", "strs"
 EVENT_TYPES = ("exec", "connect", "gpu", "fork", "exit", "payload", "cgroup_move", "socket", "bind", "packet",
-               "flow_counts", "tunnel", "connect_sweep")
+               "flow_counts", "tunnel", "connect_sweep", "listen")
 DESTINATION_TYPES = ("connect", "packet", "flow_counts")  # records whose address/port are a destination
 DELETED = " (deleted)"
 
@@ -83,6 +83,11 @@ def _sub(outer: str, key: str) -> Getter:
 
 def _of_type(type_: str, get: Getter) -> Getter:
     return lambda ev: get(ev) if ev.rec.get("type") == type_ else None
+
+
+def _of_bind(get: Getter) -> Getter:
+    """bind and listen records: both say where a socket of the agent's is reachable"""
+    return lambda ev: get(ev) if ev.rec.get("type") in ("bind", "listen") else None
 
 
 def _proc(ev: EventView) -> dict:
@@ -363,9 +368,10 @@ _field("tunnel.to_outside", BOOL, "tunnel: the forwarder is connected outside lo
 _field("socket.type", STR, "socket: raw, or dgram for an ICMP (ping) socket", _of_type("socket", _top("sock_type")))
 _field("socket.protocol", STR, "socket: icmp, icmpv6, udp, tcp, raw or the number",
        _of_type("socket", _top("protocol_name")))
-_field("bind.address", STR, "bind: the local address (not loopback)", _of_type("bind", _top("address")))
-_field("bind.port", INT, "bind: the local port (0: ephemeral)", _of_type("bind", _top("port")))
-_field("bind.type", STR, "bind: stream, dgram, ...", _of_type("bind", _top("sock_type")))
+_field("bind.address", STR, "bind/listen: the local address (not loopback)", _of_bind(_top("address")))
+_field("bind.port", INT, "bind/listen: the local port (0: ephemeral at bind; at listen: chosen by the kernel after)",
+       _of_bind(_top("port")))
+_field("bind.type", STR, "bind/listen: stream, dgram, ...", _of_bind(_top("sock_type")))
 _field("packet.protocol", STR, "packet/flow_counts: icmp, icmpv6 or udp",
        lambda ev: ev.rec.get("protocol") if ev.rec.get("type") in ("packet", "flow_counts") else None)
 _field("packet.len", INT, "packet: payload bytes after the ICMP/UDP header", _of_type("packet", _top("len")))
@@ -431,9 +437,11 @@ _field("proc.optargs", STRS, "option values as OPT=VALUE ('-R=8080:h:22'): proc.
        make=_make_getopt("optargs"))
 _field("proc.operands", STRS, "arguments that are neither options nor their values: proc.operands[LIST]",
        make=_make_getopt("operands"))
-_field("proc.stdio_socket", BOOL, "a TCP/UDP socket is stdin, stdout or stderr of the process (or, for a pty "
-       "relay, of its parent) since its exec", lambda ev: _stdio(ev) is not None)
-_field("proc.stdin_socket", BOOL, "that socket is stdin", lambda ev: 0 in ((_stdio(ev) or {}).get("fds") or ()))
+_field("proc.stdio_socket", BOOL, "a TCP/UDP socket was behind the process's stdin at its exec: the socket itself, "
+       "or relayed by its parent (see proc.stdio_relayed)", lambda ev: _stdio(ev) is not None)
+_field("proc.stdio_relayed", BOOL, "the parent holds that socket: stdin is a pty and the parent's stdin the socket "
+       "(pty.spawn, script)",
+       lambda ev: None if _stdio(ev) is None else bool(_stdio(ev).get("relayed")))
 _field("proc.stdio_proto", STR, "tcp or udp: the protocol of that socket", lambda ev: (_stdio(ev) or {}).get("proto"))
 _field("proc.stdio_peer", IP, "that socket's peer address", lambda ev: parse_ip((_stdio(ev) or {}).get("peer_address")
                                                                                 or ""))
