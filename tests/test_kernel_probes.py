@@ -655,6 +655,39 @@ def test_in_kernel_deny_of_pool_ports_and_bad_hosts(capture, watched, outside_cg
         capture.probes.set_deny([], [], [], False)
 
 
+def test_a_deny_list_change_applies_at_once_to_destinations_already_counted(capture, watched, blackhole_net):
+    """Repeats of an allowed connect take a fast path that trusts the verdict taken for the first
+    one in the window; a change to the deny lists makes that verdict stale at once."""
+    code = f"""
+        import socket, sys
+        def go():
+            s = socket.socket(); s.setblocking(False)
+            print(s.connect_ex(({blackhole_net!r}, 3335)), flush=True); s.close()
+        go(); go(); go()
+        sys.stdin.readline()
+        go(); go()
+    """
+    capture.probes.set_deny([3333], [], [], True)
+    p = watched.popen(py(code), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        first = [p.stdout.readline().strip() for _ in range(3)]
+        capture.probes.set_deny([3333, 3335], [], [], True)
+        p.stdin.write("\n")
+        p.stdin.flush()
+        then = [p.stdout.readline().strip() for _ in range(2)]
+        p.wait(10)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        capture.probes.set_deny([], [], [], False)
+    assert first == ["115"] * 3 and then == ["1", "1"]  # EINPROGRESS, then EPERM at once
+    counted = {(socket.ntohs(k.port), k.kind): n for k, n, _, _ in capture.probes.conn_counts(time.monotonic_ns() + 1)
+               if k.pid == p.pid}
+    if capture.mode == "auto":  # the allowed ones: one recorded, two counted; the refused: one and one
+        assert counted == {(3335, 0): 2, (3335, 1): 1}
+
+
 # ---------------------------------------------------------------- BPF-LSM exec deny, or its fallback
 def test_exec_deny_where_bpf_lsm_is_allowed(agent_cgroup, outside_cgroup, tmp_path):
     """In the test VMs (AGENTPROBE_EXPECT_LSM=1, booted with lsm=...,bpf) a known miner name is
@@ -791,3 +824,60 @@ def test_io_uring_connect_never_calls_connect(capture, watched, tmp_path):
         assert [(e.address, e.result, e.proc.comm) for e in cs] == [("127.0.0.1", "attempted", "uring_connect")]
     else:
         assert cs == []
+
+
+# ---------------------------------------------------------------- leaving the agent cgroups
+CLONE_INTO = """
+    import ctypes, os, struct, sys
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+    args = ctypes.create_string_buffer(struct.pack("<11Q", 0x200000000, 0, 0, 0, 17, 0, 0, 0, 0, 0, fd), 88)
+    pid = libc.syscall(ctypes.c_long(435), args, ctypes.c_size_t(88))  # clone3(CLONE_INTO_CGROUP)
+    if pid == 0:
+        os._exit(0)
+    print(pid, flush=True)
+    os.waitpid(pid, 0)
+"""
+
+
+def test_child_born_in_another_cgroup_is_a_move(capture, watched, outside_cgroup):
+    """clone3(CLONE_INTO_CGROUP) attaches no task (no cgroup_attach_task): the fork probe sees the
+    child's css_set differ from its parent's and reports the child as moved, the parent as mover."""
+    from agentprobe.events import MoveEvent
+
+    r = watched.run(py(CLONE_INTO) + [str(outside_cgroup.path)], text=True)
+    child = int(r.stdout)
+    evs = capture.wait(lambda e: isinstance(e, MoveEvent))
+    forks = [e for e in evs if isinstance(e, ForkEvent) and e.child_pid == child]
+    moves = [e for e in evs if isinstance(e, MoveEvent)]
+    assert len(forks) == 1 and len(moves) == 1
+    m = moves[0]
+    assert (m.moved_pid, m.src_cgroup_id, m.dst_cgroup_id, m.dst_level) == (
+        child, watched.id, outside_cgroup.id, outside_cgroup.rel.count("/"))
+    assert m.proc.pid == forks[0].proc.pid and m.proc.pid != child  # the parent made it
+    # a plain fork shares its parent's cgroups: no move
+    watched.run(["/bin/sh", "-c", "/bin/true & wait"])
+    assert not [e for e in capture.settle(0.3) if isinstance(e, MoveEvent) and e.moved_pid != child]
+
+
+def test_agents_the_kernel_never_saw_start_are_remembered(capture, agent_cgroup, outside_cgroup):
+    """A shell already running when the cgroup is watched is unknown to the kernel until user space
+    tells it (remember_agents); then its builtin move out is reported."""
+    from agentprobe.events import MoveEvent
+
+    sh = agent_cgroup.popen(["/bin/sh", "-c", f"read go; echo $$ > {outside_cgroup.path}/cgroup.procs; read end"],
+                            stdin=subprocess.PIPE, text=True)
+    try:
+        capture.watch(agent_cgroup)
+        assert capture.probes.remember_agents({sh.pid: agent_cgroup.id, 999999999: agent_cgroup.id}) == 1
+        sh.stdin.write("go\n")
+        sh.stdin.flush()
+        evs = capture.wait(lambda e: isinstance(e, MoveEvent))
+        (m,) = [e for e in evs if isinstance(e, MoveEvent)]
+        assert (m.moved_pid, m.proc.pid, m.src_cgroup_id, m.dst_cgroup_id) == (
+            sh.pid, sh.pid, agent_cgroup.id, outside_cgroup.id)
+    finally:
+        sh.kill()
+        sh.wait()
+        capture.watch()
