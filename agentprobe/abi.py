@@ -218,7 +218,8 @@ class ConnKey(ct.Structure):
 
 
 class ConnCount(ct.Structure):
-    _fields_ = [("count", ct.c_uint64), ("first_ns", ct.c_uint64), ("last_ns", ct.c_uint64)]
+    _fields_ = [("count", ct.c_uint64), ("first_ns", ct.c_uint64), ("last_ns", ct.c_uint64),
+                ("deny_conf", ct.c_uint32), ("_pad", ct.c_uint32)]
 
 
 class ConnSweep(ct.Structure):

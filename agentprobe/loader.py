@@ -221,6 +221,7 @@ class ProbeSet:
         self.lsm_status = "off"
         self._on_record = on_record
         self.records_read = 0
+        self._deny_gen = 0
         # busy polling (see poll()): off with busy_poll_ms 0, and with the perf buffer
         self.busy_poll = options.busy_poll_ms > 0
         self.BUSY_POLL_MS = max(1, options.busy_poll_ms)
@@ -476,7 +477,10 @@ class ProbeSet:
                 else:
                     key6 = abi.LpmV6(net.prefixlen, (ct.c_uint8 * 16)(*net.network_address.packed))
                     b[trie6][key6] = ct.c_uint8(1)
-        b[b"deny_conf"][ct.c_int(0)] = ct.c_uint32(1 | hosts if enabled else 0)
+        # bits 8-31: a new generation, so that no verdict remembered with a destination under the
+        # old lists is taken for current (conn_repeats, connect.bpf.c)
+        self._deny_gen = (self._deny_gen + 1) & 0xFFFFFF or 1
+        b[b"deny_conf"][ct.c_int(0)] = ct.c_uint32((1 | hosts if enabled else 0) | self._deny_gen << 8)
 
     def _attach_cgroups(self, wanted: dict[int, WatchedCgroup]) -> None:
         """Attach the socket programs to the top-most watched cgroups (they cover the subtree)."""

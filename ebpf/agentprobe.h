@@ -287,6 +287,8 @@ struct ap_conn_count {
 	__u64 count;    /* repeats after the recorded connect */
 	__u64 first_ns; /* the recorded connect: the window starts here */
 	__u64 last_ns;
+	__u32 deny_conf; /* deny_conf[0] when the deny verdict was last taken for this key */
+	__u32 _pad;
 };
 
 /* per process (conn_sweeps map): connect records to new destinations in the

@@ -26,21 +26,22 @@ BPF_HASH(conn_always_ports, u16, u8, 4096); /* host byte order: never counted as
 /* 1 when this connect repeats one recorded less than a window ago: counted, no
  * record. Decided from the hook's context alone, before any record is built:
  * a connect flood to one destination costs a map lookup per connect. */
-static __always_inline int ap_connect_repeat(struct ap_conn_key *k, u64 now)
+static __always_inline int ap_connect_repeat(struct ap_conn_key *k, u64 now, u32 conf)
 {
 	struct ap_conn_count *c = conn_repeats.lookup(k);
 	if (c && now - c->first_ns < AP_CONN_WINDOW_NS) {
 		__sync_fetch_and_add(&c->count, 1);
 		c->last_ns = now;
+		c->deny_conf = conf;
 		return 1;
 	}
 	return 0;
 }
 
 /* The window of a destination whose connect is recorded now. */
-static __always_inline void ap_connect_window(struct ap_conn_key *k, u64 now)
+static __always_inline void ap_connect_window(struct ap_conn_key *k, u64 now, u32 conf)
 {
-	struct ap_conn_count init = {.count = 0, .first_ns = now, .last_ns = now};
+	struct ap_conn_count init = {.count = 0, .first_ns = now, .last_ns = now, .deny_conf = conf};
 	struct ap_conn_count *c = conn_repeats.lookup(k);
 	if (c) /* a new window: the repeats of the last one stay for user space */
 		init.count = c->count;
@@ -122,16 +123,55 @@ static __always_inline struct ap_connect_event *ap_connect_begin(struct bpf_sock
 	return e;
 }
 
-static __always_inline void ap_connect4_record(struct bpf_sock_addr *ctx, int allowed, u32 flags)
+/* The fast path of a repeated connect: an allowed connect to this destination
+ * was recorded less than a window ago under the same deny configuration, so
+ * its verdict holds. Counted, and nothing else to look up: 1. Otherwise 0, and
+ * the connect takes the whole path (deny check, record or count). */
+static __always_inline int ap_connect_allowed_repeat(struct ap_conn_key *k, u32 conf)
+{
+	struct ap_conn_count *c = conn_repeats.lookup(k);
+	if (!c || c->deny_conf != conf)
+		return 0;
+	u64 now = bpf_ktime_get_ns();
+	if (now - c->first_ns >= AP_CONN_WINDOW_NS)
+		return 0;
+	__sync_fetch_and_add(&c->count, 1);
+	c->last_ns = now;
+	return 1;
+}
+
+static __always_inline int ap_connect4_allowed_repeat(struct bpf_sock_addr *ctx, u32 flags, u32 conf)
+{
+	u32 ip = ctx->user_ip4;
+	struct ap_conn_key k = {};
+	ap_conn_key_begin(&k, ctx, 1, flags);
+	__builtin_memcpy(k.addr, &ip, 4);
+	return ap_connect_allowed_repeat(&k, conf);
+}
+
+static __always_inline int ap_connect6_allowed_repeat(struct bpf_sock_addr *ctx, u32 flags, u32 conf)
+{
+	u32 ip6[4];
+	ip6[0] = ctx->user_ip6[0];
+	ip6[1] = ctx->user_ip6[1];
+	ip6[2] = ctx->user_ip6[2];
+	ip6[3] = ctx->user_ip6[3];
+	struct ap_conn_key k = {};
+	ap_conn_key_begin(&k, ctx, 1, flags);
+	__builtin_memcpy(k.addr, ip6, 16);
+	return ap_connect_allowed_repeat(&k, conf);
+}
+
+static __always_inline void ap_connect4_record(struct bpf_sock_addr *ctx, int allowed, u32 flags, u32 conf)
 {
 	u32 ip = ctx->user_ip4;
 	struct ap_conn_key k = {};
 	ap_conn_key_begin(&k, ctx, allowed, flags);
 	__builtin_memcpy(k.addr, &ip, 4);
 	u64 now = bpf_ktime_get_ns();
-	if (ap_connect_repeat(&k, now) || ap_connect_swept(&k, now))
+	if (ap_connect_repeat(&k, now, conf) || ap_connect_swept(&k, now))
 		return;
-	ap_connect_window(&k, now);
+	ap_connect_window(&k, now, conf);
 	struct ap_connect_event *e = ap_connect_begin(ctx, allowed, flags);
 	if (!e)
 		return;
@@ -140,7 +180,7 @@ static __always_inline void ap_connect4_record(struct bpf_sock_addr *ctx, int al
 	ap_submit(ctx, e, sizeof(*e), AP_EV_CONNECT);
 }
 
-static __always_inline void ap_connect6_record(struct bpf_sock_addr *ctx, int allowed, u32 flags)
+static __always_inline void ap_connect6_record(struct bpf_sock_addr *ctx, int allowed, u32 flags, u32 conf)
 {
 	u32 ip6[4];
 	ip6[0] = ctx->user_ip6[0];
@@ -151,9 +191,9 @@ static __always_inline void ap_connect6_record(struct bpf_sock_addr *ctx, int al
 	ap_conn_key_begin(&k, ctx, allowed, flags);
 	__builtin_memcpy(k.addr, ip6, 16);
 	u64 now = bpf_ktime_get_ns();
-	if (ap_connect_repeat(&k, now) || ap_connect_swept(&k, now))
+	if (ap_connect_repeat(&k, now, conf) || ap_connect_swept(&k, now))
 		return;
-	ap_connect_window(&k, now);
+	ap_connect_window(&k, now, conf);
 	struct ap_connect_event *e = ap_connect_begin(ctx, allowed, flags);
 	if (!e)
 		return;

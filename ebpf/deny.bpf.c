@@ -16,16 +16,17 @@ BPF_LPM_TRIE(deny6, struct ap_lpm_v6, u8, 1024);
 
 /* deny_conf[0]: bit 0 on; bits 1 and 2: deny4 and deny6 hold entries (a trie
  * lookup is the dearest step of a connect here: skipped when there is nothing
- * to find) */
+ * to find); bits 8-31: a generation user space bumps at each change, so that a
+ * verdict remembered with a destination (conn_repeats) is known to be current */
 #define AP_DENY_ON 1
 #define AP_DENY_HOSTS4 2
 #define AP_DENY_HOSTS6 4
 
-static __always_inline u32 ap_deny_enabled(void)
+static __always_inline u32 ap_deny_conf(void)
 {
 	u32 zero = 0;
-	u32 *on = deny_conf.lookup(&zero);
-	return on && (*on & AP_DENY_ON) ? *on : 0;
+	u32 *conf = deny_conf.lookup(&zero);
+	return conf ? *conf : 0;
 }
 
 static __always_inline u32 ap_deny_v4(u32 conf, u32 ip_be, u16 port)
@@ -80,10 +81,9 @@ static __always_inline void ap_report_deny(void *ctx, u16 family, u16 port, u32 
 /* Why to refuse this connect (AP_DENY_*), or 0 to let it go on. The hooks
  * write the connect record first and the deny record after it (ap_connect4/6_
  * report): the rules act on the connect record, read first. */
-static __always_inline u32 ap_connect4_deny(struct bpf_sock_addr *ctx)
+static __always_inline u32 ap_connect4_deny(struct bpf_sock_addr *ctx, u32 conf)
 {
-	u32 conf = ap_deny_enabled();
-	if (!conf)
+	if (!(conf & AP_DENY_ON))
 		return 0;
 	return ap_deny_v4(conf, ctx->user_ip4, bpf_ntohs((u16)ctx->user_port));
 }
@@ -107,10 +107,9 @@ static __always_inline int ap_v4mapped(const u32 *ip6)
 	return ip6[0] == 0 && ip6[1] == 0 && ip6[2] == bpf_htonl(0xffff);
 }
 
-static __always_inline u32 ap_connect6_deny(struct bpf_sock_addr *ctx)
+static __always_inline u32 ap_connect6_deny(struct bpf_sock_addr *ctx, u32 conf)
 {
-	u32 conf = ap_deny_enabled();
-	if (!conf)
+	if (!(conf & AP_DENY_ON))
 		return 0;
 	u32 ip6[4];
 	ap_ctx_ip6(ctx, ip6);

@@ -26,9 +26,14 @@ BPF_TABLE("lru_hash", u64, u8, payload_seen, 65536);
 int ap_connect4(struct bpf_sock_addr *ctx)
 {
 	ap_remember_owner(ctx);
-	u32 deny = ap_connect4_deny(ctx);
+	u32 conf = ap_deny_conf();
 #ifndef AP_SYSCALL_PROBES
-	ap_connect4_record(ctx, !deny, 0);
+	if (ap_connect4_allowed_repeat(ctx, 0, conf))
+		return 1;
+#endif
+	u32 deny = ap_connect4_deny(ctx, conf);
+#ifndef AP_SYSCALL_PROBES
+	ap_connect4_record(ctx, !deny, 0, conf);
 #endif
 	if (deny)
 		ap_connect4_report(ctx, deny);
@@ -38,9 +43,14 @@ int ap_connect4(struct bpf_sock_addr *ctx)
 int ap_connect6(struct bpf_sock_addr *ctx)
 {
 	ap_remember_owner(ctx);
-	u32 deny = ap_connect6_deny(ctx);
+	u32 conf = ap_deny_conf();
 #ifndef AP_SYSCALL_PROBES
-	ap_connect6_record(ctx, !deny, 0);
+	if (ap_connect6_allowed_repeat(ctx, 0, conf))
+		return 1;
+#endif
+	u32 deny = ap_connect6_deny(ctx, conf);
+#ifndef AP_SYSCALL_PROBES
+	ap_connect6_record(ctx, !deny, 0, conf);
 #endif
 	if (deny)
 		ap_connect6_report(ctx, deny);

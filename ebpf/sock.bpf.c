@@ -151,8 +151,11 @@ int ap_bind6(struct bpf_sock_addr *ctx)
 int ap_sendmsg4(struct bpf_sock_addr *ctx)
 {
 	ap_remember_owner(ctx);
-	u32 deny = ap_connect4_deny(ctx);
-	ap_connect4_record(ctx, !deny, AP_CONNECT_SENDMSG);
+	u32 conf = ap_deny_conf();
+	if (ap_connect4_allowed_repeat(ctx, AP_CONNECT_SENDMSG, conf))
+		return 1;
+	u32 deny = ap_connect4_deny(ctx, conf);
+	ap_connect4_record(ctx, !deny, AP_CONNECT_SENDMSG, conf);
 	if (deny)
 		ap_connect4_report(ctx, deny);
 	return !deny;
@@ -161,8 +164,11 @@ int ap_sendmsg4(struct bpf_sock_addr *ctx)
 int ap_sendmsg6(struct bpf_sock_addr *ctx)
 {
 	ap_remember_owner(ctx);
-	u32 deny = ap_connect6_deny(ctx);
-	ap_connect6_record(ctx, !deny, AP_CONNECT_SENDMSG);
+	u32 conf = ap_deny_conf();
+	if (ap_connect6_allowed_repeat(ctx, AP_CONNECT_SENDMSG, conf))
+		return 1;
+	u32 deny = ap_connect6_deny(ctx, conf);
+	ap_connect6_record(ctx, !deny, AP_CONNECT_SENDMSG, conf);
 	if (deny)
 		ap_connect6_report(ctx, deny);
 	return !deny;
