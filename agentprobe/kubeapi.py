@@ -13,7 +13,8 @@ cgroupfs drivers) and the pod's own cgroup is watched with its subtree: every co
 pod, also those started later. The API's namespace, pod and container names go to the enricher.
 
 A failure at start (API unreachable, refused, not a pod list) is a KubeError: one line, exit 1.
-A failure while running keeps the last good selection and is returned as a `kube` record.
+Later lists come from a background thread, so a slow API server never stalls the watcher; a
+failure while running keeps the last good selection and is returned as a `kube` record.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ import os
 import re
 import socket
 import ssl
-import time
+import threading
 import urllib.parse
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +39,7 @@ SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 DEFAULT_ANNOTATION = "agentprobe.io/watch=true"
 MAX_BODY = 64 << 20  # a pod list larger than this is refused, not read into memory
 TIMEOUT_S = 5.0
-MKDIR_REFRESH_S = 1.0  # a new pod cgroup of an unknown uid asks the API at most this often
+MKDIR_REFRESH_S = 0.5  # the lister asks at most this often (a new pod cgroup of an unknown uid asks at once)
 
 _KEY = r"(?:[A-Za-z0-9][-A-Za-z0-9_.]{0,252}/)?[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
 _VALUE = r"(?:[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?"
@@ -204,7 +206,11 @@ class KubeApi:
 
 
 class PodSelection:
-    """The agent pods of this node and their cgroups, kept up to date."""
+    """The agent pods of this node and their cgroups, kept up to date.
+
+    The first list is taken at start, in the caller's thread (a failure stops the watcher). Later
+    lists are taken by a background thread (an API server that is slow or away never stalls the
+    watcher's loop) and applied in the loop's thread by `refresh()` and `new_pod_cgroup()`."""
 
     def __init__(self, api: KubeApi, node: str, selectors: list[str] = (), annotations: list[str] = (),
                  refresh_s: float = 10.0) -> None:
@@ -215,12 +221,15 @@ class PodSelection:
         self.refresh_s = refresh_s
         self.pods: dict[str, Pod] = {}  # uid -> pod, every pod of the node
         self.selected: dict[str, Pod] = {}
-        self.failures = 0  # refreshes that failed while running
+        self.failures = 0  # lists that failed while running
         self._failing = False
-        self._next = 0.0
-        self._last_mkdir_refresh = -MKDIR_REFRESH_S
-        self._pending: list[dict] = []  # records of a refresh made from new_pod_cgroup
+        self._results: deque = deque()  # (pods or None, error or None) from the lister thread
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pending: list[dict] = []  # records of lists applied in new_pod_cgroup, for the next refresh()
         self._paths: dict[str, Path] = {}  # uid -> the pod's cgroup directory
+        self._mapped: set[str] = set()  # selected uids whose cgroup was found
         self.directory: PodDirectory | None = None  # names go there (the enricher's)
 
     def describe(self) -> dict:
@@ -233,17 +242,18 @@ class PodSelection:
             return True
         return any(k in pod.annotations and (v is None or pod.annotations[k] == v) for k, v in self.annotations)
 
+    def _selection_record(self, pods: int) -> dict:
+        return {"ok": True, "node": self.node, "pods": pods,
+                "selected": [{"uid": p.uid, "namespace": p.namespace, "pod": p.name}
+                             for p in sorted(self.selected.values(), key=lambda p: (p.namespace, p.name))]}
+
     def _apply(self, pods: list[Pod]) -> list[dict]:
         self.pods = {p.uid: p for p in pods}
         selected = {p.uid: p for p in pods if self.wants(p)}
         changed = set(selected) != set(self.selected)
         self.selected = selected
         self._names()
-        if not changed:
-            return []
-        return [{"ok": True, "node": self.node, "pods": len(pods),
-                 "selected": [{"uid": p.uid, "namespace": p.namespace, "pod": p.name}
-                              for p in sorted(selected.values(), key=lambda p: (p.namespace, p.name))]}]
+        return [self._selection_record(len(pods))] if changed else []
 
     def _names(self) -> None:
         if self.directory is not None:
@@ -251,47 +261,71 @@ class PodSelection:
                                  {cid: (p.namespace, p.name, name) for p in self.pods.values()
                                   for cid, name in p.containers.items()})
 
-    def start(self) -> list[dict]:
-        """The first list: raises KubeError (the watcher does not start without it)."""
-        out = self._apply(self.api.list_pods(self.node))
-        self._next = time.monotonic() + self.refresh_s
-        return out or [{"ok": True, "node": self.node, "pods": len(self.pods), "selected": []}]
+    def start(self, background: bool = True) -> list[dict]:
+        """The first list (raises KubeError: the watcher does not start without it), then the lister."""
+        self._apply(self.api.list_pods(self.node))
+        if background and self._thread is None:
+            self._thread = threading.Thread(target=self._lister, name="agentprobe-kube", daemon=True)
+            self._thread.start()
+        return [self._selection_record(len(self.pods))]
 
-    def refresh(self, force: bool = False) -> list[dict]:
-        """When due (or forced): list again. Returns `kube` record fields: a change of selection,
-        a failure (the last good selection stays), a recovery."""
-        now = time.monotonic()
-        if not force and now < self._next:
-            return []
-        self._next = now + self.refresh_s
-        try:
-            pods = self.api.list_pods(self.node)
-        except KubeError as e:
-            self.failures += 1
-            first = not self._failing
-            self._failing = True
-            return [{"ok": False, "error": str(e), "failures": self.failures, "first": first,
-                     "selected_kept": len(self.selected)}]
-        out = self._apply(pods)
-        if self._failing:
-            self._failing = False
-            out = out or [{"ok": True, "node": self.node, "pods": len(pods),
-                           "selected": [{"uid": p.uid, "namespace": p.namespace, "pod": p.name}
-                                        for p in self.selected.values()]}]
-            out[0]["recovered"] = True
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def _lister(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.refresh_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self._results.append((self.api.list_pods(self.node), None))
+            except KubeError as e:
+                self._results.append((None, str(e)))
+            except Exception as e:  # a bug here must not end the lister silently
+                self._results.append((None, f"listing pods: {type(e).__name__}: {e}"))
+            self._stop.wait(MKDIR_REFRESH_S)  # asked again at once (new pod cgroups): at most this often
+
+    def ask_now(self) -> None:
+        """List again as soon as the lister can (a pod cgroup of a pod the last list did not have)."""
+        self._wake.set()
+
+    def _collect(self) -> list[dict]:
+        out: list[dict] = []
+        while self._results:
+            pods, error = self._results.popleft()
+            if error is not None:
+                self.failures += 1
+                out.append({"ok": False, "error": error, "failures": self.failures, "first": not self._failing,
+                            "selected_kept": len(self.selected)})
+                self._failing = True
+                continue
+            recs = self._apply(pods)
+            if self._failing:
+                self._failing = False
+                recs = recs or [self._selection_record(len(pods))]
+                recs[0]["recovered"] = True
+            out += recs
+        return out
+
+    def refresh(self) -> list[dict]:
+        """`kube` record fields of the lists that came in since: a change of selection, a failure
+        (the last good selection stays), a recovery."""
+        out, self._pending = self._pending + self._collect(), []
         return out
 
     def new_pod_cgroup(self, path: str) -> bool:
-        """A cgroup was made (cgroup_mkdir): is it a selected pod's? A pod the last list did not
-        have makes the API asked at once (at most every MKDIR_REFRESH_S), so an agent pod is
-        watched before its containers start, not at the next refresh."""
+        """A cgroup was made (cgroup_mkdir): should the cgroups be scanned now? Yes for a selected pod
+        not mapped yet. The pod cgroup of a pod the last list did not have makes the lister ask at
+        once, so that by the time its first container's cgroup is made the pod is known."""
         pc = pod_cgroup(path)
-        if pc is None or pc.container_id is not None:
+        if pc is None:
             return False
-        if pc.pod_uid not in self.pods and time.monotonic() - self._last_mkdir_refresh >= MKDIR_REFRESH_S:
-            self._last_mkdir_refresh = time.monotonic()
-            self._pending = self.refresh(force=True)
-        return pc.pod_uid in self.selected
+        self._pending += self._collect()
+        if pc.pod_uid not in self.pods:
+            self.ask_now()
+        return pc.pod_uid in self.selected and pc.pod_uid not in self._mapped
 
     def take_pending(self) -> list[dict]:
         out, self._pending = self._pending, []
@@ -303,6 +337,7 @@ class PodSelection:
         missing = [u for u in self.selected if u not in self._paths or not self._paths[u].is_dir()]
         if missing:
             self._paths.update(find_pod_cgroups(root, set(missing)))
+        self._mapped = set()
         for uid in self.selected:
             d = self._paths.get(uid)
             if d is None:
@@ -313,6 +348,7 @@ class PodSelection:
                 continue
             rel = "/" + str(d.relative_to(root))
             out[cid] = WatchedCgroup(cid, rel, rel.count("/"))
+            self._mapped.add(uid)
         return out
 
 

@@ -690,7 +690,7 @@ class Watcher:
 
     def rescan(self) -> None:
         if self.options.pods is not None:
-            self._kube_refreshed(self.options.pods.take_pending() + self.options.pods.refresh())
+            self._kube_refreshed(self.options.pods.refresh())
         found = self._scan()
         for cid in set(found) - set(self.watched):
             if not self._lock(found[cid], explicit=False):
@@ -955,6 +955,8 @@ class Watcher:
             lock.close()
         self._locks = {}
         self._remove_status()
+        if self.options.pods is not None:
+            self.options.pods.close()  # the pod lister thread
 
     # ---- for the CLI's configuration reload ----
     def meta_record(self, type_: str, fields: dict) -> dict:

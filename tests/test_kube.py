@@ -287,7 +287,7 @@ def test_selected_pods_map_to_their_cgroups_in_every_layout(tmp_path):
         s.items.append(pod_json(uids[4], "rl", "other-abcde", {"ff" * 32: "worker"}))
         s.items.append(pod_json(new_uid(), "rl", "elsewhere-abcde", {}, labels={"app": "rl-agent"}, node="gpu-node-8"))
         sel = PodSelection(KubeApi(s.url, s.sa_dir), NODE, ["app=rl-agent"], [])
-        (rec,) = sel.start()
+        (rec,) = sel.start(background=False)
         assert rec["ok"] and rec["pods"] == 5 and {p["uid"] for p in rec["selected"]} == set(uids[:4])
         got = {p for p in (c.path for c in sel.cgroups(root).values())}
         assert got == set(expected.values())
@@ -326,20 +326,45 @@ def test_api_faults_are_one_clear_error_at_start_and_records_while_running(api_s
         api.list_pods(NODE)
     with pytest.raises(KubeError, match=r"TLS: CERTIFICATE_VERIFY_FAILED"):
         KubeApi(api_server.url, tmp_path).list_pods(NODE)  # no ca.crt: the system's CAs do not know it
-    # while running: the last good selection stays; each failure is a record, the first of a streak says so
+    # while running (lists from the background thread): the last good selection stays; each failure is a
+    # record, the first of a streak says so
     api_server.mode = "ok"
     api_server.items = [pod_json(UID, "rl", "a-12345", {CID: "worker"}, annotations={"agentprobe.io/watch": "true"})]
-    sel = PodSelection(api, NODE, [], ["agentprobe.io/watch=true"], refresh_s=3600)
-    assert [p["pod"] for p in sel.start()[0]["selected"]] == ["a-12345"]
-    assert sel.refresh() == []  # not due
-    api_server.mode = "garbage"
-    (r1,) = sel.refresh(force=True)
-    (r2,) = sel.refresh(force=True)
-    assert (r1["ok"], r1["first"], r1["failures"], r1["selected_kept"]) == (False, True, 1, 1)
-    assert (r2["first"], r2["failures"]) == (False, 2) and list(sel.selected) == [UID]
-    api_server.mode = "ok"
-    (r3,) = sel.refresh(force=True)
-    assert r3["ok"] and r3["recovered"] and sel.failures == 2
+    sel = PodSelection(api, NODE, [], ["agentprobe.io/watch=true"], refresh_s=0.1)
+
+    def records(until):
+        got, deadline = [], time.monotonic() + 10
+        while not until(got):
+            assert time.monotonic() < deadline, got
+            got += sel.refresh()
+            time.sleep(0.02)
+        return got
+
+    try:
+        assert [p["pod"] for p in sel.start()[0]["selected"]] == ["a-12345"]
+        api_server.mode = "garbage"
+        failed = records(lambda got: len(got) >= 2)
+        r1, r2 = failed[:2]
+        assert (r1["ok"], r1["first"], r1["failures"], r1["selected_kept"]) == (False, True, 1, 1)
+        assert (r2["ok"], r2["first"], r2["failures"]) == (False, False, 2) and list(sel.selected) == [UID]
+        api_server.mode = "ok"
+        got = records(lambda got: any(r["ok"] for r in got))
+        assert got[-1]["recovered"] and [p["pod"] for p in got[-1]["selected"]] == ["a-12345"]
+        assert all(not r["ok"] for r in failed + got[:-1]) and sel.failures == len(failed) + len(got) - 1
+        # a new pod cgroup of a pod the last list did not have: listed again at once, watched as soon as known
+        sel.refresh_s = 3600
+        time.sleep(0.8)  # the lister sleeps its full refresh now
+        u2 = new_uid()
+        api_server.items.append(pod_json(u2, "rl", "b-12345", {}, annotations={"agentprobe.io/watch": "true"}))
+        path = f"/kubepods/burstable/pod{u2}"
+        assert sel.new_pod_cgroup(path) is False  # asked for, not known yet
+        deadline = time.monotonic() + 5
+        while not sel.new_pod_cgroup(path):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert u2 in sel.selected and sel.refresh()[0]["selected"][1]["pod"] == "b-12345"
+    finally:
+        sel.close()
 
 
 @pytest.mark.kernel
