@@ -249,7 +249,8 @@ class PodSelection:
 
     def _apply(self, pods: list[Pod]) -> list[dict]:
         self.pods = {p.uid: p for p in pods}
-        selected = {p.uid: p for p in pods if self.wants(p)}
+        # a pod that has ended keeps no cgroup: not looked for
+        selected = {p.uid: p for p in pods if self.wants(p) and p.phase not in ("Succeeded", "Failed")}
         changed = set(selected) != set(self.selected)
         self.selected = selected
         self._names()

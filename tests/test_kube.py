@@ -286,9 +286,12 @@ def test_selected_pods_map_to_their_cgroups_in_every_layout(tmp_path):
         (root / "kubepods" / "burstable" / f"pod{uids[4]}" / ("ff" * 32)).mkdir(parents=True)
         s.items.append(pod_json(uids[4], "rl", "other-abcde", {"ff" * 32: "worker"}))
         s.items.append(pod_json(new_uid(), "rl", "elsewhere-abcde", {}, labels={"app": "rl-agent"}, node="gpu-node-8"))
+        done = pod_json(new_uid(), "rl", "finished-abcde", {}, labels={"app": "rl-agent"})  # ended: no cgroup
+        done["status"]["phase"] = "Succeeded"
+        s.items.append(done)
         sel = PodSelection(KubeApi(s.url, s.sa_dir), NODE, ["app=rl-agent"], [])
         (rec,) = sel.start(background=False)
-        assert rec["ok"] and rec["pods"] == 5 and {p["uid"] for p in rec["selected"]} == set(uids[:4])
+        assert rec["ok"] and rec["pods"] == 6 and {p["uid"] for p in rec["selected"]} == set(uids[:4])
         got = {p for p in (c.path for c in sel.cgroups(root).values())}
         assert got == set(expected.values())
         # names go to the enricher's directory: the container's name from its status
