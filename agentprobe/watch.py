@@ -218,6 +218,7 @@ class Watcher:
         self._gpu_holders: set[int] = set()  # agent processes that opened a GPU device (or inherited it)
         self._active: OrderedDict[str, tuple[float, int | None]] = OrderedDict()  # episode -> (last seen, id)
         self._loss_alerted: dict[str, float] = {}
+        self._tracer = 0  # the pid ptracing the watcher, as last seen
         self._gpu_idle_since: float | None = None
 
     # ---- set-up ----
@@ -635,6 +636,7 @@ class Watcher:
                 now = time.monotonic()
                 if now >= next_tick:
                     self._tick_stages()
+                    self._check_tracer()
                     next_tick = now + 0.5
                 if now >= next_lost:
                     self._check_losses()
@@ -739,6 +741,32 @@ class Watcher:
             self.summary.lost_output = dropped
             self.emit(self._meta("lost", {"source": "output", "counts": {s.name: s.dropped for s in self.sinks},
                                           "total": n}))
+
+    def _check_tracer(self) -> None:
+        """Root can ptrace the watcher whatever PR_SET_DUMPABLE says, and then read and change it:
+        an alert within a tick (0.5 s), and a freeze of the tracer's episode when it is an agent."""
+        tracer = traced_by(os.getpid())
+        if tracer == self._tracer:
+            return
+        self._tracer = tracer
+        if not tracer:
+            return
+        path = v2_cgroup_of(tracer)
+        agent = path is not None and any(path == w.path or path.startswith(w.path.rstrip("/") + "/")
+                                         for w in self.watched.values())
+        comm = ""
+        try:
+            with open(f"/proc/{tracer}/comm", "rb") as f:
+                comm = f.read().rstrip(b"\n").decode("utf-8", "backslashreplace")
+        except OSError:
+            pass
+        who = f"agent process {tracer} ({comm}) in {path}" if agent else f"process {tracer} ({comm}), not an agent"
+        self.emit(self._meta("alert", {
+            "rule": "monitor_traced", "name": "The watcher is being ptraced", "priority": "critical",
+            "tags": ["evasion", "T1562.001"], "mitre": ["T1562.001"], "action": "freeze" if agent else "alert",
+            "summary": f"{who} is ptracing the watcher (pid {os.getpid()}): it can read and change it",
+            "cgroup": {"id": None, "path": self.episode_of(path) if agent else path},
+            "proc": {"pid": tracer, "comm": comm}, "evidence": [], "chain": []}))
 
     LOSS_WINDOW_S = 2.0
 
@@ -1003,3 +1031,27 @@ def _without_credentials(spec: str) -> str:
     import re
 
     return re.sub(r"^([a-z]+://)[^/?#@]*@", r"\1", spec)
+
+
+def traced_by(pid: int) -> int:
+    """The pid ptracing `pid` (TracerPid in /proc/PID/status), 0 if none."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"TracerPid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def v2_cgroup_of(pid: int) -> str | None:
+    """A process's cgroup v2 path (relative to the v2 mount), or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/cgroup", "rb") as f:
+            for line in f:
+                if line.startswith(b"0::"):
+                    return os.fsdecode(line[3:].rstrip(b"\n"))
+    except OSError:
+        pass
+    return None

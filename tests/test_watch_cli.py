@@ -943,3 +943,40 @@ def test_a_fork_exec_storm_under_pids_max_does_not_keep_a_sibling_attack_from_be
         assert not loss_alerts
     assert stop["internal_errors"] == 0
     print(f"storm: {storm_execs} execs recorded, {lost} lost, attack frozen in {frozen_after * 1000:.0f} ms")
+
+
+TRACER = r"""
+import ctypes, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.ptrace(0x4206, int(sys.argv[1]), None, None) == -1:  # PTRACE_SEIZE: no stop, the tracee runs on
+    sys.exit("seize failed: errno %d" % ctypes.get_errno())
+print("seized", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_root_agent_ptracing_the_watcher_is_alerted_and_frozen(agent_cgroup, tmp_path):
+    """Root in an agent cgroup can ptrace the watcher (PR_SET_DUMPABLE does not stop root, nothing
+    on a kernel without BPF-LSM does): the watcher sees its TracerPid within a tick, alerts, and
+    freezes the tracer's episode, so the tracer can do nothing more with it."""
+    from watcher import WatcherProcess
+
+    ep = agent_cgroup.child("ep-tracer")
+    out = tmp_path / "s.msgpack"
+    w = WatcherProcess(["--cgroup", str(agent_cgroup.path), "-o", str(out), "--no-view"])
+    tracer = None
+    try:
+        tracer = ep.popen([sys.executable, "-c", TRACER, str(w.proc.pid)], stdout=subprocess.PIPE, text=True)
+        assert tracer.stdout.readline().strip() == "seized"
+        assert ep.wait_frozen(5)
+    finally:
+        (ep.path / "cgroup.kill").write_text("1")  # a frozen tracer would hold the watcher at its next signal
+        if tracer is not None:
+            tracer.wait(10)
+        rc, _, err = w.stop()
+    assert rc == 0, err
+    recs = list(read_records(str(out)))
+    (alert,) = [r for r in recs if r["type"] == "alert" and r["rule"] == "monitor_traced"]
+    assert alert["proc"]["pid"] == tracer.pid and alert["cgroup"]["path"] == ep.rel and alert["action"] == "freeze"
+    (resp,) = [r for r in recs if r["type"] == "response"]
+    assert (resp["rule"], resp["outcome"], resp["cgroup"]["path"]) == ("monitor_traced", "frozen", ep.rel)
