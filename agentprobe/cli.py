@@ -86,7 +86,7 @@ def main() -> None:
 @click.option("--duration", type=float, metavar="SECONDS", help="Stop after SECONDS.")
 @click.option("--gpu-interval", type=float, default=2.0, show_default=True, metavar="SECONDS",
               help="How often aggregated GPU ioctl counts are written.")
-@click.option("--gpu-major", "gpu_majors", type=int, multiple=True, metavar="N",
+@click.option("--gpu-major", "gpu_majors", type=click.IntRange(0, 4095), multiple=True, metavar="N",
               help="Treat char-device major N as an NVIDIA device too (195 and the majors in "
                    "/proc/devices are always used).")
 @click.option("--rescan", type=float, default=2.0, show_default=True, metavar="SECONDS",

@@ -325,6 +325,8 @@ class ProbeSet:
         for m in self.options.extra_gpu_majors:
             all_majors.setdefault(m, abi.GPU_DEV_NVIDIA)
         for major, kind in all_majors.items():
+            if not 0 <= major < 4096:
+                raise LoaderError(f"GPU device major {major}: a device major is 0-4095")
             majors[ct.c_uint32(major)] = ct.c_uint32(kind)
         self.gpu_majors = all_majors
         cb = self._callback

@@ -19,8 +19,10 @@
 #define AP_NV_ESC_RM_CONTROL 0x2A
 #define AP_NV_ESC_RM_ALLOC 0x2B
 
-/* major -> AP_GPU_DEV_*, filled from /proc/devices by user space */
-BPF_HASH(gpu_majors, u32, u32, 16);
+/* major -> AP_GPU_DEV_* (0: not a GPU), filled from /proc/devices by user space;
+ * an array indexed by the 12-bit major: no hashing on every ioctl */
+#define AP_MAX_MAJOR 4096
+BPF_ARRAY(gpu_majors, u32, AP_MAX_MAJOR);
 BPF_TABLE("lru_hash", struct ap_gpu_key, struct ap_gpu_count, gpu_counts, AP_MAX_GPU_KEYS);
 /* (pid, dev) pairs already reported */
 BPF_TABLE("lru_hash", u64, u8, gpu_seen, AP_MAX_GPU_KEYS);
@@ -38,7 +40,7 @@ static __always_inline int ap_gpu_ioctl(void *ctx, int fd, u32 cmd, u64 arg)
 	u32 rdev = ap_read_u32(inode, AP_OFF_INODE_I_RDEV);
 	u32 major = rdev >> 20;
 	u32 *kind = gpu_majors.lookup(&major);
-	if (!kind)
+	if (!kind || !*kind)
 		return 0;
 
 	u32 flags = 0;
@@ -135,7 +137,7 @@ int ap_device(struct bpf_cgroup_dev_ctx *ctx)
 		return 1;
 	u32 major = ctx->major;
 	u32 *kind = gpu_majors.lookup(&major);
-	if (!kind)
+	if (!kind || !*kind)
 		return 1;
 	u32 zero = 0;
 	struct ap_gpu_event *e = (struct ap_gpu_event *)scratch.lookup(&zero);
