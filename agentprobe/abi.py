@@ -16,7 +16,8 @@ PAYLOAD_LEN = 64
 
 EV_EXEC, EV_CONNECT, EV_GPU, EV_FORK, EV_EXIT, EV_PAYLOAD, EV_DENY, EV_MOVE = 1, 2, 3, 4, 5, 6, 7, 8
 EV_SOCKET, EV_BIND, EV_PACKET, EV_MKDIR = 9, 10, 11, 12
-EV_TYPES = 13
+EV_LISTEN = 13  # a BindRecord: listen() on a non-loopback address
+EV_TYPES = 14
 CGROUP_PATH_LEN = 256
 PACKET_LEN = 128
 PACKETS_PER_SEC = 20
@@ -240,6 +241,7 @@ RECORDS: dict[int, type[ct.Structure]] = {
     EV_MOVE: MoveRecord,
     EV_SOCKET: SocketRecord,
     EV_BIND: BindRecord,
+    EV_LISTEN: BindRecord,
     EV_PACKET: PacketRecord,
     EV_MKDIR: MkdirRecord,
 }

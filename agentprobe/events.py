@@ -466,16 +466,17 @@ def decode(data: bytes) -> Event:
             port=r.port,
             reason={abi.DENY_PORT: "pool_port", abi.DENY_HOST: "denied_host"}.get(r.reason, str(r.reason)),
         )
-    if rtype in (abi.EV_SOCKET, abi.EV_BIND, abi.EV_PACKET):
+    if rtype in (abi.EV_SOCKET, abi.EV_BIND, abi.EV_PACKET, abi.EV_LISTEN):
         fam = "inet" if r.family == socket.AF_INET else "inet6"
         if rtype == abi.EV_SOCKET:
             return SocketEvent(**_base(h, "socket"), family=fam, sock_type=SOCK_TYPES.get(r.type, str(r.type)),
                                protocol=r.protocol, cookie=r.cookie)
-        raw = bytes(r.addr if rtype == abi.EV_BIND else r.daddr)[: 4 if fam == "inet" else 16]
+        raw = bytes(r.addr if rtype in (abi.EV_BIND, abi.EV_LISTEN) else r.daddr)[: 4 if fam == "inet" else 16]
         addr = ipaddress.ip_address(raw)
         text = str(getattr(addr, "ipv4_mapped", None) or addr)
-        if rtype == abi.EV_BIND:
-            return BindEvent(**_base(h, "bind"), family=fam, address=text, port=r.port,
+        if rtype in (abi.EV_BIND, abi.EV_LISTEN):
+            return BindEvent(**_base(h, "bind" if rtype == abi.EV_BIND else "listen"), family=fam, address=text,
+                             port=r.port,
                              sock_type=SOCK_TYPES.get(r.type, str(r.type)), protocol=r.protocol)
         return PacketEvent(**_base(h, "packet"), family=fam, protocol=r.protocol, icmp_type=r.icmp_type,
                            address=text, port=r.dport, cookie=r.cookie, length=r.len,

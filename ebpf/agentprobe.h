@@ -47,7 +47,8 @@ typedef uint64_t __u64;
 #define AP_EV_BIND 10
 #define AP_EV_PACKET 11
 #define AP_EV_MKDIR 12
-#define AP_EV_TYPES 13 /* size of the per-type loss counter array */
+#define AP_EV_LISTEN 13 /* struct ap_bind_event: listen() on a non-loopback address (sock:inet_sock_set_state) */
+#define AP_EV_TYPES 14 /* size of the per-type loss counter array */
 
 /* ---- exec flags ---- */
 #define AP_EXEC_EXECVEAT (1u << 0)      /* came from execveat(2) */

@@ -1,6 +1,6 @@
 /* sock.bpf.c - agent sockets beyond connect: who owns a socket, raw and ICMP
- * socket creation, binds to non-loopback addresses, UDP sends with a
- * destination, and sampled ICMP and DNS packets.
+ * socket creation, binds to and listens on non-loopback addresses, UDP sends
+ * with a destination, and sampled ICMP and DNS packets.
  *
  * All of it runs in cgroup hooks attached to the watched cgroups (processes
  * outside never run it). Every hook returns 1 unless the in-kernel deny
@@ -145,6 +145,48 @@ int ap_bind6(struct bpf_sock_addr *ctx)
 	if (!loopback && !mapped_loopback)
 		ap_bind_record(ctx, 10, ip6, 16);
 	return 1;
+}
+
+/* ---- listen() on an address other than loopback ----
+ * Not a syscall tracepoint: it fires on TCP state changes only, and returns at
+ * once unless the new state is TCP_LISTEN, which listen() sets in the caller's
+ * context (so the cgroup check applies). It catches what the bind hook cannot
+ * call a listener: bind to port 0 then listen, and listen without bind (the
+ * kernel picks the port after this tracepoint: port 0 in the record). */
+#define AP_TCP_LISTEN 10
+
+TRACEPOINT_PROBE(sock, inet_sock_set_state)
+{
+	if (args->newstate != AP_TCP_LISTEN || !ap_in_scope())
+		return 0;
+	u32 zero = 0;
+	struct ap_bind_event *e = (struct ap_bind_event *)scratch.lookup(&zero);
+	if (!e)
+		return 0;
+	__builtin_memset(e->addr, 0, sizeof(e->addr));
+	if (args->family == 2) {
+		if (args->saddr[0] == 127)
+			return 0;
+		__builtin_memcpy(e->addr, args->saddr, 4);
+	} else {
+		__builtin_memcpy(e->addr, args->saddr_v6, 16);
+		u32 w0, w1, w2, w3;
+		__builtin_memcpy(&w0, &e->addr[0], 4);
+		__builtin_memcpy(&w1, &e->addr[4], 4);
+		__builtin_memcpy(&w2, &e->addr[8], 4);
+		__builtin_memcpy(&w3, &e->addr[12], 4);
+		if ((w0 | w1 | w2) == 0 && w3 == bpf_htonl(1))
+			return 0;
+		if (w0 == 0 && w1 == 0 && w2 == bpf_htonl(0xffff) && e->addr[12] == 127)
+			return 0;
+	}
+	ap_fill_header(&e->h, AP_EV_LISTEN);
+	e->family = args->family;
+	e->port = args->sport;
+	e->type = AP_SOCK_STREAM;
+	e->protocol = args->protocol;
+	ap_submit(args, e, sizeof(*e), AP_EV_LISTEN);
+	return 0;
 }
 
 /* ---- UDP sends with a destination (sendto/sendmsg without connect) ---- */

@@ -101,6 +101,7 @@ def test_dns_names_that_end_early_or_point_elsewhere():
 
 
 _RECORDS = {abi.EV_PACKET: abi.PacketRecord, abi.EV_PAYLOAD: abi.PayloadRecord, abi.EV_SOCKET: abi.SocketRecord,
+            abi.EV_LISTEN: abi.BindRecord,
             abi.EV_BIND: abi.BindRecord}
 
 

@@ -175,3 +175,13 @@ def test_ssh_through_an_http_proxy_to_any_port(engine):
     curl = Proc(pid=421, exe="/usr/bin/curl")
     assert fired(engine, payload_record(curl, "127.0.0.1", 3128, b"CONNECT pypi.org:443 HTTP/1.1\r\n"),
                  payload_record(curl, "127.0.0.1", 3128, CLIENT_HELLO)) == []
+
+
+def test_listening_on_a_port_the_kernel_chose(engine):
+    """bind to port 0 then listen, or listen without bind: the listen record says it, whatever the port."""
+    listen = bind_record(AGENT, "0.0.0.0", 41234)
+    listen["type"] = "listen"
+    assert fired(engine, listen) == ["agent_listens_outside_loopback"]
+    unbound = bind_record(replace(AGENT, pid=301), "::", 0)
+    unbound["type"] = "listen"
+    assert fired(engine, unbound) == ["agent_listens_outside_loopback"]

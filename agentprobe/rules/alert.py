@@ -31,6 +31,7 @@ TYPE_FIELDS = {
                     "interval_ns"),
     "socket": ("family", "sock_type", "protocol", "protocol_name"),
     "bind": ("family", "address", "port", "sock_type", "protocol"),
+    "listen": ("family", "address", "port", "sock_type", "protocol"),
 }
 PROC_FIELDS = ("pid", "ppid", "uid", "comm", "exe", "sha256", "stdio_socket")
 

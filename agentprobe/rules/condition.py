@@ -58,7 +58,7 @@ OPS_BY_TYPE[STRS] = OPS_BY_TYPE[STR]
 # record types a field prefix can be true for (a superset is safe: it only indexes rules by type)
 TYPE_OF_PREFIX = {"exec": ("exec",), "net": ("connect", "packet", "flow_counts"), "gpu": ("gpu",),
                   "fork": ("fork",), "exit": ("exit",), "payload": ("payload",), "move": ("cgroup_move",),
-                  "socket": ("socket",), "bind": ("bind",), "packet": ("packet", "flow_counts"),
+                  "socket": ("socket",), "bind": ("bind", "listen"), "packet": ("packet", "flow_counts"),
                   "flow": ("flow_counts",), "dns": ("packet",), "tunnel": ("tunnel",),
                   "sweep": ("connect_sweep",)}
 

@@ -355,7 +355,7 @@ def _truncated(ev: EventView) -> bool | None:
 
 
 _field("evt.type", STR, "record type: exec, connect, gpu, fork, exit, payload, cgroup_move, socket, bind, packet, "
-       "flow_counts, tunnel, connect_sweep", _top("type"))
+       "flow_counts, tunnel, connect_sweep, listen", _top("type"))
 _field("net.sendmsg", BOOL, "connect: a UDP sendto/sendmsg with a destination, not a connect",
        _of_type("connect", lambda ev: bool(ev.rec.get("sendmsg"))))
 _field("tunnel.carried", STR, "tunnel: what a local forwarder carries (ssh, stratum)",
