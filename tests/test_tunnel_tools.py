@@ -321,9 +321,10 @@ def test_listen_on_a_port_the_kernel_chose(agents, episode):
     assert r.returncode == 0, r.stderr
     bound, autobound = map(int, r.stdout.split())
     recs = wait_records(out, episode, lambda rs: len([x for x in rs if x["type"] == "listen"]) >= 2)
-    assert [(x["address"], x["port"], x["sock_type"]) for x in recs if x["type"] == "listen"] == [
-        ("0.0.0.0", bound, "stream"), ("0.0.0.0", 0, "stream")]  # the bare listen's port comes after
+    # in any order (per-CPU buffers on some kernels); the bare listen's port is chosen after the record
+    assert sorted((x["address"], x["port"], x["sock_type"]) for x in recs if x["type"] == "listen") == [
+        ("0.0.0.0", 0, "stream"), ("0.0.0.0", bound, "stream")]
     assert [(x["address"], x["port"]) for x in recs if x["type"] == "bind"] == [("0.0.0.0", 0)]
     (alert,) = [x for x in recs if x["type"] == "alert"]  # one a process
     assert alert["rule"] == "agent_listens_outside_loopback" and alert["evidence"][0]["type"] == "listen"
-    assert f"on 0.0.0.0 port {bound} (listen)" in alert["summary"] and bound != autobound
+    assert "on 0.0.0.0 port" in alert["summary"] and "(listen)" in alert["summary"] and bound != autobound
