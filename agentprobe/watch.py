@@ -32,7 +32,8 @@ from .stream import encode
 
 EV_NAMES = {abi.EV_EXEC: "exec", abi.EV_CONNECT: "connect", abi.EV_GPU: "gpu", abi.EV_FORK: "fork",
             abi.EV_EXIT: "exit", abi.EV_PAYLOAD: "payload", abi.EV_DENY: "deny", abi.EV_MOVE: "cgroup_move",
-            abi.EV_SOCKET: "socket", abi.EV_BIND: "bind", abi.EV_PACKET: "packet", abi.EV_MKDIR: "cgroup_mkdir"}
+            abi.EV_SOCKET: "socket", abi.EV_BIND: "bind", abi.EV_PACKET: "packet", abi.EV_MKDIR: "cgroup_mkdir",
+            abi.EV_LISTEN: "listen"}
 
 # hashed at start: what agents run most (and what tunnels and miners hide behind), so their first
 # exec reaches the rules without waiting for a sha256 of the binary

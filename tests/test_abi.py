@@ -74,3 +74,10 @@ def test_constants_match():
         "AP_GPU_DEV_UVM": abi.GPU_DEV_UVM, "AP_GPU_DEV_CAPS": abi.GPU_DEV_CAPS,
     }
     assert {k: defines.get(k) for k in expect} == expect
+
+
+def test_every_record_type_has_a_name_for_its_losses():
+    """Losses are reported by record type name: a type without one would show as a bare number."""
+    from agentprobe.watch import EV_NAMES
+
+    assert sorted(EV_NAMES) == list(range(1, abi.EV_TYPES)) and len(set(EV_NAMES.values())) == abi.EV_TYPES - 1
