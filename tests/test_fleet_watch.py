@@ -19,7 +19,7 @@ from natsutil import free_port
 
 from agentprobe.stream import read_records
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.userland]
 
 MARKER_RULE = """\
 - rule: reload_marker

@@ -81,6 +81,7 @@ def test_a_pod_started_later_is_found_after_a_rescan(tmp_path, monkeypatch):
 
 
 @pytest.mark.kernel
+@pytest.mark.userland
 def test_watch_names_pod_namespace_and_container(agent_cgroup, tmp_path, monkeypatch):
     """A real watcher, processes in cgroups laid out as containerd's systemd driver does."""
     from watcher import WatcherProcess
@@ -371,6 +372,7 @@ def test_api_faults_are_one_clear_error_at_start_and_records_while_running(api_s
 
 
 @pytest.mark.kernel
+@pytest.mark.userland
 def test_start_fails_in_one_line_when_the_api_server_cannot_be_used(agentprobe_cmd, plain_api_server, tmp_path):
     import subprocess
 
@@ -398,6 +400,7 @@ def test_start_fails_in_one_line_when_the_api_server_cannot_be_used(agentprobe_c
 
 
 @pytest.mark.kernel
+@pytest.mark.userland
 def test_watch_selects_pods_by_label_and_annotation_from_the_api_server(agent_cgroup, plain_api_server, tmp_path):
     """A real watcher asking a real HTTP server for the node's pods: a labelled pod (containerd, systemd
     driver) and an annotated one (CRI-O, cgroupfs driver) are watched, the third is not until it gets

@@ -24,7 +24,7 @@ from agentprobe.lab import Internet
 from agentprobe.stream import read_records
 from agentprobe.verdicts import META_TYPES
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.userland]
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -71,6 +71,7 @@ def test_watch_records_to_file_and_stops_cleanly(agent_cgroup, tmp_path):
     assert released(before)  # nothing left attached
 
 
+@pytest.mark.userland
 def test_sigterm_and_stdout_stream(agent_cgroup):
     from watcher import WatcherProcess
 
@@ -85,6 +86,7 @@ def test_sigterm_and_stdout_stream(agent_cgroup):
     assert [r["argv"] for r in recs if r["type"] == "exec"] == [["/bin/true", "sigterm"]]
 
 
+@pytest.mark.userland
 def test_unix_socket_readers_get_the_live_stream(agent_cgroup, tmp_path):
     from watcher import WatcherProcess
 
@@ -110,6 +112,7 @@ def test_unix_socket_readers_get_the_live_stream(agent_cgroup, tmp_path):
     assert not sock.exists()
 
 
+@pytest.mark.userland
 def test_tcp_output_on_loopback(agent_cgroup):
     from watcher import WatcherProcess
 
@@ -200,6 +203,7 @@ def test_missing_cgroup(agentprobe_cmd, cgroup_root, tmp_path):
     assert not (tmp_path / "s").exists() and released(before)
 
 
+@pytest.mark.userland
 def test_unwritable_output(agentprobe_cmd, agent_cgroup, tmp_path):
     r = run_cli(agentprobe_cmd, "--cgroup", str(agent_cgroup.path), "-o", str(tmp_path))
     assert r.returncode == 1
@@ -228,12 +232,14 @@ def test_second_watcher_on_same_cgroup(agent_cgroup, agentprobe_cmd, tmp_path):
     assert not (tmp_path / "b").exists() and rc == 0
 
 
+@pytest.mark.userland
 def test_not_root(agentprobe_cmd, agent_cgroup, tmp_path):
     r = run_cli(agentprobe_cmd, "--cgroup", str(agent_cgroup.path), "-o", "-", user="65534")
     assert r.returncode == 4, r.stderr
     assert one_error_line(r).startswith("agentprobe: agentprobe watch needs root")
 
 
+@pytest.mark.userland
 def test_no_bcc(agentprobe_cmd, agent_cgroup, tmp_path):
     """Without the distribution's BCC binding the watcher says so in one line."""
     code = ("import sys; sys.modules['bcc'] = None; "  # as if python3-bpfcc were not installed
@@ -532,6 +538,7 @@ def test_an_agent_cannot_kill_trace_or_thaw_past_the_monitor(agent_cgroup, tmp_p
     assert start["hardening"] == {"dumpable": False, "oom_score_adj": oom, "nice": -5, "slice_us": slice_us}
 
 
+@pytest.mark.userland
 def test_a_full_disk_does_not_stop_the_watcher_and_what_it_could_not_write_is_counted(agent_cgroup, tmp_path):
     from watcher import WatcherProcess
 
@@ -609,6 +616,7 @@ subprocess.run(["/bin/true", "named"])
 """
 
 
+@pytest.mark.userland
 def test_hostile_names_and_arguments_reach_the_stream_escaped_and_never_the_terminal(agent_cgroup, tmp_path):
     from watcher import WatcherProcess
 
@@ -635,6 +643,7 @@ def test_hostile_names_and_arguments_reach_the_stream_escaped_and_never_the_term
         p for p in recs if p["type"] == "fork" and p["child_pid"] == named["proc"]["pid"])["proc"]["comm"])
 
 
+@pytest.mark.userland
 def test_rule_and_config_files_other_users_could_change_are_refused(agentprobe_cmd, agent_cgroup, tmp_path):
     rules = tmp_path / "site.yaml"
     rules.write_text("- list: allowed_networks\n  append: true\n  items: [10.0.0.0/8]\n")
@@ -658,6 +667,7 @@ def test_rule_and_config_files_other_users_could_change_are_refused(agentprobe_c
     assert r.returncode == 1 and f"agentprobe: config file {config}: {config} is writable by its group" in r.stderr
 
 
+@pytest.mark.userland
 def test_a_stdout_reader_that_stops_reading_does_not_stop_the_freeze(agent_cgroup):
     """`watch -o - | consumer` with a consumer that stalls: the pipe fills, the watcher keeps
     reading the kernel and still freezes; what it queued reaches the reader when it reads again."""
@@ -698,6 +708,7 @@ def wait_stderr(w, text: str, timeout: float = 20.0) -> None:
         w._readline(0.2)
 
 
+@pytest.mark.userland
 def test_a_rule_file_made_writable_by_others_is_refused_at_reload_and_the_status_file_is_0644(agent_cgroup,
                                                                                               tmp_path):
     """SIGHUP re-checks the files as the start did: a rule file opened to other users since is one
@@ -744,6 +755,7 @@ def test_a_rule_file_made_writable_by_others_is_refused_at_reload_and_the_status
     assert not status.exists()
 
 
+@pytest.mark.userland
 def test_stream_readers_that_close_or_stall_cost_only_themselves(agent_cgroup, tmp_path):
     """A unix reader and a TCP reader hang up mid-stream, another unix reader stalls: the watcher
     carries on, drops the stalled one (counted), and a file output in parallel gets every record."""
@@ -829,6 +841,7 @@ def test_watched_cgroups_removed_while_watched_are_reported_and_a_new_match_is_p
     assert recs[-1]["type"] == "stop" and recs[-1]["internal_errors"] == 0 and recs[-1]["lost_total"] == 0
 
 
+@pytest.mark.userland
 def test_a_cgroup_named_with_escapes_and_control_bytes_never_reaches_the_terminal_raw(cgroup_root, agent_cgroup,
                                                                                       tmp_path):
     """cgroupfs refuses a newline in a name (EINVAL) but takes ESC, BEL, TAB, a C1 CSI and a byte
