@@ -189,6 +189,14 @@ def _read_exe(pid: int) -> str | None:
         return None
 
 
+def _read_comm(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as f:
+            return f.read().rstrip(b"\n").decode("utf-8", "backslashreplace")
+    except OSError:
+        return None
+
+
 def _read_status(pid: int) -> tuple[int, int, str] | None:
     """(ppid, uid, comm) of a running process."""
     try:
@@ -397,9 +405,14 @@ class Enricher:
         p = ev.proc
         if isinstance(ev, ExecEvent) and not ev.failed:
             exe = _read_exe(p.pid)
-            if exe is None and ev.filename.startswith("/") and not ev.filename.startswith("/dev/fd/"):
-                exe = os.path.realpath(ev.filename)  # gone already: the file it ran, links resolved
-            sha = self.hasher.of_pid(p.pid) if exe is not None else None
+            # /proc shows the process as it is now: if it has exec'd again since this record (its name
+            # changed: `sh -c 'exec python …'`), its exe and hash there are the next program's, not this one's
+            moved_on = exe is not None and p.comm and _read_comm(p.pid) not in (None, p.comm)
+            if (exe is None or moved_on) and ev.filename.startswith("/") and not ev.filename.startswith("/dev/fd/"):
+                exe = os.path.realpath(ev.filename)  # gone or moved on: the file it ran, links resolved
+            elif moved_on:
+                exe = None
+            sha = self.hasher.of_pid(p.pid) if exe is not None and not moved_on else None
             if sha is None and exe is not None:
                 sha = self.hasher.of_path(exe)
             labels = self._env_labels(p.pid, p.ppid)

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 
@@ -99,6 +100,30 @@ def test_record_for_a_process_that_is_gone():
     assert rec["proc"]["pid"] == p.pid and rec["proc"]["comm"] == "true"
     assert rec["proc"]["exe"] == os.path.realpath("/bin/true")  # the kernel's filename, links resolved
     assert rec["argv"] == ["true", "-x"] and rec["cgroup"] == {"id": 9, "path": None}
+
+
+def test_an_exec_record_read_after_the_process_exec_d_again_keeps_its_own_program():
+    """`sh -c 'exec sleep …'`: by the time the shell's exec record is enriched the process runs sleep;
+    /proc would give the shell's record sleep's exe and hash (a program that re-execs at once would
+    hide behind the next one). The kernel's comm tells: the record keeps the file it ran."""
+    e = enricher()
+    p = subprocess.Popen(["/bin/sh", "-c", "exec /bin/sleep 5"])
+    try:
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{p.pid}/comm").read_text().strip() != "sleep" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        rec = e.record(ExecEvent("exec", 1, 9, proc(p.pid, os.getpid(), "sh"), filename="/bin/sh",
+                                 argv=["/bin/sh", "-c", "exec /bin/sleep 5"], argc_total=3))
+        dash = os.path.realpath("/bin/sh")
+        assert rec["proc"]["exe"] == dash
+        assert rec["proc"]["sha256"] == hashlib.sha256(Path(dash).read_bytes()).hexdigest()
+        # and the record of the program it runs now is its own
+        rec = e.record(ExecEvent("exec", 2, 9, proc(p.pid, os.getpid(), "sleep"), filename="/bin/sleep",
+                                 argv=["/bin/sleep", "5"], argc_total=2))
+        assert rec["proc"]["exe"] == os.path.realpath("/bin/sleep")
+    finally:
+        p.kill()
+        p.wait()
 
 
 def test_fork_exec_exit_build_parent_chain():
