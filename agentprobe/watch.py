@@ -77,6 +77,7 @@ class WatchOptions:
     status_dir: str = "/run/agentprobe"
     on_loss: str = "alert"  # records lost in the kernel: alert, or freeze the episodes active meanwhile
     ring_pages: int = 1024  # ring buffer size in pages (power of two)
+    busy_poll_ms: int = 1  # see loader.LoaderOptions.busy_poll_ms
     label_env: tuple[str, ...] = ()  # environment variables of agent processes that label their records
     label_dir: str | None = None     # a sandbox manager's label files: DIR/<cgroup id>.json
     # in-kernel deny: {"ports": [...], "allow": [CIDR...], "deny": [CIDR...]}, or None for off
@@ -277,7 +278,7 @@ class Watcher:
             LoaderOptions(buffer=self.options.buffer, extra_gpu_majors=self.options.extra_gpu_majors,
                           deny_exec_names=tuple((self.options.deny or {}).get("exec_names", ())),
                           probe_mode=self.options.probe_mode, gpu_probe=self.options.gpu_probe,
-                          ringbuf_pages=self.options.ring_pages,
+                          ringbuf_pages=self.options.ring_pages, busy_poll_ms=self.options.busy_poll_ms,
                           watch_mkdir=bool(self.options.cgroup_globs or self.options.pods)),
             self._on_raw,
             cgroup_root=self.root,

@@ -45,6 +45,7 @@ def test_every_watch_option_is_a_key_with_its_type(tmp_path):
         no-verdicts: true
         on-loss: freeze
         ring-pages: 256
+        busy-poll-ms: 0
         insecure-files: false
         kube-pods: true
         pod-selector: ["app=rl-agent", "team=research,!canary"]
@@ -63,7 +64,7 @@ def test_every_watch_option_is_a_key_with_its_type(tmp_path):
         "no_default_rules": False, "dry_run": True, "in_kernel_deny": False, "no_cut_network": True,
         "status_dir": "/tmp/st", "probe_mode": "syscalls", "gpu_probe": "always", "gpu_idle_detach": 2,
         "label_env": ["EPISODE_ID", "TOOL_CALL_ID"], "label_dir": "/run/labels", "no_verdicts": True,
-        "on_loss": "freeze", "ring_pages": 256, "insecure_files": False,
+        "on_loss": "freeze", "ring_pages": 256, "busy_poll_ms": 0, "insecure_files": False,
         "kube_pods": True, "pod_selectors": ["app=rl-agent", "team=research,!canary"],
         "pod_annotations": ["agentprobe.io/watch=true"], "kube_api": "https://10.96.0.1:443",
         "kube_credentials": "/var/run/secrets/kubernetes.io/serviceaccount", "node_name": "gpu-node-7",
@@ -73,7 +74,7 @@ def test_every_watch_option_is_a_key_with_its_type(tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("colour: red\n", "unknown key 'colour' (known: buffer, cgroup, cgroup-glob, dry-run,"),
+    ("colour: red\n", "unknown key 'colour' (known: buffer, busy-poll-ms, cgroup, cgroup-glob, dry-run,"),
     ("rescan: fast\n", "'rescan' must be a number, not 'fast' (str)"),
     ("no-view: 'yes'\n", "'no-view' must be true or false, not 'yes' (str)"),
     ("buffer: ring\n", "'buffer' must be one of auto, ringbuf, perf, not 'ring' (str)"),
@@ -116,9 +117,10 @@ def test_cli_config_show_and_bad_config(agentprobe_cmd, tmp_path):
     for cmd in (["config", "show", "--config", str(bad)], ["watch", "--config", str(bad)]):
         r = subprocess.run([*agentprobe_cmd, *cmd], capture_output=True, text=True)
         assert r.returncode == 1
-        assert r.stderr.splitlines() == [f"agentprobe: config {bad}: unknown key 'rescn' (known: buffer, cgroup, "
-                                         "cgroup-glob, dry-run, duration, gpu-idle-detach, gpu-interval, gpu-major, "
-                                         "gpu-probe, in-kernel-deny, insecure-files, kube-api, kube-credentials, "
+        assert r.stderr.splitlines() == [f"agentprobe: config {bad}: unknown key 'rescn' (known: buffer, "
+                                         "busy-poll-ms, cgroup, cgroup-glob, dry-run, duration, gpu-idle-detach, "
+                                         "gpu-interval, gpu-major, gpu-probe, in-kernel-deny, insecure-files, "
+                                         "kube-api, kube-credentials, "
                                          "kube-pods, kube-refresh, label-dir, label-env, metrics, no-cut-network, "
                                          "no-default-rules, no-verdicts, no-view, node-name, on-loss, output, "
                                          "pod-annotation, pod-selector, probes, rescan, ring-pages, rules, "
