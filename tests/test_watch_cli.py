@@ -180,6 +180,7 @@ def test_a_cgroup_matching_a_glob_is_watched_when_it_is_made_not_at_the_next_res
     assert not [r for r in recs if r["type"] == "cgroup_mkdir"]  # a signal to the watcher, not a record
 
 
+@pytest.mark.userland
 def test_default_agent_cgroup_is_created(cgroup_root, agentprobe_cmd, tmp_path):
     default = cgroup_root / "agents"
     existed = default.exists()
@@ -219,6 +220,7 @@ def test_unwritable_output(agentprobe_cmd, agent_cgroup, tmp_path):
     assert one_error_line(r).startswith(f"agentprobe: cannot write output {ro / 's.msgpack'}")
 
 
+@pytest.mark.userland
 def test_second_watcher_on_same_cgroup(agent_cgroup, agentprobe_cmd, tmp_path):
     from watcher import WatcherProcess
 
@@ -503,6 +505,7 @@ print(" ".join(out))
 """
 
 
+@pytest.mark.userland
 def test_an_agent_cannot_kill_trace_or_thaw_past_the_monitor(agent_cgroup, tmp_path):
     """An unprivileged agent process tries to kill the watcher, ptrace it, and thaw a frozen episode;
     CPU hogs in its cgroup do not keep the watcher from freezing."""
@@ -571,6 +574,7 @@ def test_a_full_disk_does_not_stop_the_watcher_and_what_it_could_not_write_is_co
     assert stop["unwritten_at_stop"] == {str(small / "s.msgpack"): len(recs) - len(partial)}
 
 
+@pytest.mark.userland
 def test_a_restarted_watcher_knows_the_running_agents_and_their_ancestry(agent_cgroup, tmp_path):
     """Kill the watcher, start another: the agent shell already running is found in /proc and the
     cgroup, and its later tunnel is alerted with the shell as parent."""
@@ -809,6 +813,7 @@ def test_stream_readers_that_close_or_stall_cost_only_themselves(agent_cgroup, t
     assert lost and lost[-1]["counts"] == {unix_spec: 1, tcp_spec: 0, str(out): 0}
 
 
+@pytest.mark.userland
 def test_watched_cgroups_removed_while_watched_are_reported_and_a_new_match_is_picked_up(agent_cgroup, tmp_path):
     """One cgroup watched by path and one matched by a glob are removed: each is a `cgroup` record
     with change `gone`, the watcher carries on without an internal error, and a new cgroup matching
@@ -981,6 +986,7 @@ time.sleep(60)
 """
 
 
+@pytest.mark.userland
 def test_a_root_agent_ptracing_the_watcher_is_alerted_and_frozen(agent_cgroup, tmp_path):
     """Root in an agent cgroup can ptrace the watcher (PR_SET_DUMPABLE does not stop root, nothing
     on a kernel without BPF-LSM does): the watcher sees its TracerPid within a tick, alerts, and
