@@ -60,6 +60,7 @@ def test_demo_catches_tunnel_and_miner(agentprobe_cmd, tmp_path, cgroup_root):
     assert leftovers(cgroup_root) == []
 
 
+@pytest.mark.userland
 def test_demo_cleans_leftovers_of_an_interrupted_run(agentprobe_cmd, tmp_path, cgroup_root):
     (cgroup_root / "agentprobe-demo" / "episode-9").mkdir(parents=True)
     subprocess.run(["ip", "netns", "add", "ap-inet-stale1"], check=True)
@@ -75,6 +76,7 @@ def test_demo_cleans_leftovers_of_an_interrupted_run(agentprobe_cmd, tmp_path, c
             remove_cgroup_tree(cgroup_root / "agentprobe-demo")
 
 
+@pytest.mark.userland
 def test_demo_ctrl_c_tears_everything_down(agentprobe_cmd, tmp_path, cgroup_root):
     p = subprocess.Popen([*agentprobe_cmd, "demo", "-o", str(tmp_path / "d.msgpack"), "--timeout", "60"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

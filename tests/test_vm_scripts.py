@@ -375,8 +375,8 @@ def test_vm_test_through_vm_run(tmp_path, fake_vm):
     argv = (tmp_path / "argv").read_bytes().split(b"\0")
     assert argv == [b"env", b"AGENTPROBE_REQUIRE_KERNEL=1", b"AGENTPROBE_EXPECT_LSM=1", b"AGENTPROBE_EXPECT_FENTRY=1",
                     b"AGENTPROBE_EXPECT_MATCHING_HEADERS=1", b"AGENTPROBE_TIME_SCALE=4", b"python3", b"scripts/vm-test",
-                    b"--guest", b"--", b"-v", b"-rs", b"-p", b"no:cacheprovider", b"--color=no", b"-k", b"exec",
-                    b"tests/test_kernel_probes.py"]
+                    b"--guest", b"--", b"-v", b"-rs", b"--durations=15", b"-p", b"no:cacheprovider", b"--color=no",
+                    b"-k", b"exec", b"tests/test_kernel_probes.py"]
     tables = r.stdout.split("\n\n")[-2:]
     assert tables[0].splitlines()[2].startswith(
         "| 6.1 | 6.1.0-fake | TCG | yes | PASS: 1 passed, 40 deselected in 30.00s | ")

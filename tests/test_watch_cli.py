@@ -961,7 +961,7 @@ def test_a_fork_exec_storm_under_pids_max_does_not_keep_a_sibling_attack_from_be
     assert refused_forks > 0  # the storm ran against pids.max
     recs = list(read_records(str(out)))
     storm_execs = sum(1 for r in recs if r["type"] == "exec" and r["cgroup"]["path"] == storm.rel)
-    assert storm_execs >= 100, storm_execs  # (thousands here; far fewer in an emulated VM)
+    assert storm_execs >= 20, storm_execs  # (thousands here; under a hundred in an emulated VM)
     (resp,) = [r for r in recs if r["type"] == "response"]
     assert (resp["rule"], resp["cgroup"]["path"], resp["outcome"]) == ("ssh_port_forwarding", attack.rel, "frozen")
     stop = recs[-1]
