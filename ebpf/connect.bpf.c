@@ -98,8 +98,33 @@ static __always_inline void ap_conn_key_begin(struct ap_conn_key *k, struct bpf_
 	k->kind = (allowed ? 0 : 1) | ((flags & AP_CONNECT_SENDMSG) ? 2 : 0);
 }
 
-/* The sockaddr the process passed, rebuilt from the hook's context. A
- * connect4 program may not touch user_ip6 (nor connect6 user_ip4): hence v4/v6. */
+/* A connect4 program may not touch user_ip6 (nor connect6 user_ip4): the keys
+ * and records are built per family. */
+static __always_inline void ap_ctx_ip6(struct bpf_sock_addr *ctx, u32 *ip6)
+{
+	ip6[0] = ctx->user_ip6[0];
+	ip6[1] = ctx->user_ip6[1];
+	ip6[2] = ctx->user_ip6[2];
+	ip6[3] = ctx->user_ip6[3];
+}
+
+static __always_inline void ap_conn_key4(struct ap_conn_key *k, struct bpf_sock_addr *ctx, int allowed, u32 flags)
+{
+	u32 ip = ctx->user_ip4;
+	ap_conn_key_begin(k, ctx, allowed, flags);
+	__builtin_memcpy(k->addr, &ip, 4);
+}
+
+static __always_inline void ap_conn_key6(struct ap_conn_key *k, struct bpf_sock_addr *ctx, int allowed, u32 flags)
+{
+	u32 ip6[4];
+	ap_ctx_ip6(ctx, ip6);
+	ap_conn_key_begin(k, ctx, allowed, flags);
+	__builtin_memcpy(k->addr, ip6, 16);
+}
+
+/* The sockaddr the process passed, rebuilt from the hook's context (the
+ * address is filled in per family by the caller). */
 static __always_inline struct ap_connect_event *ap_connect_begin(struct bpf_sock_addr *ctx, int allowed,
 								  u32 flags)
 {
@@ -142,32 +167,22 @@ static __always_inline int ap_connect_allowed_repeat(struct ap_conn_key *k, u32 
 
 static __always_inline int ap_connect4_allowed_repeat(struct bpf_sock_addr *ctx, u32 flags, u32 conf)
 {
-	u32 ip = ctx->user_ip4;
 	struct ap_conn_key k = {};
-	ap_conn_key_begin(&k, ctx, 1, flags);
-	__builtin_memcpy(k.addr, &ip, 4);
+	ap_conn_key4(&k, ctx, 1, flags);
 	return ap_connect_allowed_repeat(&k, conf);
 }
 
 static __always_inline int ap_connect6_allowed_repeat(struct bpf_sock_addr *ctx, u32 flags, u32 conf)
 {
-	u32 ip6[4];
-	ip6[0] = ctx->user_ip6[0];
-	ip6[1] = ctx->user_ip6[1];
-	ip6[2] = ctx->user_ip6[2];
-	ip6[3] = ctx->user_ip6[3];
 	struct ap_conn_key k = {};
-	ap_conn_key_begin(&k, ctx, 1, flags);
-	__builtin_memcpy(k.addr, ip6, 16);
+	ap_conn_key6(&k, ctx, 1, flags);
 	return ap_connect_allowed_repeat(&k, conf);
 }
 
 static __always_inline void ap_connect4_record(struct bpf_sock_addr *ctx, int allowed, u32 flags, u32 conf)
 {
-	u32 ip = ctx->user_ip4;
 	struct ap_conn_key k = {};
-	ap_conn_key_begin(&k, ctx, allowed, flags);
-	__builtin_memcpy(k.addr, &ip, 4);
+	ap_conn_key4(&k, ctx, allowed, flags);
 	u64 now = bpf_ktime_get_ns();
 	if (ap_connect_repeat(&k, now, conf) || ap_connect_swept(&k, now))
 		return;
@@ -175,21 +190,15 @@ static __always_inline void ap_connect4_record(struct bpf_sock_addr *ctx, int al
 	struct ap_connect_event *e = ap_connect_begin(ctx, allowed, flags);
 	if (!e)
 		return;
-	__builtin_memcpy(&e->addr[4], &ip, 4);
+	__builtin_memcpy(&e->addr[4], k.addr, 4);
 	e->addrlen = 16;
 	ap_submit(ctx, e, sizeof(*e), AP_EV_CONNECT);
 }
 
 static __always_inline void ap_connect6_record(struct bpf_sock_addr *ctx, int allowed, u32 flags, u32 conf)
 {
-	u32 ip6[4];
-	ip6[0] = ctx->user_ip6[0];
-	ip6[1] = ctx->user_ip6[1];
-	ip6[2] = ctx->user_ip6[2];
-	ip6[3] = ctx->user_ip6[3];
 	struct ap_conn_key k = {};
-	ap_conn_key_begin(&k, ctx, allowed, flags);
-	__builtin_memcpy(k.addr, ip6, 16);
+	ap_conn_key6(&k, ctx, allowed, flags);
 	u64 now = bpf_ktime_get_ns();
 	if (ap_connect_repeat(&k, now, conf) || ap_connect_swept(&k, now))
 		return;
@@ -197,7 +206,7 @@ static __always_inline void ap_connect6_record(struct bpf_sock_addr *ctx, int al
 	struct ap_connect_event *e = ap_connect_begin(ctx, allowed, flags);
 	if (!e)
 		return;
-	__builtin_memcpy(&e->addr[8], ip6, 16);
+	__builtin_memcpy(&e->addr[8], k.addr, 16);
 	e->addrlen = 28;
 	ap_submit(ctx, e, sizeof(*e), AP_EV_CONNECT);
 }

@@ -94,14 +94,6 @@ static __always_inline void ap_connect4_report(struct bpf_sock_addr *ctx, u32 re
 	ap_report_deny(ctx, 2, bpf_ntohs((u16)ctx->user_port), reason, &ip, 4);
 }
 
-static __always_inline void ap_ctx_ip6(struct bpf_sock_addr *ctx, u32 *ip6)
-{
-	ip6[0] = ctx->user_ip6[0];
-	ip6[1] = ctx->user_ip6[1];
-	ip6[2] = ctx->user_ip6[2];
-	ip6[3] = ctx->user_ip6[3];
-}
-
 static __always_inline int ap_v4mapped(const u32 *ip6)
 {
 	return ip6[0] == 0 && ip6[1] == 0 && ip6[2] == bpf_htonl(0xffff);
