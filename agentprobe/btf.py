@@ -49,6 +49,10 @@ FIELDS: dict[tuple[str, str], str] = {
     ("cgroup", "kn"): "AP_OFF_CGROUP_KN",
     ("cgroup", "level"): "AP_OFF_CGROUP_LEVEL",
     ("kernfs_node", "id"): "AP_OFF_KERNFS_NODE_ID",
+    # a move's destination, walked up to the watched levels (a move into an agent cgroup from
+    # outside); the member is `__parent` since 6.15 ("a|b": the first that exists)
+    ("kernfs_node", "__parent|parent"): "AP_OFF_KERNFS_NODE_PARENT",
+    ("task_struct", "pid"): "AP_OFF_TASK_STRUCT_PID",
 }
 # read only by the fentry ioctl probe, which is built only where these exist (x86-64)
 OPTIONAL_FIELDS = {
@@ -158,6 +162,16 @@ class Btf:
             raise BtfError(f"{struct_name}.{member_path} is a bitfield")
         return total // 8
 
+    def offset_of_any(self, struct_name: str, member_paths: str) -> int:
+        """The offset of the first of "a|b|..." that the struct has (members renamed across kernels)."""
+        *firsts, last = member_paths.split("|")
+        for m in firsts:
+            try:
+                return self.offset(struct_name, m)
+            except BtfError:
+                continue
+        return self.offset(struct_name, last)
+
     def _member_type(self, type_id: int, name: str) -> int:
         for m_name, m_type, _ in self._types[type_id][3] or []:
             if m_name and self._name(m_name) == name:
@@ -173,7 +187,7 @@ class Btf:
 def kernel_offsets(path: Path = VMLINUX_BTF) -> dict[str, int]:
     """The -D constants for every field the eBPF programs read."""
     btf = Btf.from_file(path)
-    out = {const: btf.offset(s, m) for (s, m), const in FIELDS.items()}
+    out = {const: btf.offset_of_any(s, m) for (s, m), const in FIELDS.items()}
     for (s, m), const in OPTIONAL_FIELDS.items():
         try:
             out[const] = btf.offset(s, m)

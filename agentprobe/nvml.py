@@ -36,11 +36,12 @@ class NvmlSampler:
         self.available = True
         self.reason = f"{len(self._handles)} GPU(s)"
 
-    def sample(self, pids: Iterable[int]) -> list[dict]:
-        """One entry per (agent pid, GPU) that NVML reports: memory and utilisation."""
+    def sample(self, pids: Iterable[int] | Callable[[int], bool]) -> list[dict]:
+        """One entry per (agent pid, GPU) that NVML reports: memory and utilisation. `pids`: the
+        agent pids, or a test of one pid (asked only for the processes NVML lists, once each)."""
         if not self.available:
             return []
-        wanted = set(pids)
+        wanted = _Wanted(pids)
         out = []
         nvml = self._nvml
         for index, uuid, h in self._handles:
@@ -74,3 +75,16 @@ class NvmlSampler:
             except Exception:
                 pass
             self.available = False
+
+
+class _Wanted:
+    """`pid in wanted` for a set of pids or a test of one, the test's answers kept for one sample."""
+
+    def __init__(self, pids: Iterable[int] | Callable[[int], bool]) -> None:
+        self._test = pids if callable(pids) else None
+        self._known: dict[int, bool] = {} if callable(pids) else dict.fromkeys(pids, True)
+
+    def __contains__(self, pid: int) -> bool:
+        if pid not in self._known:
+            self._known[pid] = bool(self._test(pid)) if self._test is not None else False
+        return self._known[pid]

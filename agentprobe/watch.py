@@ -221,6 +221,7 @@ class Watcher:
         self._active: OrderedDict[str, tuple[float, int | None]] = OrderedDict()  # episode -> (last seen, id)
         self._loss_alerted: dict[str, float] = {}
         self._tracer = 0  # the pid ptracing the watcher, as last seen
+        self._next_remember = 0.0  # when the slow walk of every cgroup.procs is due (_remember_agents)
         self._gpu_idle_since: float | None = None
 
     # ---- set-up ----
@@ -356,13 +357,21 @@ class Watcher:
             if self._holds_gpu(pid):
                 self._gpu_holders.add(pid)
 
+    REMEMBER_INTERVAL_S = 30.0
+
     def _remember_agents(self) -> dict[int, int]:
         """Tell the kernel which processes of the watched cgroups are agents: it learns them at fork
         and exec, so one that ran before the watcher, or was moved in from outside, would otherwise
         leave the agent cgroups (a shell's builtin `echo $$ > other/cgroup.procs`) unreported. At
-        start and at every rescan."""
+        start and when cgroups are added. A process moved in from outside is learned by the kernel
+        itself, at the move (the attach probe); what is left for this walk is a child that an
+        outsider made straight into an agent cgroup (clone3 CLONE_INTO_CGROUP) and that never forks
+        or execs: every REMEMBER_INTERVAL_S, since reading every cgroup.procs costs CPU in
+        proportion to the cgroups (about 0.1 ms each here: 600 episode cgroups every 2 s were 2 %
+        of a CPU at idle)."""
         found = self._agent_cgroups()
         self._probes.remember_agents(found)
+        self._next_remember = time.monotonic() + self.REMEMBER_INTERVAL_S
         return found
 
     def _holds_gpu(self, pid: int) -> bool:
@@ -720,7 +729,7 @@ class Watcher:
         self.watched = found
         if added:
             self._discover_running()
-        else:
+        elif time.monotonic() >= self._next_remember:
             self._remember_agents()
         if changed:
             self.write_status()
@@ -754,8 +763,7 @@ class Watcher:
         if not tracer:
             return
         path = v2_cgroup_of(tracer)
-        agent = path is not None and any(path == w.path or path.startswith(w.path.rstrip("/") + "/")
-                                         for w in self.watched.values())
+        agent = self._in_watched(path)
         comm = ""
         try:
             with open(f"/proc/{tracer}/comm", "rb") as f:
@@ -805,27 +813,46 @@ class Watcher:
                 "cgroup": {"id": self._active.get(ep, (0, None))[1] if ep else None, "path": ep},
                 "proc": {}, "evidence": [], "chain": [], "lost": dict(delta)}))
 
+    def _in_watched(self, path: str | None) -> bool:
+        """Is this v2 cgroup path a watched cgroup or below one?"""
+        return path is not None and any(path == w.path or path.startswith(w.path.rstrip("/") + "/")
+                                        for w in self.watched.values())
+
     def _agent_pids(self) -> list[int]:
         """Live processes of the watched cgroups (from cgroup.procs of every watched subtree)."""
         return sorted(self._agent_cgroups())
 
     def _agent_cgroups(self) -> dict[int, int]:
-        """Live processes of the watched cgroups -> the id of the cgroup each is in."""
+        """Live processes of the watched cgroups -> the id of the cgroup each is in. One read of
+        cgroup.procs and one directory listing per cgroup (no pathlib glob: it lists every file)."""
         pids: dict[int, int] = {}  # (a watched cgroup may lie below another)
-        for cg in self.watched.values():
-            top = self.root / cg.path.lstrip("/")
-            for procs in top.rglob("cgroup.procs"):
+        stack = [str(self.root / cg.path.lstrip("/")) for cg in self.watched.values()]
+        while stack:
+            d = stack.pop()
+            try:
+                fd = os.open(f"{d}/cgroup.procs", os.O_RDONLY)
                 try:
-                    cid = os.stat(procs.parent).st_ino
-                    pids.update((int(p), cid) for p in procs.read_text().split())
-                except OSError:
-                    continue
+                    chunks = []
+                    while chunk := os.read(fd, 1 << 16):
+                        chunks.append(chunk)
+                finally:
+                    os.close(fd)
+                data = b"".join(chunks)
+                if data:
+                    cid = os.stat(d).st_ino
+                    pids.update((int(p), cid) for p in data.split())
+                with os.scandir(d) as it:
+                    stack.extend(e.path for e in it if e.is_dir(follow_symlinks=False))
+            except OSError:
+                continue  # removed meanwhile
         return pids
 
     def _sample_nvml(self) -> None:
         if self._nvml is None or not self._nvml.available:
             return
-        for s in self._nvml.sample(self._agent_pids()):
+        # NVML lists the GPU's processes: each is looked up (its /proc cgroup line), no walk of the
+        # watched cgroups, whose cost grows with the number of episode cgroups
+        for s in self._nvml.sample(lambda pid: self._in_watched(v2_cgroup_of(pid))):
             info = self.enricher.tree.get(s["pid"])
             cid = self._gpu_pids.get(s["pid"], 0)
             rec = self.enricher.synthetic("gpu", s["pid"], cid, time.monotonic_ns(), {

@@ -77,28 +77,65 @@ RAW_TRACEPOINT_PROBE(sched_process_exit)
 	return 0;
 }
 
-/* A task moved to a cgroup of the v2 hierarchy (root 0). Only agent
- * processes are reported, wherever they go and whoever moves them; the
- * rules decide whether the destination is still an agent cgroup. */
-TRACEPOINT_PROBE(cgroup, cgroup_attach_task)
+/* Is this cgroup (a struct cgroup *) inside a watched subtree? Its kernfs
+ * node and ancestors, walked up, are looked up at the levels that hold a
+ * watched cgroup. Only for moves: rare, whoever makes them. */
+static __always_inline int ap_cgroup_in_scope(void *cgrp)
 {
-	if (args->dst_root != 0)
+	u32 zero = 0;
+	u64 *levels = watched_levels.lookup(&zero);
+	if (!levels || *levels == 0)
 		return 0;
-	u32 pid = args->pid;
+	u64 mask = *levels;
+	int level = ap_read_u32(cgrp, AP_OFF_CGROUP_LEVEL);
+	void *kn = (void *)ap_read_ptr(cgrp, AP_OFF_CGROUP_KN);
+	for (int i = 0; i < AP_MAX_CGROUP_LEVEL; i++) {
+		if (!kn || level < 0 || level >= AP_MAX_CGROUP_LEVEL)
+			return 0;
+		if (mask & (1ULL << level)) {
+			u64 id = ap_read_ptr(kn, AP_OFF_KERNFS_NODE_ID);
+			if (watched.lookup(&id))
+				return 1;
+		}
+		kn = (void *)ap_read_ptr(kn, AP_OFF_KERNFS_NODE_PARENT);
+		level--;
+	}
+	return 0;
+}
+
+/* A task moved to a cgroup of the v2 hierarchy (the moved task's default
+ * cgroup is now the destination; v1 controllers' moves are skipped). A move
+ * of an agent process is reported, wherever it goes and whoever moves it; the
+ * rules decide whether the destination is still an agent cgroup. A process
+ * moved into a watched subtree from outside (a trainer writing its agent's
+ * pid into the episode's cgroup.procs) is an agent from now on: the kernel
+ * learns it here, at once, not at the watcher's next look at cgroup.procs. */
+RAW_TRACEPOINT_PROBE(cgroup_attach_task)
+{
+	void *cgrp = (void *)ctx->args[0];
+	void *task = (void *)ctx->args[2];
+	void *cset = (void *)ap_read_ptr(task, AP_OFF_TASK_STRUCT_CGROUPS);
+	if (!cset || (void *)ap_read_ptr(cset, AP_OFF_CSS_SET_DFL_CGRP) != cgrp)
+		return 0;
+	u32 pid = ap_read_u32(task, AP_OFF_TASK_STRUCT_PID);
+	void *kn = (void *)ap_read_ptr(cgrp, AP_OFF_CGROUP_KN);
+	u64 dst = kn ? ap_read_ptr(kn, AP_OFF_KERNFS_NODE_ID) : 0;
 	u64 *src = agent_pids.lookup(&pid);
-	if (!src)
-		return 0; /* not an agent process, or a thread: its leader is reported */
+	if (!src) { /* not an agent process, or a thread: its leader is reported */
+		if (pid == ap_read_u32(task, AP_OFF_TASK_STRUCT_TGID) && ap_cgroup_in_scope(cgrp))
+			agent_pids.update(&pid, &dst);
+		return 0;
+	}
 	u32 zero = 0;
 	struct ap_move_event *e = (struct ap_move_event *)scratch.lookup(&zero);
 	if (!e)
 		return 0;
 	ap_fill_header(&e->h, AP_EV_MOVE);
 	e->moved_pid = pid;
-	e->dst_level = args->dst_level;
-	e->dst_cgroup_id = args->dst_id;
+	e->dst_level = ap_read_u32(cgrp, AP_OFF_CGROUP_LEVEL);
+	e->dst_cgroup_id = dst;
 	e->src_cgroup_id = *src;
-	ap_submit(args, e, sizeof(*e), AP_EV_MOVE);
-	u64 dst = args->dst_id;
+	ap_submit(ctx, e, sizeof(*e), AP_EV_MOVE);
 	agent_pids.update(&pid, &dst);
 	return 0;
 }

@@ -861,6 +861,43 @@ def test_child_born_in_another_cgroup_is_a_move(capture, watched, outside_cgroup
     assert not [e for e in capture.settle(0.3) if isinstance(e, MoveEvent) and e.moved_pid != child]
 
 
+def test_process_moved_in_from_outside_is_an_agent_at_once(capture, agent_cgroup, outside_cgroup):
+    """A process that another one writes into a watched subtree (an episode cgroup below the watched
+    cgroup, as a trainer does) is an agent from the move on: the kernel learns it in the attach
+    probe, with no fork, exec or rescan, and reports its builtin move out. A move between unwatched
+    cgroups teaches the kernel nothing."""
+    from agentprobe.events import MoveEvent
+
+    episode = agent_cgroup.child("episode-1")
+    elsewhere = outside_cgroup.child("elsewhere")
+    capture.watch(agent_cgroup)
+    procs = []
+    try:
+        sh = outside_cgroup.popen(["/bin/sh", "-c", f"read go; echo $$ > {outside_cgroup.path}/cgroup.procs; "
+                                                    "read end"], stdin=subprocess.PIPE, text=True)
+        procs.append(sh)
+        other = outside_cgroup.popen(["/bin/sh", "-c", "read end"], stdin=subprocess.PIPE, text=True)
+        procs.append(other)
+        agents = capture.probes._bpf[b"agent_pids"]
+        assert agents.Key(sh.pid) not in agents
+        (episode.path / "cgroup.procs").write_text(str(sh.pid))  # written by this test: an outsider
+        (elsewhere.path / "cgroup.procs").write_text(str(other.pid))
+        assert agents[agents.Key(sh.pid)].value == episode.id
+        assert agents.Key(other.pid) not in agents
+        sh.stdin.write("go\n")
+        sh.stdin.flush()
+        evs = capture.wait(lambda e: isinstance(e, MoveEvent))
+        (m,) = [e for e in evs if isinstance(e, MoveEvent)]
+        assert (m.moved_pid, m.proc.pid, m.src_cgroup_id, m.dst_cgroup_id, m.dst_level) == (
+            sh.pid, sh.pid, episode.id, outside_cgroup.id, outside_cgroup.rel.count("/"))
+        assert [e for e in capture.settle(0.3) if isinstance(e, MoveEvent)] == [m]  # once, and only it
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        capture.watch()
+
+
 def test_agents_the_kernel_never_saw_start_are_remembered(capture, agent_cgroup, outside_cgroup):
     """A shell already running when the cgroup is watched is unknown to the kernel until user space
     tells it (remember_agents); then its builtin move out is reported."""

@@ -67,5 +67,10 @@ def test_sampling_only_agent_pids():
          "mem_util": None},
         {"pid": 100, "device": {"index": 1, "uuid": "GPU-h1"}, "used_memory": None, "sm_util": 97, "mem_util": 40},
     ]
+    # a test of one pid instead of a set: asked once per pid NVML lists, the answer kept for the sample
+    asked = []
+    assert s.sample(lambda pid: asked.append(pid) or pid == 100) == got
+    assert sorted(asked) == sorted(set(asked)) and 100 in asked
+    assert s.sample(lambda pid: False) == []
     s.close()
     assert fake.down and s.sample([100]) == []
