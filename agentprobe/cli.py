@@ -136,6 +136,11 @@ def main() -> None:
                    "being woken for each record: a wake-up interrupts the agent's CPU (24 us of an exec in a VM), "
                    "a poll adds at most MS to detection. Isolated records always wake the watcher. 0: always "
                    "woken.")
+@click.option("--rt-priority", type=click.IntRange(0, 99), default=1, show_default=True, metavar="N",
+              help="While it waits for records, the watcher runs SCHED_FIFO at N (its children do not): on a "
+                   "kernel without preemption a record then wakes it ahead of the agent that wrote it, which "
+                   "cuts the tail of the time to freeze. While agents are busy (busy polling) it runs as a "
+                   "normal task, so a flood cannot make it hog a CPU. 0: never.")
 @click.option("--kube-pods", is_flag=True,
               help="Watch this node's agent pods, chosen on the Kubernetes API server by --pod-selector or "
                    "--pod-annotation (pods of either kind); each pod's cgroup "
@@ -157,7 +162,7 @@ def main() -> None:
 def watch(config_path, cgroups, globs, outputs, metrics_addr, buffer, no_view, duration, gpu_interval, gpu_majors,
           rescan, rule_files, no_default_rules, dry_run, in_kernel_deny, no_cut_network, status_dir,
           probe_mode, gpu_probe, gpu_idle_detach, label_env, label_dir, no_verdicts, on_loss, ring_pages,
-          busy_poll_ms, insecure_files, **kube) -> None:
+          busy_poll_ms, rt_priority, insecure_files, **kube) -> None:
     """Trace exec, connect and NVIDIA ioctls of agent processes, apply the detection
     rules, freeze agent cgroups that misbehave, and stream everything as msgpack."""
     import signal
@@ -172,7 +177,7 @@ def watch(config_path, cgroups, globs, outputs, metrics_addr, buffer, no_view, d
                         rescan_interval=rescan, status_dir=status_dir, probe_mode=probe_mode,
                         label_env=_label_env_names(label_env), label_dir=label_dir,
                         gpu_probe=gpu_probe, gpu_idle_detach=gpu_idle_detach, on_loss=on_loss,
-                        ring_pages=ring_pages, busy_poll_ms=busy_poll_ms)
+                        ring_pages=ring_pages, busy_poll_ms=busy_poll_ms, rt_priority=rt_priority)
     term = sys.stderr if ("-" in outputs or "jsonl:-" in outputs) else sys.stdout
     metrics = metrics_server = None
     if metrics_addr:  # before anything is loaded: a taken port is a clear error at once

@@ -226,6 +226,7 @@ class ProbeSet:
         self.busy_poll = options.busy_poll_ms > 0
         self.BUSY_POLL_MS = max(1, options.busy_poll_ms)
         self._busy = False
+        self.on_busy: Callable[[bool], None] | None = None
         self._last_read = 0.0
         self._window_start = 0.0
         self._window_records = 0
@@ -399,8 +400,17 @@ class ProbeSet:
         return 0
 
     def _set_busy(self, on: bool) -> None:
-        self._bpf[b"watcher_polling"][ct.c_int(0)] = ct.c_uint32(1 if on else 0)
+        """Agents busy (or quiet again): with busy polling, the programs stop (or resume) waking us;
+        on_busy, when set, hears of it (the watcher leaves SCHED_FIFO while busy)."""
+        if self.busy_poll or not on:
+            self._bpf[b"watcher_polling"][ct.c_int(0)] = ct.c_uint32(1 if on else 0)
         self._busy = on
+        if self.on_busy is not None:
+            self.on_busy(on)
+
+    @property
+    def busy(self) -> bool:
+        return self._busy
 
     # ---- watched cgroups ----
     def set_watched(self, cgroups: Iterable[WatchedCgroup]) -> None:
@@ -537,7 +547,7 @@ class ProbeSet:
         then waits at most that long. After BUSY_IDLE_S without records, records wake us again."""
         if self.buffer == "ringbuf":
             seen = self.records_read
-            if self._busy:
+            if self._busy and self.busy_poll:
                 timeout_ms = min(timeout_ms, self.BUSY_POLL_MS)
             elif time.monotonic() < self._grace_until:
                 timeout_ms = min(timeout_ms, 2)
@@ -545,18 +555,19 @@ class ProbeSet:
             # fork and exit records do not wake us (ebpf/common.bpf.h): what the wake-up or the
             # timeout left unread is taken now, so they wait at most one poll timeout
             self._bpf.ring_buffer_consume()
-            if self.busy_poll:
-                now = time.monotonic()
-                if self.records_read != seen:
-                    self._last_read = now
-                    if not self._busy:
-                        if now - self._window_start > self.BUSY_WINDOW_S:
-                            self._window_start, self._window_records = now, 0
-                        self._window_records += self.records_read - seen
-                        if self._window_records >= self.BUSY_RECORDS:
-                            self._set_busy(True)
-                elif self._busy and now - self._last_read > self.BUSY_IDLE_S:
-                    self._set_busy(False)
+            # busy or quiet is tracked also with busy polling off: the watcher's scheduling follows it
+            now = time.monotonic()
+            if self.records_read != seen:
+                self._last_read = now
+                if not self._busy:
+                    if now - self._window_start > self.BUSY_WINDOW_S:
+                        self._window_start, self._window_records = now, 0
+                    self._window_records += self.records_read - seen
+                    if self._window_records >= self.BUSY_RECORDS:
+                        self._set_busy(True)
+            elif self._busy and now - self._last_read > self.BUSY_IDLE_S:
+                self._set_busy(False)
+                if self.busy_poll:
                     # a record whose program saw the flag still set may land just after this read;
                     # it set quiet_written, so the next record forces a wake-up, and a short wait
                     # bounds it meanwhile

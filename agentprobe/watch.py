@@ -78,6 +78,7 @@ class WatchOptions:
     on_loss: str = "alert"  # records lost in the kernel: alert, or freeze the episodes active meanwhile
     ring_pages: int = 1024  # ring buffer size in pages (power of two)
     busy_poll_ms: int = 1  # see loader.LoaderOptions.busy_poll_ms
+    rt_priority: int = 0  # SCHED_FIFO priority while waiting for records (run()); 0: normal (CLI: 1)
     label_env: tuple[str, ...] = ()  # environment variables of agent processes that label their records
     label_dir: str | None = None     # a sandbox manager's label files: DIR/<cgroup id>.json
     # in-kernel deny: {"ports": [...], "allow": [CIDR...], "deny": [CIDR...]}, or None for off
@@ -181,6 +182,21 @@ def set_short_slice(nice: int) -> int | None:
     return runtime // 1000 if runtime == SCHED_SLICE_NS else None
 
 
+def set_realtime(priority: int) -> bool:
+    """The calling thread SCHED_FIFO at `priority` (children made normal: SCHED_RESET_ON_FORK), or
+    back to a normal task at 0 (its nice value kept, the short slice asked again). False if refused
+    (no CAP_SYS_NICE, or RT time not granted to this cgroup)."""
+    try:
+        if priority:
+            os.sched_setscheduler(0, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, os.sched_param(priority))
+        else:
+            os.sched_setscheduler(0, os.SCHED_OTHER | os.SCHED_RESET_ON_FORK, os.sched_param(0))
+            set_short_slice(os.getpriority(os.PRIO_PROCESS, 0))
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
 def check_btf() -> None:
     if not btf.VMLINUX_BTF.exists():
         raise AgentprobeError(f"the kernel has no BTF ({btf.VMLINUX_BTF}): a kernel built with "
@@ -266,6 +282,9 @@ class Watcher:
 
     def start(self) -> None:
         self.hardening = harden_self()
+        # taken in run(), tried here for the start record: SCHED_FIFO while waiting for records
+        rt = self.options.rt_priority
+        self.hardening["rt_priority"] = rt if rt and set_realtime(rt) and set_realtime(0) else None
         from .labels import CgroupLabels
         from .loader import LoaderOptions, ProbeSet
 
@@ -640,6 +659,13 @@ class Watcher:
         next_lost = now + self.options.lost_interval
         next_gpu = now + self.options.gpu_interval
         next_tick = now + 0.5
+        # SCHED_FIFO while waiting for records (a record wakes us ahead of the busy agent that wrote
+        # it: this kernel may not preempt), a normal task while agents are busy (we poll then, and a
+        # flood must not make us hog a CPU); children never inherit it
+        rt = self.options.rt_priority if self.hardening.get("rt_priority") else 0
+        if rt and self._probes is not None:
+            self._probes.on_busy = lambda busy: set_realtime(0 if busy else rt)
+            set_realtime(0 if self._probes.busy else rt)
         try:
             while not self._stop:
                 self._probes.poll(self.options.poll_ms)
@@ -671,6 +697,9 @@ class Watcher:
             if not self.summary.reason:
                 self.summary.reason = "signal"
         finally:
+            if rt and self._probes is not None:
+                self._probes.on_busy = None
+                set_realtime(0)
             for sig, handler in old.items():
                 signal.signal(sig, handler)
         return self.summary

@@ -46,6 +46,7 @@ def test_every_watch_option_is_a_key_with_its_type(tmp_path):
         on-loss: freeze
         ring-pages: 256
         busy-poll-ms: 0
+        rt-priority: 0
         insecure-files: false
         kube-pods: true
         pod-selector: ["app=rl-agent", "team=research,!canary"]
@@ -64,7 +65,7 @@ def test_every_watch_option_is_a_key_with_its_type(tmp_path):
         "no_default_rules": False, "dry_run": True, "in_kernel_deny": False, "no_cut_network": True,
         "status_dir": "/tmp/st", "probe_mode": "syscalls", "gpu_probe": "always", "gpu_idle_detach": 2,
         "label_env": ["EPISODE_ID", "TOOL_CALL_ID"], "label_dir": "/run/labels", "no_verdicts": True,
-        "on_loss": "freeze", "ring_pages": 256, "busy_poll_ms": 0, "insecure_files": False,
+        "on_loss": "freeze", "ring_pages": 256, "busy_poll_ms": 0, "rt_priority": 0, "insecure_files": False,
         "kube_pods": True, "pod_selectors": ["app=rl-agent", "team=research,!canary"],
         "pod_annotations": ["agentprobe.io/watch=true"], "kube_api": "https://10.96.0.1:443",
         "kube_credentials": "/var/run/secrets/kubernetes.io/serviceaccount", "node_name": "gpu-node-7",
@@ -123,8 +124,8 @@ def test_cli_config_show_and_bad_config(agentprobe_cmd, tmp_path):
                                          "kube-api, kube-credentials, "
                                          "kube-pods, kube-refresh, label-dir, label-env, metrics, no-cut-network, "
                                          "no-default-rules, no-verdicts, no-view, node-name, on-loss, output, "
-                                         "pod-annotation, pod-selector, probes, rescan, ring-pages, rules, "
-                                         "status-dir)"]
+                                         "pod-annotation, pod-selector, probes, rescan, ring-pages, rt-priority, "
+                                         "rules, status-dir)"]
     r = subprocess.run([*agentprobe_cmd, "watch", "--config", str(tmp_path / "none.yaml")], capture_output=True,
                        text=True)
     assert r.returncode == 1 and r.stderr == f"agentprobe: cannot read config {tmp_path / 'none.yaml'}: no such file\n"

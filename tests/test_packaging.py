@@ -43,7 +43,7 @@ def test_unit_is_hardened_and_says_why_for_each_capability():
     s = unit()["Service"]
     caps = s["CapabilityBoundingSet"].split()
     assert set(caps) == {"CAP_BPF", "CAP_PERFMON", "CAP_SYS_ADMIN", "CAP_NET_ADMIN", "CAP_SYS_RESOURCE",
-                         "CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH", "CAP_KILL"}
+                         "CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH", "CAP_KILL", "CAP_SYS_NICE"}
     text = UNIT.read_text()
     for cap in caps:
         assert re.search(rf"^# {cap}\s+\S", text, re.M), f"no reason given for {cap}"
@@ -53,7 +53,8 @@ def test_unit_is_hardened_and_says_why_for_each_capability():
                                           "/etc/agentprobe/config.yaml"]
     assert s["ExecReload"] == "/bin/kill -HUP $MAINPID"
     # what would break the watcher is left off, on purpose
-    for key in ("ProtectKernelModules", "ProtectControlGroups", "MemoryDenyWriteExecute", "PrivateDevices"):
+    for key in ("ProtectKernelModules", "ProtectControlGroups", "MemoryDenyWriteExecute", "PrivateDevices",
+                "RestrictRealtime"):
         assert key not in s
 
 

@@ -538,7 +538,58 @@ def test_an_agent_cannot_kill_trace_or_thaw_past_the_monitor(agent_cgroup, tmp_p
     oom = -900 if cap_eff & (1 << 24) else None  # CAP_SYS_RESOURCE (some sandboxes drop it)
     # a short scheduler slice (EEVDF custom slices, Linux 6.12+) lets the watcher preempt a busy agent on wake-up
     slice_us = 100 if tuple(int(x) for x in os.uname().release.split(".")[:2]) >= (6, 12) else None
-    assert start["hardening"] == {"dumpable": False, "oom_score_adj": oom, "nice": -5, "slice_us": slice_us}
+    assert start["hardening"] == {"dumpable": False, "oom_score_adj": oom, "nice": -5, "slice_us": slice_us,
+                                  "rt_priority": 1}
+
+
+def _policy(pid: int) -> tuple[int, int]:
+    """(policy without SCHED_RESET_ON_FORK, RT priority) of a thread."""
+    return os.sched_getscheduler(pid) & ~os.SCHED_RESET_ON_FORK, os.sched_getparam(pid).sched_priority
+
+
+def _wait_policy(pid: int, want: tuple[int, int], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while _policy(pid) != want:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+@pytest.mark.userland
+def test_the_watcher_waits_for_records_sched_fifo_and_is_a_normal_task_while_agents_are_busy(agent_cgroup,
+                                                                                               tmp_path):
+    """--rt-priority N: SCHED_FIFO at N while it waits for records (a record wakes it ahead of the
+    agent on a kernel that does not preempt), SCHED_OTHER while an exec storm keeps it busy (a flood
+    must not make it hog a CPU at RT priority), FIFO again once quiet; never inherited by children;
+    0 turns it off. (Host only: the storm must reach 800 records/s, which an emulated VM does not.)"""
+    from watcher import WatcherProcess
+
+    out = tmp_path / "s.msgpack"
+    w = WatcherProcess(["--cgroup", str(agent_cgroup.path), "-o", str(out), "--no-view", "--rt-priority", "7"])
+    try:
+        assert _wait_policy(w.proc.pid, (os.SCHED_FIFO, 7))
+        assert os.sched_getscheduler(w.proc.pid) & os.SCHED_RESET_ON_FORK  # its children are normal tasks
+        storm = agent_cgroup.popen(["/bin/sh", "-c", "for i in $(seq 600); do /bin/true; done"])
+        seen = set()
+        while storm.poll() is None:
+            seen.add(_policy(w.proc.pid))
+            time.sleep(0.002)
+        assert (os.SCHED_OTHER, 0) in seen, seen
+        assert _wait_policy(w.proc.pid, (os.SCHED_FIFO, 7))
+    finally:
+        rc, _, err = w.stop()
+    assert rc == 0, err
+    assert next(read_records(str(out)))["hardening"]["rt_priority"] == 7
+    w = WatcherProcess(["--cgroup", str(agent_cgroup.path), "-o", str(tmp_path / "t.msgpack"), "--no-view",
+                        "--rt-priority", "0"])
+    try:
+        time.sleep(0.3)
+        assert _policy(w.proc.pid) == (os.SCHED_OTHER, 0)
+    finally:
+        rc, _, err = w.stop()
+    assert rc == 0, err
+    assert next(read_records(str(tmp_path / "t.msgpack")))["hardening"]["rt_priority"] is None
 
 
 @pytest.mark.userland
