@@ -4,6 +4,10 @@
  *   loops connect-rate RATE SECONDS         connects at RATE per second to one closed port
  *   loops connect-sweep RATE SECONDS        the same, each to another closed port (1024-65535),
  *                                           so no two are alike (no in-kernel aggregation)
+ *   loops udp-rate RATE SECONDS             connect(2) of one UDP socket, again and again, to one
+ *   loops udp-sweep RATE SECONDS            destination / each time to another port: the same
+ *                                           connect hook and records, without the TCP handshake
+ *                                           and socket set-up that cap TCP loops (17 us here)
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -62,10 +66,12 @@ int main(int argc, char **argv)
 			}
 			waitpid(p, 0, 0);
 		}
-	} else if ((!strcmp(mode, "connect-rate") || !strcmp(mode, "connect-sweep")) && argc >= 4) {
+	} else if ((!strcmp(mode, "connect-rate") || !strcmp(mode, "connect-sweep") || !strcmp(mode, "udp-rate") ||
+		    !strcmp(mode, "udp-sweep")) && argc >= 4) {
 		double rate = atof(argv[2]);
 		double secs = atof(argv[3]);
-		int sweep = !strcmp(mode, "connect-sweep");
+		int sweep = !strcmp(mode, "connect-sweep") || !strcmp(mode, "udp-sweep");
+		int udp = !strncmp(mode, "udp-", 4) ? socket(AF_INET, SOCK_DGRAM, 0) : -1;
 		long total = (long)(rate * secs);
 		long long start = now_ns();
 		long long end = start + (long long)(secs * 1e9);
@@ -80,14 +86,17 @@ int main(int argc, char **argv)
 				break;
 			if (sweep)
 				sa.sin_port = htons(1024 + (getpid() * 7919 + i) % 64512);
-			one_connect(&sa);
+			if (udp >= 0)
+				connect(udp, (const struct sockaddr *)&sa, sizeof(sa)); /* no packet is sent */
+			else
+				one_connect(&sa);
 		}
 		n = i;
 	} else {
 		return 2;
 	}
 	long long dt = now_ns() - t0;
-	if (!strncmp(mode, "connect-", 8)) /* and how many it made: fewer than asked when it fell behind */
+	if (!strncmp(mode, "connect-", 8) || !strncmp(mode, "udp-", 4)) /* and how many it made: fewer than asked */
 		printf("%.1f %ld\n", (double)dt / (double)(n ? n : 1), n);
 	else
 		printf("%.1f\n", (double)dt / (double)(n ? n : 1));

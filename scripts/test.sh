@@ -19,7 +19,11 @@ assert set(r) >= {"cost", "freeze", "throughput", "footprint", "machine", "kerne
 assert all(r["cost"][c]["getppid"] > 0 for c in ("none", "outside", "inside")), r["cost"]
 assert all(f["frozen"] == f["trials"] for f in r["freeze"].values()), r["freeze"]
 assert r["throughput"]["held_per_s"] > 0 and r["footprint"]["startup_s"] > 0
-assert all(r[t]["generator_ceiling_per_s"] > 0 for t in ("throughput", "throughput_distinct")), r["throughput"]
+modes = ("throughput", "throughput_distinct", "throughput_udp", "throughput_udp_distinct")
+assert all(r[t]["generator_ceiling_per_s"] > 0 and r[t]["held_per_s"] > 0 for t in modes), [r[t] for t in modes]
+# every connect came back, as a record or counted in the kernel, and the count says which
+assert all(x["seen"] == x["connects"] and 0 < x["records"] <= x["seen"] for t in modes for x in r[t]["curve"])
+assert r["footprint"]["idle_episode_cgroups"] > 0 and r["footprint"]["idle_cpu_percent_with_episodes"] >= 0
 assert all("detect" in f and "freeze" in f for f in r["freeze"].values()), r["freeze"]
 print("bench smoke: ok")
 PY
