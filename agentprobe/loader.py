@@ -254,6 +254,8 @@ class ProbeSet:
         flags += [f"-D{k}={v}" for k, v in self.offsets.items()]
         if ringbuf:
             flags += ["-DAP_USE_RINGBUF", f"-DAP_RINGBUF_PAGES={self.options.ringbuf_pages}"]
+        if _kernel_at_least(5, 11):  # bpf_get_current_task_btf: direct loads in the fd walk
+            flags.append("-DAP_TASK_BTF")
         return flags
 
     def _compile(self, ringbuf: bool):
