@@ -6,6 +6,7 @@ import errno
 import fcntl
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,25 @@ DEFAULT_AGENT_CGROUP = "agents"
 
 class CgroupError(AgentprobeError):
     pass
+
+
+def path_inside(path: str, top: str) -> bool:
+    """Is cgroup path `path` the cgroup `top` or below it (paths relative to the v2 mount)?"""
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def innermost_top(path: str, tops: Iterable[str]) -> str | None:
+    """The innermost of `tops` that holds `path`, or None."""
+    return max((t for t in tops if path_inside(path, t)), key=len, default=None)
+
+
+def episode_of(path: str, tops: Iterable[str]) -> str:
+    """The agent unit a cgroup path belongs to: the child of the innermost of `tops` that holds it
+    (an episode's cgroup), or that cgroup itself, or the path when none holds it."""
+    top = innermost_top(path, tops)
+    if top is None or path == top:
+        return path
+    return top.rstrip("/") + "/" + path[len(top.rstrip("/")) + 1:].split("/")[0]
 
 
 def find_v2_mount(mounts: str = "/proc/self/mounts") -> Path:
@@ -167,7 +187,7 @@ class CgroupSet:
             path = self._walk_for(cid, watched)
         if path is None:
             return None
-        if any(path == w.path or path.startswith(w.path.rstrip("/") + "/") for w in watched.values()):
+        if any(path_inside(path, w.path) for w in watched.values()):
             self._names[cid] = path
             return path
         return None

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .cgroups import episode_of, path_inside
 from .errors import AgentprobeError
 
 CONFIRM_TIMEOUT_S = 5.0
@@ -51,10 +52,6 @@ def own_cgroup_v2() -> str:
     return "/"
 
 
-def _inside(path: str, top: str) -> bool:
-    return path == top or path.startswith(top.rstrip("/") + "/")
-
-
 class CgroupFreezer:
     """Freeze, thaw and kill cgroups by their path relative to the v2 mount."""
 
@@ -68,9 +65,9 @@ class CgroupFreezer:
     def check_target(self, rel: str, watched_paths: list[str]) -> None:
         if rel in ("", "/"):
             raise ResponseError("refusing to act on the root cgroup")
-        if not any(_inside(rel, w) for w in watched_paths):
+        if not any(path_inside(rel, w) for w in watched_paths):
             raise ResponseError(f"refusing to act on {rel}: not inside a watched cgroup")
-        if _inside(own_cgroup_v2(), rel):
+        if path_inside(own_cgroup_v2(), rel):
             raise ResponseError(f"refusing to act on {rel}: the watcher itself runs in it")
 
     def is_frozen(self, rel: str) -> bool:
@@ -225,14 +222,7 @@ class Responder:
     def target_of(self, cgroup_path: str) -> str:
         """The agent unit to act on: the child of the watched cgroup that holds the
         process (an episode's cgroup), or the watched cgroup itself."""
-        best = None
-        for w in self._watched_paths():
-            if _inside(cgroup_path, w) and (best is None or len(w) > len(best)):
-                best = w
-        if best is None or cgroup_path == best:
-            return cgroup_path
-        rest = cgroup_path[len(best.rstrip("/")) + 1:].split("/")
-        return best.rstrip("/") + "/" + rest[0]
+        return episode_of(cgroup_path, self._watched_paths())
 
     def process(self, record: dict) -> list[dict]:
         if record.get("type") != "alert" or record.get("action") not in ("freeze", "kill"):

@@ -23,7 +23,18 @@ from pathlib import Path
 from typing import Protocol
 
 from . import __version__, abi, btf
-from .cgroups import DEFAULT_AGENT_CGROUP, CgroupError, CgroupLock, CgroupSet, WatchedCgroup, find_v2_mount, path_of_id
+from .cgroups import (
+    DEFAULT_AGENT_CGROUP,
+    CgroupError,
+    CgroupLock,
+    CgroupSet,
+    WatchedCgroup,
+    episode_of,
+    find_v2_mount,
+    innermost_top,
+    path_inside,
+    path_of_id,
+)
 from .enrich import Enricher
 from .errors import AgentprobeError
 from .events import GPU_DEVICE_KINDS, IP_PROTOCOLS, SOCK_TYPES, DecodeError, MkdirEvent, MoveEvent, decode
@@ -440,11 +451,7 @@ class Watcher:
     def episode_of(self, path: str) -> str:
         """The episode a cgroup path belongs to: the child of the (innermost) watched cgroup that holds
         it, or the watched cgroup itself (what the responder acts on)."""
-        top = max((w.path for w in self.watched.values()
-                   if path == w.path or path.startswith(w.path.rstrip("/") + "/")), key=len, default=None)
-        if top is None or path == top:
-            return path
-        return top.rstrip("/") + "/" + path[len(top.rstrip("/")) + 1:].split("/")[0]
+        return episode_of(path, (w.path for w in self.watched.values()))
 
     def cgroup_exists(self, path: str) -> bool:
         return (self.root / path.lstrip("/")).is_dir()
@@ -464,9 +471,7 @@ class Watcher:
                     self.emit(rec, i + 1)
 
     def _cgroup_labels(self, cid: int, path: str) -> dict[str, str]:
-        top = max((w.path for w in self.watched.values()
-                   if path == w.path or path.startswith(w.path.rstrip("/") + "/")), key=len, default=None)
-        return self._labels.of(cid, path, top)
+        return self._labels.of(cid, path, innermost_top(path, (w.path for w in self.watched.values())))
 
     # ---- the loop ----
     def _on_raw(self, data: bytes) -> None:
@@ -527,9 +532,7 @@ class Watcher:
         """An agent process moved to another cgroup: the record is about the moved process, in the
         agent cgroup it left (what a freeze acts on), with where it went and who moved it."""
         to_path = self._cgroup_name(ev.dst_cgroup_id) or path_of_id(self.root, ev.dst_cgroup_id)
-        watched = [c.path for c in self.watched.values()]
-        inside = to_path is not None and any(
-            to_path == w or to_path.startswith(w.rstrip("/") + "/") for w in watched)
+        inside = self._in_watched(to_path)
         return self.enricher.synthetic("cgroup_move", ev.moved_pid, ev.src_cgroup_id, ev.ktime_ns, {
             "to": {"id": ev.dst_cgroup_id, "path": to_path, "watched": inside},
             "mover": {"pid": ev.proc.pid, "comm": ev.proc.comm, "uid": ev.proc.uid,
@@ -844,8 +847,7 @@ class Watcher:
 
     def _in_watched(self, path: str | None) -> bool:
         """Is this v2 cgroup path a watched cgroup or below one?"""
-        return path is not None and any(path == w.path or path.startswith(w.path.rstrip("/") + "/")
-                                        for w in self.watched.values())
+        return path is not None and any(path_inside(path, w.path) for w in self.watched.values())
 
     def _agent_pids(self) -> list[int]:
         """Live processes of the watched cgroups (from cgroup.procs of every watched subtree)."""

@@ -6,7 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from agentprobe.cgroups import CgroupError, CgroupSet, container_of, find_v2_mount, glob_regex
+from agentprobe.cgroups import (
+    CgroupError,
+    CgroupSet,
+    container_of,
+    episode_of,
+    find_v2_mount,
+    glob_regex,
+    innermost_top,
+    path_inside,
+)
 
 
 def mounts(tmp_path, text) -> str:
@@ -128,3 +137,13 @@ def test_where_the_mount_gives_no_handles_the_subtrees_are_walked(tmp_path):
         path_by_handle(tmp_path, (tmp_path / "agents/ep1/x").stat().st_ino)
     cs = CgroupSet(tmp_path, ["agents"])
     assert cs.name_of((tmp_path / "agents/ep1/x").stat().st_ino, cs.scan()) == "/agents/ep1/x"
+
+
+def test_paths_inside_watched_cgroups_and_their_episodes():
+    assert path_inside("/agents", "/agents") and path_inside("/agents/ep-1/x", "/agents/")
+    assert not path_inside("/agents-2/ep", "/agents") and not path_inside("/", "/agents")
+    tops = ["/agents", "/agents/team-a"]
+    assert innermost_top("/agents/team-a/ep-3/job", tops) == "/agents/team-a"
+    assert innermost_top("/agents/ep-1", tops) == "/agents" and innermost_top("/other", tops) is None
+    assert episode_of("/agents/team-a/ep-3/job", tops) == "/agents/team-a/ep-3"
+    assert episode_of("/agents", tops) == "/agents" and episode_of("/other/x", tops) == "/other/x"
