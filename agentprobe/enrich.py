@@ -189,7 +189,8 @@ def _read_exe(pid: int) -> str | None:
         return None
 
 
-def _read_comm(pid: int) -> str | None:
+def read_comm(pid: int) -> str | None:
+    """A running process's name (/proc/PID/comm, undecodable bytes escaped), or None if it is gone."""
     try:
         with open(f"/proc/{pid}/comm", "rb") as f:
             return f.read().rstrip(b"\n").decode("utf-8", "backslashreplace")
@@ -407,7 +408,7 @@ class Enricher:
             exe = _read_exe(p.pid)
             # /proc shows the process as it is now: if it has exec'd again since this record (its name
             # changed: `sh -c 'exec python …'`), its exe and hash there are the next program's, not this one's
-            moved_on = exe is not None and p.comm and _read_comm(p.pid) not in (None, p.comm)
+            moved_on = exe is not None and p.comm and read_comm(p.pid) not in (None, p.comm)
             if (exe is None or moved_on) and ev.filename.startswith("/") and not ev.filename.startswith("/dev/fd/"):
                 exe = os.path.realpath(ev.filename)  # gone or moved on: the file it ran, links resolved
             elif moved_on:

@@ -8,7 +8,7 @@ of kind `nvml` for agent pids. Everywhere else it says why it is off, once.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 
 class NvmlSampler:
@@ -36,12 +36,18 @@ class NvmlSampler:
         self.available = True
         self.reason = f"{len(self._handles)} GPU(s)"
 
-    def sample(self, pids: Iterable[int] | Callable[[int], bool]) -> list[dict]:
-        """One entry per (agent pid, GPU) that NVML reports: memory and utilisation. `pids`: the
-        agent pids, or a test of one pid (asked only for the processes NVML lists, once each)."""
+    def sample(self, is_agent: Callable[[int], bool]) -> list[dict]:
+        """One entry per (agent pid, GPU) that NVML reports: memory and utilisation. `is_agent` is
+        asked only about the processes NVML lists, once each per sample."""
         if not self.available:
             return []
-        wanted = _Wanted(pids)
+        known: dict[int, bool] = {}
+
+        def wanted(pid: int) -> bool:
+            if pid not in known:
+                known[pid] = bool(is_agent(pid))
+            return known[pid]
+
         out = []
         nvml = self._nvml
         for index, uuid, h in self._handles:
@@ -49,7 +55,7 @@ class NvmlSampler:
             for getter in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses"):
                 try:
                     for p in getattr(nvml, getter)(h):
-                        if p.pid in wanted:
+                        if wanted(p.pid):
                             used[p.pid] = getattr(p, "usedGpuMemory", None)
                 except Exception:
                     continue
@@ -57,7 +63,7 @@ class NvmlSampler:
             try:
                 samples = nvml.nvmlDeviceGetProcessUtilization(h, self._last_ts.get(index, 0))
                 for s in samples:
-                    if s.pid in wanted:
+                    if wanted(s.pid):
                         util[s.pid] = (s.smUtil, s.memUtil)
                     self._last_ts[index] = max(self._last_ts.get(index, 0), s.timeStamp)
             except Exception:
@@ -76,15 +82,3 @@ class NvmlSampler:
                 pass
             self.available = False
 
-
-class _Wanted:
-    """`pid in wanted` for a set of pids or a test of one, the test's answers kept for one sample."""
-
-    def __init__(self, pids: Iterable[int] | Callable[[int], bool]) -> None:
-        self._test = pids if callable(pids) else None
-        self._known: dict[int, bool] = {} if callable(pids) else dict.fromkeys(pids, True)
-
-    def __contains__(self, pid: int) -> bool:
-        if pid not in self._known:
-            self._known[pid] = bool(self._test(pid)) if self._test is not None else False
-        return self._known[pid]

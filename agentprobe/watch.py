@@ -35,7 +35,7 @@ from .cgroups import (
     path_inside,
     path_of_id,
 )
-from .enrich import Enricher
+from .enrich import Enricher, read_comm
 from .errors import AgentprobeError
 from .events import GPU_DEVICE_KINDS, IP_PROTOCOLS, SOCK_TYPES, DecodeError, MkdirEvent, MoveEvent, decode
 from .sinks import Sink, check_output, open_sink
@@ -796,12 +796,7 @@ class Watcher:
             return
         path = v2_cgroup_of(tracer)
         agent = self._in_watched(path)
-        comm = ""
-        try:
-            with open(f"/proc/{tracer}/comm", "rb") as f:
-                comm = f.read().rstrip(b"\n").decode("utf-8", "backslashreplace")
-        except OSError:
-            pass
+        comm = read_comm(tracer) or ""
         who = f"agent process {tracer} ({comm}) in {path}" if agent else f"process {tracer} ({comm}), not an agent"
         self.emit(self._meta("alert", {
             "rule": "monitor_traced", "name": "The watcher is being ptraced", "priority": "critical",
