@@ -77,18 +77,16 @@ RAW_TRACEPOINT_PROBE(sched_process_exit)
 	return 0;
 }
 
-/* Is this cgroup (a struct cgroup *) inside a watched subtree? Its kernfs
- * node and ancestors, walked up, are looked up at the levels that hold a
- * watched cgroup. Only for moves: rare, whoever makes them. */
-static __always_inline int ap_cgroup_in_scope(void *cgrp)
+/* Is the cgroup whose kernfs node is kn, at this level, inside a watched
+ * subtree? The node and its ancestors, walked up, are looked up at the levels
+ * that hold a watched cgroup. Only for moves: rare, whoever makes them. */
+static __always_inline int ap_cgroup_in_scope(void *kn, int level)
 {
 	u32 zero = 0;
 	u64 *levels = watched_levels.lookup(&zero);
 	if (!levels || *levels == 0)
 		return 0;
 	u64 mask = *levels;
-	int level = ap_read_u32(cgrp, AP_OFF_CGROUP_LEVEL);
-	void *kn = (void *)ap_read_ptr(cgrp, AP_OFF_CGROUP_KN);
 	for (int i = 0; i < AP_MAX_CGROUP_LEVEL; i++) {
 		if (!kn || level < 0 || level >= AP_MAX_CGROUP_LEVEL)
 			return 0;
@@ -120,9 +118,10 @@ RAW_TRACEPOINT_PROBE(cgroup_attach_task)
 	u32 pid = ap_read_u32(task, AP_OFF_TASK_STRUCT_PID);
 	void *kn = (void *)ap_read_ptr(cgrp, AP_OFF_CGROUP_KN);
 	u64 dst = kn ? ap_read_ptr(kn, AP_OFF_KERNFS_NODE_ID) : 0;
+	u32 level = ap_read_u32(cgrp, AP_OFF_CGROUP_LEVEL);
 	u64 *src = agent_pids.lookup(&pid);
 	if (!src) { /* not an agent process, or a thread: its leader is reported */
-		if (pid == ap_read_u32(task, AP_OFF_TASK_STRUCT_TGID) && ap_cgroup_in_scope(cgrp))
+		if (pid == ap_read_u32(task, AP_OFF_TASK_STRUCT_TGID) && ap_cgroup_in_scope(kn, level))
 			agent_pids.update(&pid, &dst);
 		return 0;
 	}
@@ -132,7 +131,7 @@ RAW_TRACEPOINT_PROBE(cgroup_attach_task)
 		return 0;
 	ap_fill_header(&e->h, AP_EV_MOVE);
 	e->moved_pid = pid;
-	e->dst_level = ap_read_u32(cgrp, AP_OFF_CGROUP_LEVEL);
+	e->dst_level = level;
 	e->dst_cgroup_id = dst;
 	e->src_cgroup_id = *src;
 	ap_submit(ctx, e, sizeof(*e), AP_EV_MOVE);
