@@ -10,7 +10,6 @@ could be looked at still yields its record with what the kernel gave.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import os
 import pwd
 import socket
@@ -21,6 +20,7 @@ from typing import Callable
 
 import psutil
 
+from .addr import proc_net_endpoint
 from .cgroups import container_of
 from .events import ConnectEvent, Event, ExecEvent, ExitEvent, ForkEvent, PacketEvent, PayloadEvent, Process
 from .kube import PodDirectory
@@ -212,17 +212,6 @@ _TCP_STATES = {1: "established", 2: "syn_sent", 3: "syn_recv", 4: "fin_wait1", 5
                7: "close", 8: "close_wait", 9: "last_ack", 10: "listen", 11: "closing"}
 
 
-def _hex_endpoint(text: str) -> tuple[str, int]:
-    """ADDR:PORT of /proc/net/tcp* (the address in host-order 32-bit words) as (address, port)."""
-    addr, port = text.split(":")
-    raw = bytes.fromhex(addr)
-    raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
-    ip = ipaddress.ip_address(raw)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return str(ip), int(port, 16)
-
-
 def _fd_target(pid: int, fd: int | str) -> str | None:
     try:
         return os.readlink(f"/proc/{pid}/fd/{fd}")
@@ -244,7 +233,7 @@ def _inet_socket(pid: int, inodes: dict[int, list[int]]) -> dict | None:
                     cols = line.split()
                     if len(cols) < 10 or not cols[9].isdigit() or int(cols[9]) not in inodes:
                         continue
-                    local, remote = _hex_endpoint(cols[1]), _hex_endpoint(cols[2])
+                    local, remote = proc_net_endpoint(cols[1]), proc_net_endpoint(cols[2])
                     state = int(cols[3], 16)
                     return {"fds": inodes[int(cols[9])], "proto": proto.rstrip("6"),
                             "state": _TCP_STATES.get(state, str(state)) if proto.startswith("tcp") else None,

@@ -7,14 +7,22 @@ from __future__ import annotations
 
 import ctypes as ct
 import errno
-import ipaddress
 import socket
 import struct
 from dataclasses import dataclass, field
+from typing import Callable
 
 from . import abi
+from .addr import field_ip_text, inet_name, ip_text, is_v4mapped
 
 EINPROGRESS = errno.EINPROGRESS
+
+# the record types of the kernel's contract (ebpf/*.h) by name: the `type` of their stream records
+RECORD_NAMES: dict[int, str] = {
+    abi.EV_EXEC: "exec", abi.EV_CONNECT: "connect", abi.EV_GPU: "gpu", abi.EV_FORK: "fork", abi.EV_EXIT: "exit",
+    abi.EV_PAYLOAD: "payload", abi.EV_DENY: "deny", abi.EV_MOVE: "cgroup_move", abi.EV_SOCKET: "socket",
+    abi.EV_BIND: "bind", abi.EV_PACKET: "packet", abi.EV_MKDIR: "cgroup_mkdir", abi.EV_LISTEN: "listen",
+}
 
 SOCK_TYPES = {1: "stream", 2: "dgram", 3: "raw", 4: "rdm", 5: "seqpacket", 6: "dccp", 10: "packet"}
 
@@ -338,8 +346,8 @@ def _process(h: abi.Header) -> Process:
     return Process(h.pid, h.tid, h.ppid, h.uid, h.gid, _text(h.comm))
 
 
-def _base(h: abi.Header, type_: str) -> dict:
-    return {"type": type_, "ktime_ns": h.ktime_ns, "cgroup_id": h.cgroup_id, "proc": _process(h)}
+def _base(h: abi.Header, rtype: int) -> dict:
+    return {"type": RECORD_NAMES[rtype], "ktime_ns": h.ktime_ns, "cgroup_id": h.cgroup_id, "proc": _process(h)}
 
 
 def split_arg_area(raw: bytes) -> list[str]:
@@ -359,13 +367,12 @@ def decode_sockaddr(family: int, raw: bytes, addrlen: int) -> dict:
     """Decode a raw sockaddr as passed to connect(2)."""
     if family == socket.AF_INET and len(raw) >= 8:
         port = struct.unpack_from("!H", raw, 2)[0]
-        return {"family": "inet", "address": socket.inet_ntop(socket.AF_INET, raw[4:8]), "port": port}
+        return {"family": "inet", "address": ip_text(raw[4:8]), "port": port}
     if family == socket.AF_INET6 and len(raw) >= 24:
         port = struct.unpack_from("!H", raw, 2)[0]
-        ip = ipaddress.IPv6Address(raw[8:24])
-        if ip.ipv4_mapped is not None:
-            return {"family": "inet6", "address": str(ip.ipv4_mapped), "port": port, "v4mapped": True}
-        return {"family": "inet6", "address": str(ip), "port": port}
+        if is_v4mapped(raw[8:24]):
+            return {"family": "inet6", "address": ip_text(raw[8:24]), "port": port, "v4mapped": True}
+        return {"family": "inet6", "address": ip_text(raw[8:24]), "port": port}
     if family == socket.AF_UNIX:
         path = raw[2 : max(2, min(addrlen, len(raw)))]
         if path[:1] == b"\0":
@@ -374,118 +381,156 @@ def decode_sockaddr(family: int, raw: bytes, addrlen: int) -> dict:
     return {"family": "unknown"}
 
 
+# ---- the record handlers: one per record type, registered in _HANDLERS ----
+_HANDLERS: dict[int, Callable[[ct.Structure], Event]] = {}
+
+
+def _handles(rtype: int) -> Callable:
+    def register(fn: Callable[[ct.Structure], Event]) -> Callable[[ct.Structure], Event]:
+        _HANDLERS[rtype] = fn
+        return fn
+
+    return register
+
+
+@_handles(abi.EV_EXEC)
+def _exec(r: abi.ExecRecord) -> ExecEvent:
+    raw_args = bytes(r.args)[: r.args_size]
+    if r.flags & abi.EXEC_ARGV_RAW:
+        argv = split_arg_area(raw_args)
+        argc_total = max(r.argc_total, len(argv))  # the kernel's count (bprm->argc), beyond the copied area
+    else:
+        argv = split_args(raw_args, r.argc)
+        argc_total = r.argc_total
+    fname = _text(r.filename)
+    return ExecEvent(
+        **_base(r.h, abi.EV_EXEC),
+        filename=fname,
+        argv=argv,
+        argc_total=argc_total,
+        retval=r.retval,
+        # sched_process_exec sees fexecve/execveat(AT_EMPTY_PATH) as /dev/fd/N
+        execveat=bool(r.flags & abi.EXEC_EXECVEAT) or fname.startswith("/dev/fd/"),
+        dirfd=r.dirfd,
+        at_flags=r.at_flags,
+        args_truncated=bool(r.flags & abi.EXEC_ARGS_TRUNC),
+        arg_truncated=bool(r.flags & abi.EXEC_ARG_TRUNC),
+        filename_truncated=bool(r.flags & abi.EXEC_FILENAME_TRUNC),
+        argv_fault=bool(r.flags & abi.EXEC_ARGV_FAULT),
+        killed=bool(r.flags & abi.EXEC_KILLED),
+    )
+
+
+@_handles(abi.EV_CONNECT)
+def _connect(r: abi.ConnectRecord) -> ConnectEvent:
+    addr = decode_sockaddr(r.family, bytes(r.addr), r.addrlen)
+    addr.setdefault("family", "unknown")
+    return ConnectEvent(
+        **_base(r.h, abi.EV_CONNECT),
+        family_num=r.family,
+        sock_type=SOCK_TYPES.get(r.sock_type, "unknown"),
+        fd=r.fd,
+        retval=r.retval,
+        addr_fault=bool(r.flags & abi.CONNECT_ADDR_FAULT),
+        at_hook=bool(r.flags & abi.CONNECT_AT_HOOK),
+        sendmsg=bool(r.flags & abi.CONNECT_SENDMSG),
+        cookie=r.cookie,
+        **addr,
+    )
+
+
+@_handles(abi.EV_GPU)
+def _gpu(r: abi.GpuRecord) -> GpuEvent:
+    return GpuEvent(
+        **_base(r.h, abi.EV_GPU),
+        major=r.major,
+        minor=r.minor,
+        device_kind=GPU_DEVICE_KINDS.get(r.dev_kind, "unknown"),
+        cmd=r.cmd,
+        nr=r.nr,
+        detail=r.detail,
+        fd=r.fd,
+        first_device=bool(r.flags & abi.GPU_FIRST_DEVICE),
+        first_cmd=bool(r.flags & abi.GPU_FIRST_CMD),
+        xfer=bool(r.flags & abi.GPU_XFER),
+        opened=bool(r.flags & abi.GPU_OPEN),
+    )
+
+
+@_handles(abi.EV_PAYLOAD)
+def _payload(r: abi.PayloadRecord) -> PayloadEvent:
+    return PayloadEvent(
+        **_base(r.h, abi.EV_PAYLOAD),
+        transport={6: "tcp", 17: "udp"}.get(r.protocol, str(r.protocol)),
+        family=inet_name(r.family),
+        address=field_ip_text(r.family, r.daddr), port=r.dport,
+        src_address=field_ip_text(r.family, r.saddr), src_port=r.sport,
+        cookie=r.cookie, length=r.len, data=bytes(r.data)[: r.captured],
+    )
+
+
+@_handles(abi.EV_DENY)
+def _deny(r: abi.DenyRecord) -> DenyEvent:
+    return DenyEvent(
+        **_base(r.h, abi.EV_DENY),
+        family=inet_name(r.family),
+        address=field_ip_text(r.family, r.addr, unmap=False),
+        port=r.port,
+        reason={abi.DENY_PORT: "pool_port", abi.DENY_HOST: "denied_host"}.get(r.reason, str(r.reason)),
+    )
+
+
+@_handles(abi.EV_SOCKET)
+def _socket(r: abi.SocketRecord) -> SocketEvent:
+    return SocketEvent(**_base(r.h, abi.EV_SOCKET), family=inet_name(r.family),
+                       sock_type=SOCK_TYPES.get(r.type, str(r.type)), protocol=r.protocol, cookie=r.cookie)
+
+
+@_handles(abi.EV_BIND)
+@_handles(abi.EV_LISTEN)
+def _bind(r: abi.BindRecord) -> BindEvent:
+    return BindEvent(**_base(r.h, r.h.type), family=inet_name(r.family), address=field_ip_text(r.family, r.addr),
+                     port=r.port, sock_type=SOCK_TYPES.get(r.type, str(r.type)), protocol=r.protocol)
+
+
+@_handles(abi.EV_PACKET)
+def _packet(r: abi.PacketRecord) -> PacketEvent:
+    return PacketEvent(**_base(r.h, abi.EV_PACKET), family=inet_name(r.family), protocol=r.protocol,
+                       icmp_type=r.icmp_type, address=field_ip_text(r.family, r.daddr), port=r.dport, cookie=r.cookie,
+                       length=r.len, data=bytes(r.data)[: r.captured])
+
+
+@_handles(abi.EV_MOVE)
+def _move(r: abi.MoveRecord) -> MoveEvent:
+    return MoveEvent(**_base(r.h, abi.EV_MOVE), moved_pid=r.moved_pid, dst_cgroup_id=r.dst_cgroup_id,
+                     dst_level=r.dst_level, src_cgroup_id=r.src_cgroup_id)
+
+
+@_handles(abi.EV_MKDIR)
+def _mkdir(r: abi.MkdirRecord) -> MkdirEvent:
+    return MkdirEvent(**_base(r.h, abi.EV_MKDIR), created_id=r.cgroup_id, level=r.level, path=_text(r.path))
+
+
+@_handles(abi.EV_FORK)
+def _fork(r: abi.ForkRecord) -> ForkEvent:
+    return ForkEvent(**_base(r.h, abi.EV_FORK), child_pid=r.child_pid)
+
+
+@_handles(abi.EV_EXIT)
+def _exit(r: abi.ExitRecord) -> ExitEvent:
+    return ExitEvent(**_base(r.h, abi.EV_EXIT), exit_code=r.exit_code)
+
+
 def decode(data: bytes) -> Event:
     """Turn one raw kernel record into a typed event."""
     if len(data) < ct.sizeof(abi.Header):
         raise DecodeError(f"record of {len(data)} bytes is shorter than the header")
     rtype = struct.unpack_from("<I", data, 0)[0]
     cls = abi.RECORDS.get(rtype)
-    if cls is None:
+    handler = _HANDLERS.get(rtype)
+    if cls is None or handler is None:
         raise DecodeError(f"unknown record type {rtype}")
     if len(data) < ct.sizeof(cls):
         raise DecodeError(f"record type {rtype}: {len(data)} bytes, expected {ct.sizeof(cls)}")
-    r = cls.from_buffer_copy(data[: ct.sizeof(cls)])
-    h = r.h
-    if rtype == abi.EV_EXEC:
-        raw_args = bytes(r.args)[: r.args_size]
-        if r.flags & abi.EXEC_ARGV_RAW:
-            argv = split_arg_area(raw_args)
-            argc_total = max(r.argc_total, len(argv))  # the kernel's count (bprm->argc), beyond the copied area
-        else:
-            argv = split_args(raw_args, r.argc)
-            argc_total = r.argc_total
-        fname = _text(r.filename)
-        return ExecEvent(
-            **_base(h, "exec"),
-            filename=fname,
-            argv=argv,
-            argc_total=argc_total,
-            retval=r.retval,
-            # sched_process_exec sees fexecve/execveat(AT_EMPTY_PATH) as /dev/fd/N
-            execveat=bool(r.flags & abi.EXEC_EXECVEAT) or fname.startswith("/dev/fd/"),
-            dirfd=r.dirfd,
-            at_flags=r.at_flags,
-            args_truncated=bool(r.flags & abi.EXEC_ARGS_TRUNC),
-            arg_truncated=bool(r.flags & abi.EXEC_ARG_TRUNC),
-            filename_truncated=bool(r.flags & abi.EXEC_FILENAME_TRUNC),
-            argv_fault=bool(r.flags & abi.EXEC_ARGV_FAULT),
-            killed=bool(r.flags & abi.EXEC_KILLED),
-        )
-    if rtype == abi.EV_CONNECT:
-        addr = decode_sockaddr(r.family, bytes(r.addr), r.addrlen)
-        addr.setdefault("family", "unknown")
-        return ConnectEvent(
-            **_base(h, "connect"),
-            family_num=r.family,
-            sock_type=SOCK_TYPES.get(r.sock_type, "unknown"),
-            fd=r.fd,
-            retval=r.retval,
-            addr_fault=bool(r.flags & abi.CONNECT_ADDR_FAULT),
-            at_hook=bool(r.flags & abi.CONNECT_AT_HOOK),
-            sendmsg=bool(r.flags & abi.CONNECT_SENDMSG),
-            cookie=r.cookie,
-            **addr,
-        )
-    if rtype == abi.EV_GPU:
-        return GpuEvent(
-            **_base(h, "gpu"),
-            major=r.major,
-            minor=r.minor,
-            device_kind=GPU_DEVICE_KINDS.get(r.dev_kind, "unknown"),
-            cmd=r.cmd,
-            nr=r.nr,
-            detail=r.detail,
-            fd=r.fd,
-            first_device=bool(r.flags & abi.GPU_FIRST_DEVICE),
-            first_cmd=bool(r.flags & abi.GPU_FIRST_CMD),
-            xfer=bool(r.flags & abi.GPU_XFER),
-            opened=bool(r.flags & abi.GPU_OPEN),
-        )
-    if rtype == abi.EV_PAYLOAD:
-        fam = socket.AF_INET if r.family == socket.AF_INET else socket.AF_INET6
-        n = 4 if fam == socket.AF_INET else 16
+    return handler(cls.from_buffer_copy(data[: ct.sizeof(cls)]))
 
-        def ip(raw) -> str:
-            addr = ipaddress.ip_address(bytes(raw)[:n])
-            mapped = getattr(addr, "ipv4_mapped", None)
-            return str(mapped or addr)
-
-        return PayloadEvent(
-            **_base(h, "payload"),
-            transport={6: "tcp", 17: "udp"}.get(r.protocol, str(r.protocol)),
-            family="inet" if fam == socket.AF_INET else "inet6",
-            address=ip(r.daddr), port=r.dport, src_address=ip(r.saddr), src_port=r.sport,
-            cookie=r.cookie, length=r.len, data=bytes(r.data)[: r.captured],
-        )
-    if rtype == abi.EV_DENY:
-        n = 4 if r.family == socket.AF_INET else 16
-        return DenyEvent(
-            **_base(h, "deny"),
-            family="inet" if n == 4 else "inet6",
-            address=str(ipaddress.ip_address(bytes(r.addr)[:n])),
-            port=r.port,
-            reason={abi.DENY_PORT: "pool_port", abi.DENY_HOST: "denied_host"}.get(r.reason, str(r.reason)),
-        )
-    if rtype in (abi.EV_SOCKET, abi.EV_BIND, abi.EV_PACKET, abi.EV_LISTEN):
-        fam = "inet" if r.family == socket.AF_INET else "inet6"
-        if rtype == abi.EV_SOCKET:
-            return SocketEvent(**_base(h, "socket"), family=fam, sock_type=SOCK_TYPES.get(r.type, str(r.type)),
-                               protocol=r.protocol, cookie=r.cookie)
-        raw = bytes(r.addr if rtype in (abi.EV_BIND, abi.EV_LISTEN) else r.daddr)[: 4 if fam == "inet" else 16]
-        addr = ipaddress.ip_address(raw)
-        text = str(getattr(addr, "ipv4_mapped", None) or addr)
-        if rtype in (abi.EV_BIND, abi.EV_LISTEN):
-            return BindEvent(**_base(h, "bind" if rtype == abi.EV_BIND else "listen"), family=fam, address=text,
-                             port=r.port,
-                             sock_type=SOCK_TYPES.get(r.type, str(r.type)), protocol=r.protocol)
-        return PacketEvent(**_base(h, "packet"), family=fam, protocol=r.protocol, icmp_type=r.icmp_type,
-                           address=text, port=r.dport, cookie=r.cookie, length=r.len,
-                           data=bytes(r.data)[: r.captured])
-    if rtype == abi.EV_MOVE:
-        return MoveEvent(**_base(h, "cgroup_move"), moved_pid=r.moved_pid, dst_cgroup_id=r.dst_cgroup_id,
-                         dst_level=r.dst_level, src_cgroup_id=r.src_cgroup_id)
-    if rtype == abi.EV_MKDIR:
-        return MkdirEvent(**_base(h, "cgroup_mkdir"), created_id=r.cgroup_id, level=r.level, path=_text(r.path))
-    if rtype == abi.EV_FORK:
-        return ForkEvent(**_base(h, "fork"), child_pid=r.child_pid)
-    return ExitEvent(**_base(h, "exit"), exit_code=r.exit_code)

@@ -9,12 +9,11 @@ network namespace (/proc/PID/net/tcp*), and the descriptors of the agent's proce
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import socket
-import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+
+from .addr import proc_net_endpoint
 
 TCP_ESTABLISHED, TCP_SYN_SENT, TCP_LISTEN = 0x01, 0x02, 0x0A
 
@@ -27,16 +26,20 @@ class TcpSocket:
     inode: int
 
 
-def _addr(hexaddr: str) -> tuple[str, int]:
-    ip_hex, port_hex = hexaddr.split(":")
-    raw = bytes.fromhex(ip_hex)
-    if len(raw) == 4:
-        ip = socket.inet_ntop(socket.AF_INET, raw[::-1])
-    else:  # four little-endian 32-bit words
-        ip = socket.inet_ntop(socket.AF_INET6, b"".join(struct.pack(">I", w) for w in struct.unpack("<4I", raw)))
-        mapped = ipaddress.IPv6Address(ip).ipv4_mapped
-        ip = str(mapped) if mapped else ip
-    return ip, int(port_hex, 16)
+def parse_tcp_table(text: str) -> list[TcpSocket]:
+    """The sockets of a /proc/net/tcp or tcp6 table (its header line first); lines that do not
+    parse are skipped."""
+    out = []
+    for line in text.splitlines()[1:]:
+        parts = line.split()
+        if len(parts) < 10:
+            continue
+        try:
+            local, remote = proc_net_endpoint(parts[1]), proc_net_endpoint(parts[2])
+            out.append(TcpSocket(local, remote, int(parts[3], 16), int(parts[9])))
+        except (ValueError, OSError):
+            continue
+    return out
 
 
 def tcp_sockets(pid: int) -> list[TcpSocket]:
@@ -45,17 +48,10 @@ def tcp_sockets(pid: int) -> list[TcpSocket]:
     for name in ("tcp", "tcp6"):
         try:
             with open(f"/proc/{pid}/net/{name}") as f:
-                lines = f.read().splitlines()[1:]
+                text = f.read()
         except OSError:
             continue
-        for line in lines:
-            parts = line.split()
-            if len(parts) < 10:
-                continue
-            try:
-                out.append(TcpSocket(_addr(parts[1]), _addr(parts[2]), int(parts[3], 16), int(parts[9])))
-            except (ValueError, OSError):
-                continue
+        out += parse_tcp_table(text)
     return out
 
 
