@@ -1,8 +1,8 @@
 """Where the msgpack stream goes: stdout, a file, or unix/TCP sockets that
-readers connect to. No sink imports BCC; none blocks the watcher.
-
-Flushing: every sink is flushed after each batch of records read from the
-kernel (at most every poll interval, 100 ms) and when the watcher stops.
+readers connect to; and the registry that opens an output by its spec
+(`open_sink`, `check_output`: `nats:` outputs are in agentprobe.natssink).
+No sink imports BCC; none blocks the watcher. The interface they implement,
+`Sink`, is in agentprobe.sink.
 """
 
 from __future__ import annotations
@@ -17,49 +17,11 @@ import time
 from collections import deque
 from pathlib import Path
 
-from .errors import AgentprobeError
+from .natssink import NatsSink, check_nats
+from .sink import RecordSink, Sink, SinkError
 
 CLIENT_BUFFER_LIMIT = 8 * 1024 * 1024  # bytes queued for one slow reader before it is dropped
 FILE_BUFFER_LIMIT = 64 * 1024 * 1024  # bytes held while a file cannot be written (disk full)
-
-
-class SinkError(AgentprobeError):
-    pass
-
-
-class Sink:
-    """One output. `dropped` counts records that could not be delivered."""
-
-    name = "sink"
-
-    def __init__(self) -> None:
-        self.dropped = 0
-        self.written = 0
-
-    def write(self, data: bytes) -> None:
-        raise NotImplementedError
-
-    def write_record(self, rec: dict, data: bytes) -> None:
-        """One record and its msgpack encoding; sinks that need the fields (NATS subjects,
-        JSON lines) override this."""
-        self.write(data)
-
-    def flush(self) -> None:
-        pass
-
-    def drain(self, deadline: float) -> None:
-        """At stop: get out what can get out before `deadline` (time.monotonic())."""
-        self.flush()
-
-    def service(self) -> None:
-        """Non-blocking housekeeping (accept readers, drain queues); called each loop."""
-
-    def close(self) -> None:
-        pass
-
-    def unwritten(self) -> int:
-        """Records accepted but not yet out (held for a full disk or a slow server)."""
-        return 0
 
 
 class _Records:
@@ -434,7 +396,7 @@ class ServerSink(Sink):
                 pass
 
 
-class JsonLinesSink(Sink):
+class JsonLinesSink(RecordSink):
     """One JSON object per line with Elastic Common Schema field names (agentprobe/ecs.py), for
     SIEMs and log shippers; written through a file or stdout sink (same buffering and counting)."""
 
@@ -450,11 +412,6 @@ class JsonLinesSink(Sink):
         self.inner.write(to_json_line(rec))
         if self.inner.dropped == before:
             self.written += 1
-
-    def write(self, data: bytes) -> None:
-        from .stream import decode_one
-
-        self.write_record(decode_one(data), data)
 
     @property
     def dropped(self) -> int:  # the inner sink counts
@@ -474,8 +431,6 @@ class JsonLinesSink(Sink):
 def check_output(spec: str) -> None:
     """Fail early, before anything is loaded, for an output that cannot work."""
     if spec.startswith("nats:"):
-        from .nats import check_nats
-
         check_nats(spec)
         return
     if spec.startswith("jsonl:"):
@@ -517,8 +472,6 @@ def check_output(spec: str) -> None:
 
 def open_sink(spec: str) -> Sink:
     if spec.startswith("nats:"):
-        from .nats import NatsSink
-
         return NatsSink(spec)
     if spec.startswith("jsonl:"):
         inner = spec[6:]

@@ -1,4 +1,5 @@
-"""A real nats-server on a free loopback port, in a temporary directory, for tests."""
+"""A real nats-server on a free loopback port, in a temporary directory, for tests; and the helpers
+that publish through a NatsSink and read back what the server got."""
 
 from __future__ import annotations
 
@@ -7,6 +8,12 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+
+import msgpack
+
+from agentprobe.nats import BlockingConnection, parse_url
+from agentprobe.natssink import NatsSink
+from agentprobe.stream import encode
 
 
 def free_port() -> int:
@@ -63,10 +70,6 @@ def jetstream_messages(url: str, stream: str) -> list[tuple[str, dict]]:
     import base64
     import json
 
-    import msgpack
-
-    from agentprobe.nats import BlockingConnection, parse_url
-
     conn = BlockingConnection(parse_url(url))
     try:
         info = json.loads(conn.request(f"$JS.API.STREAM.INFO.{stream}", b"").payload)
@@ -79,3 +82,48 @@ def jetstream_messages(url: str, stream: str) -> list[tuple[str, dict]]:
         return out
     finally:
         conn.close()
+
+
+def record(seq: int, type_: str = "exec", node: str = "gpu-7.dc1") -> dict:
+    return {"v": 1, "type": type_, "ts": 1, "ktime": 1, "node": node, "seq": seq}
+
+
+def publish(sink: NatsSink, recs: list[dict]) -> None:
+    for r in recs:
+        sink.write_record(r, encode(r))
+
+
+def settle(sink: NatsSink, timeout: float = 10.0) -> None:
+    """Service the sink as the watcher loop would until the server confirmed everything held."""
+    deadline = time.monotonic() + timeout
+    while sink.buffered or not sink.connected:
+        assert time.monotonic() < deadline, f"not settled: {sink.buffered} held, state {sink._state}"
+        sink.service()
+        time.sleep(0.01)
+
+
+class Subscriber:
+    """A plain NATS subscriber collecting (subject, record) pairs."""
+
+    def __init__(self, url: str, subject: str = "agentprobe.>") -> None:
+        self.conn = BlockingConnection(parse_url(url))
+        self.conn.sock.sendall(f"SUB {subject} 1\r\nPING\r\n".encode())
+        while self.conn.next_op(5)[0] != "PONG":
+            pass
+        self.got: list[tuple[str, dict]] = []
+
+    def collect(self, n: int, timeout: float = 10.0) -> list[tuple[str, dict]]:
+        deadline = time.monotonic() + timeout
+        while len(self.got) < n:
+            op = self.conn.next_op(max(0.01, deadline - time.monotonic()))
+            if op[0] == "MSG":
+                self.got.append((op[1].subject, msgpack.unpackb(op[1].payload)))
+        return self.got
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def stream_records(url: str, stream: str) -> list[dict]:
+    """Everything the JetStream stream holds, read back message by message."""
+    return [rec for _, rec in jetstream_messages(url, stream)]
