@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes as ct
+import ipaddress
 import socket
 import struct
 
@@ -132,3 +133,68 @@ def test_cgroup_mkdir_record():
 def test_bad_records(data, msg):
     with pytest.raises(DecodeError, match=msg):
         decode(data)
+
+
+def test_record_names_are_the_contract_s_types():
+    from agentprobe.events import RECORD_NAMES
+
+    assert RECORD_NAMES == {abi.EV_EXEC: "exec", abi.EV_CONNECT: "connect", abi.EV_GPU: "gpu", abi.EV_FORK: "fork",
+                            abi.EV_EXIT: "exit", abi.EV_PAYLOAD: "payload", abi.EV_DENY: "deny",
+                            abi.EV_MOVE: "cgroup_move", abi.EV_SOCKET: "socket", abi.EV_BIND: "bind",
+                            abi.EV_PACKET: "packet", abi.EV_MKDIR: "cgroup_mkdir", abi.EV_LISTEN: "listen"}
+    assert set(RECORD_NAMES) == set(abi.RECORDS)
+
+
+@pytest.mark.parametrize("rtype", sorted(abi.RECORDS))
+def test_every_record_type_has_its_handler(rtype):
+    """The decoder's table covers the contract: a record of each type decodes, typed and named."""
+    from agentprobe.events import RECORD_NAMES
+
+    r = abi.RECORDS[rtype]()
+    r.h = header(rtype)
+    ev = decode(bytes(r))
+    assert ev.type == RECORD_NAMES[rtype]
+    assert (ev.proc.pid, ev.cgroup_id, ev.ktime_ns) == (10, 77, 123456789)
+    assert isinstance(ev.fields(), dict)
+
+
+MAPPED = socket.inet_pton(socket.AF_INET6, "::ffff:192.0.2.5")
+
+
+def test_payload_bind_listen_and_packet_addresses_show_the_ipv4_a_mapped_one_maps():
+    from agentprobe.events import BindEvent, PacketEvent, PayloadEvent
+
+    p = abi.PayloadRecord()
+    p.h, p.family, p.protocol, p.dport, p.sport = header(abi.EV_PAYLOAD), socket.AF_INET6, 6, 443, 40000
+    p.daddr[:] = list(MAPPED)
+    p.saddr[:] = list(socket.inet_pton(socket.AF_INET6, "2001:db8::7"))
+    ev = decode(bytes(p))
+    assert isinstance(ev, PayloadEvent)
+    assert (ev.family, ev.address, ev.src_address, ev.transport) == ("inet6", "192.0.2.5", "2001:db8::7", "tcp")
+    for rtype, name in ((abi.EV_BIND, "bind"), (abi.EV_LISTEN, "listen")):
+        b = abi.BindRecord()
+        b.h, b.family, b.port = header(rtype), socket.AF_INET6, 8080
+        b.addr[:] = list(MAPPED)
+        ev = decode(bytes(b))
+        assert isinstance(ev, BindEvent) and (ev.type, ev.address, ev.family) == (name, "192.0.2.5", "inet6")
+    k = abi.PacketRecord()
+    k.h, k.family, k.protocol = header(abi.EV_PACKET), socket.AF_INET, 17
+    k.daddr[:4] = list(socket.inet_aton("198.51.100.1"))
+    ev = decode(bytes(k))
+    assert isinstance(ev, PacketEvent) and (ev.address, ev.family) == ("198.51.100.1", "inet")
+
+
+def test_a_deny_record_keeps_an_ipv4_mapped_address_as_the_kernel_gave_it():
+    from agentprobe.events import DenyEvent
+
+    d = abi.DenyRecord()
+    d.h, d.family, d.port, d.reason = header(abi.EV_DENY), socket.AF_INET6, 3333, abi.DENY_PORT
+    d.addr[:] = list(MAPPED)
+    ev = decode(bytes(d))
+    assert isinstance(ev, DenyEvent)
+    # the IPv6 form (::ffff:c000:205, or ::ffff:192.0.2.5 from Python 3.13)
+    assert ev.fields() == {"action": "connect", "family": "inet6", "address": str(ipaddress.IPv6Address(MAPPED)),
+                           "port": 3333, "reason": "pool_port"}
+    d.family = socket.AF_INET
+    d.addr[:4] = list(socket.inet_aton("203.0.113.4"))
+    assert decode(bytes(d)).address == "203.0.113.4"
