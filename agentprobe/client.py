@@ -208,16 +208,7 @@ class Episode:
             raise ClientError(f"cannot read the watcher's records from NATS: {e}") from None
         self._stream_sock = conn.sock
         try:
-            conn.sock.sendall(f"SUB {addr.prefix}.{subject_token(self.node)}.* 1\r\nPING\r\n".encode())
-            early = []
-            while True:
-                op = conn.next_op(self.connect_timeout)
-                if op[0] == "PONG":
-                    break
-                if op[0] == "-ERR":
-                    raise NatsError(op[1])
-                if op[0] == "MSG":
-                    early.append(op[1])
+            early = conn.subscribe_confirmed(f"{addr.prefix}.{subject_token(self.node)}.*", self.connect_timeout)
         except (NatsError, TimeoutError, OSError) as e:
             self._disconnect()
             raise ClientError(f"NATS server {addr.display} did not take the subscription: "
@@ -233,15 +224,7 @@ class Episode:
         last_seq = None  # plain NATS may deliver a record twice after the watcher reconnects
         try:
             while True:
-                if early:
-                    msg = early.pop(0)
-                else:
-                    op = conn.next_op(None)
-                    if op[0] == "-ERR":
-                        raise NatsError(op[1])
-                    if op[0] != "MSG":
-                        continue
-                    msg = op[1]
+                msg = early.pop(0) if early else conn.next_msg()
                 rec = decode_one(msg.payload)
                 if not isinstance(rec, dict) or rec.get("node") != self.node:
                     continue

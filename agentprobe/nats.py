@@ -265,6 +265,30 @@ class BlockingConnection:
             self.sock.sendall(b"PONG\r\n")
         return op
 
+    def next_msg(self) -> Msg:
+        """The next message, waiting as long as it takes; other operations are passed over (PINGs
+        answered), a server error raises NatsError."""
+        while True:
+            op = self.next_op(None)
+            if op[0] == "-ERR":
+                raise NatsError(op[1])
+            if op[0] == "MSG":
+                return op[1]
+
+    def subscribe_confirmed(self, subject: str, timeout: float) -> list[Msg]:
+        """SUB `subject`, then PING: the server's PONG says the subscription is in place, so every
+        message published after this returns comes. Returns those that came before the PONG."""
+        self.sock.sendall(f"SUB {subject} 1\r\nPING\r\n".encode())
+        early = []
+        while True:
+            op = self.next_op(timeout)
+            if op[0] == "PONG":
+                return early
+            if op[0] == "-ERR":
+                raise NatsError(op[1])
+            if op[0] == "MSG":
+                early.append(op[1])
+
     def request(self, subject: str, payload: bytes, timeout: float = CONNECT_TIMEOUT) -> Msg:
         inbox = f"_INBOX.{os.urandom(8).hex()}"
         self.sock.sendall(f"SUB {inbox} 99\r\nUNSUB 99 1\r\n".encode() + pub_frame(subject, payload, inbox))
@@ -358,12 +382,7 @@ def _read_subscription(conn: BlockingConnection, addr: NatsAddress, subject: str
     else:
         conn.sock.sendall(f"SUB {subject} 1\r\n".encode())
     while True:
-        op = conn.next_op(None)
-        if op[0] == "-ERR":
-            raise NatsError(op[1])
-        if op[0] != "MSG":
-            continue
-        msg = op[1]
+        msg = conn.next_msg()
         if msg.status is not None:
             continue  # flow-control or heartbeat status messages
         try:

@@ -68,6 +68,29 @@ def test_subject_tokens_and_addresses():
 
 # ---- against a real nats-server ----
 
+def test_a_confirmed_subscription_gets_everything_published_after_it(nats_server):
+    conn = BlockingConnection(parse_url(nats_server.url))
+    sink = NatsSink(nats_server.url)
+    try:
+        assert conn.subscribe_confirmed("agentprobe.gpu-7_dc1.*", 5) == []
+        publish(sink, [record(0), record(1, node="other"), record(2)])
+        settle(sink)
+        assert [msgpack.unpackb(conn.next_msg().payload)["seq"] for _ in range(2)] == [0, 2]
+    finally:
+        sink.close()
+        conn.close()
+
+
+def test_a_server_error_while_reading_messages_is_a_nats_error(nats_server):
+    conn = BlockingConnection(parse_url(nats_server.url))
+    try:
+        conn.sock.sendall(b"SUB a..b 1\r\n")  # not a subject: the server says -ERR
+        with pytest.raises(NatsError, match="Invalid Subject"):
+            conn.next_msg()
+    finally:
+        conn.close()
+
+
 def test_subscribe_reconnects_after_an_outage(nats_server):
     err = io.StringIO()
     msgs = subscribe(nats_server.url, "agentprobe.>", err=err)
