@@ -6,50 +6,42 @@ The only module that imports BCC. Everything downstream receives raw records
 
 from __future__ import annotations
 
+import contextlib
 import ctypes as ct
 import os
-import platform
-import re
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from . import abi
 from .btf import kernel_offsets
 from .cgroups import WatchedCgroup
-from .errors import AgentprobeError
+from .countmaps import moved_entries, moved_gpu_counts, moved_sweeps
+from .programs import (
+    BPF_F_ALLOW_MULTI,
+    CGROUP_PROGRAMS,
+    IOCTL_TP_FN,
+    IOCTL_TRACEPOINT,
+    GpuProbeChoice,
+    LoaderError,
+    LoaderOptions,
+    choose_gpu_probe,
+    describe_paths,
+    ebpf_dir,
+    gpu_majors,
+    kernel_at_least,
+    lsm_cflags,
+    main_cflags,
+    name_key,
+    program_text,
+    with_extra_majors,
+)
+
+# importable from here, as before the split into programs.py
+__all__ = ["LoaderError", "LoaderOptions", "ProbeSet", "ebpf_dir", "import_bcc", "program_text"]
 
 DIST_PACKAGES = "/usr/lib/python3/dist-packages"
-NVIDIA_MAJOR = 195
-
-
-class LoaderError(AgentprobeError):
-    exit_code = 3
-
-
-def ebpf_dir() -> Path:
-    """Directory of the C sources: installed as agentprobe/ebpf, or ebpf/ in a checkout."""
-    pkg = Path(__file__).resolve().parent
-    for candidate in (pkg / "ebpf", pkg.parent / "ebpf"):
-        if (candidate / "agentprobe.bpf.c").exists():
-            return candidate
-    raise LoaderError("eBPF sources not found (reinstall agentprobe)")
-
-
-_INCLUDE = re.compile(r'^#include "([a-z_]+\.bpf\.[ch])"\s*$', re.M)
-
-
-def program_text(main: str = "agentprobe.bpf.c") -> str:
-    """A program with its per-concern files inlined: BCC rewrites map calls and
-    generates tracepoint argument structs only in the main text."""
-    root = ebpf_dir()
-
-    def inline(m: re.Match) -> str:
-        return _INCLUDE.sub(inline, (root / m.group(1)).read_text())
-
-    return _INCLUDE.sub(inline, (root / main).read_text())
 
 
 def import_bcc():
@@ -86,71 +78,32 @@ def ensure_tracefs() -> None:
             raise LoaderError(f"cannot mount tracefs on {target}: {r.stderr.strip()}")
 
 
-def gpu_majors(proc_devices: str = "/proc/devices") -> dict[int, int]:
-    """Char-device majors of the NVIDIA driver: 195 is fixed, UVM and caps are dynamic."""
-    majors = {NVIDIA_MAJOR: abi.GPU_DEV_NVIDIA}
-    names = {"nvidia-uvm": abi.GPU_DEV_UVM, "nvidia-caps": abi.GPU_DEV_CAPS,
-             "nvidia-frontend": abi.GPU_DEV_NVIDIA, "nvidia": abi.GPU_DEV_NVIDIA}
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """libbpf prints a refusal itself; our own message says it better."""
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
     try:
-        with open(proc_devices) as f:
-            in_char = False
-            for line in f:
-                line = line.strip()
-                if line.startswith("Character devices"):
-                    in_char = True
-                elif line.startswith("Block devices"):
-                    in_char = False
-                elif in_char and line:
-                    num, _, name = line.partition(" ")
-                    if name.strip() in names and num.isdigit():
-                        majors[int(num)] = names[name.strip()]
-    except OSError:
-        pass
-    return majors
-
-
-# programs attached to the watched cgroups themselves: (function, program type, attach type)
-CGROUP_PROGRAMS = (
-    ("ap_connect4", 18, 10),  # BPF_PROG_TYPE_CGROUP_SOCK_ADDR, BPF_CGROUP_INET4_CONNECT
-    ("ap_connect6", 18, 11),  # BPF_PROG_TYPE_CGROUP_SOCK_ADDR, BPF_CGROUP_INET6_CONNECT
-    ("ap_egress", 8, 1),      # BPF_PROG_TYPE_CGROUP_SKB, BPF_CGROUP_INET_EGRESS
-    ("ap_sock_create", 9, 2), # BPF_PROG_TYPE_CGROUP_SOCK, BPF_CGROUP_INET_SOCK_CREATE
-    ("ap_bind4", 18, 8),      # BPF_PROG_TYPE_CGROUP_SOCK_ADDR, BPF_CGROUP_INET4_BIND
-    ("ap_bind6", 18, 9),      # BPF_PROG_TYPE_CGROUP_SOCK_ADDR, BPF_CGROUP_INET6_BIND
-    ("ap_sendmsg4", 18, 14),  # BPF_PROG_TYPE_CGROUP_SOCK_ADDR, BPF_CGROUP_UDP4_SENDMSG
-    ("ap_sendmsg6", 18, 15),  # BPF_PROG_TYPE_CGROUP_SOCK_ADDR, BPF_CGROUP_UDP6_SENDMSG
-    ("ap_device", 15, 6),     # BPF_PROG_TYPE_CGROUP_DEVICE, BPF_CGROUP_DEVICE
-)
-BPF_F_ALLOW_MULTI = 2
-_BPFTOOL_ATTACH_NAMES = {10: "connect4", 11: "connect6", 1: "egress", 6: "device", 2: "sock_create",
-                         8: "bind4", 9: "bind6", 14: "sendmsg4", 15: "sendmsg6"}
-
-IOCTL_TRACEPOINT = b"syscalls:sys_enter_ioctl"
-IOCTL_TP_FN = b"tracepoint__syscalls__sys_enter_ioctl"
-# the syscall function whose fentry sees every ioctl, per architecture (its argument: the user's pt_regs)
-IOCTL_SYSCALL_FN = {"x86_64": "__x64_sys_ioctl"}
-PROBE_MODES = ("auto", "syscalls")
-GPU_PROBES = ("auto", "fentry", "on-demand", "always")
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def fentry_refusal(bcc, fn: str) -> str | None:
     """None when the kernel loads and attaches an fentry program on `fn`, else why not."""
-    saved = os.dup(2)  # libbpf prints the refusal itself; the reason below says it better
-    devnull = os.open(os.devnull, os.O_WRONLY)
     try:
-        os.dup2(devnull, 2)
-        b = bcc.BPF(text=f"KFUNC_PROBE({fn}, void *regs) {{ return 0; }}".encode())
-        b.cleanup()
+        with _quiet_stderr():
+            b = bcc.BPF(text=f"KFUNC_PROBE({fn}, void *regs) {{ return 0; }}".encode())
+            b.cleanup()
         return None
     except Exception as e:
         msg = str(e)
         if "privileges" in msg:
             return f"EPERM (kernel lockdown: {_lockdown()})"
         return msg.splitlines()[0] if msg else type(e).__name__
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
 
 
 def _lockdown() -> str:
@@ -179,26 +132,6 @@ def detach_stale(cgroup_dir: str) -> int:
                             "id", str(e.get("id"))], capture_output=True)
             n += 1
     return n
-
-
-@dataclass
-class LoaderOptions:
-    buffer: str = "auto"  # auto | ringbuf | perf
-    ringbuf_pages: int = 1024  # 4 MiB
-    perf_pages: int = 256  # per CPU
-    extra_gpu_majors: tuple[int, ...] = ()
-    deny_exec_names: tuple[str, ...] = ()  # basenames refused in the kernel where BPF-LSM is allowed
-    # auto: exec on sched_process_exec, connect on the cgroup hooks (no syscall tracepoint);
-    # syscalls: sys_enter/exit tracepoints (also failed execs, AF_UNIX connects, connect results)
-    probe_mode: str = "auto"
-    # auto: fentry where the kernel allows it, else on-demand; on-demand: sys_enter_ioctl attached
-    # only while an agent holds an NVIDIA device open; always: sys_enter_ioctl attached throughout
-    gpu_probe: str = "auto"
-    # report cgroup creations in the v2 hierarchy (cgroup:cgroup_mkdir), for --cgroup-glob
-    watch_mkdir: bool = False
-    # while agents are busy, read the ring this often instead of being woken per record (0: always
-    # be woken; a wake-up costs the agent an interrupt, a poll adds at most this to detection)
-    busy_poll_ms: int = 1
 
 
 class ProbeSet:
@@ -249,53 +182,17 @@ class ProbeSet:
             self.close()
             raise
 
-    def _cflags(self, ringbuf: bool) -> list[str]:
-        flags = [f"-I{ebpf_dir()}", "-Wno-macro-redefined"]
-        flags += [f"-D{k}={v}" for k, v in self.offsets.items()]
-        if ringbuf:
-            flags += ["-DAP_USE_RINGBUF", f"-DAP_RINGBUF_PAGES={self.options.ringbuf_pages}"]
-        if _kernel_at_least(5, 11):  # bpf_get_current_task_btf: direct loads in the fd walk
-            flags.append("-DAP_TASK_BTF")
-        return flags
-
     def _compile(self, ringbuf: bool):
-        flags = self._cflags(ringbuf)
-        if self.options.probe_mode == "syscalls":
-            flags.append("-DAP_SYSCALL_PROBES")
-        if self.gpu_probe == "fentry":
-            flags.append(f"-DAP_GPU_FENTRY={self._ioctl_fn}")
-        if self.options.watch_mkdir:
-            flags.append("-DAP_WATCH_MKDIR")
+        fentry_fn = self.gpu.ioctl_fn if self.gpu.probe == "fentry" else ""
+        flags = main_cflags(self.offsets, self.options, ringbuf, kernel_at_least(5, 11), fentry_fn)
         return self.bcc.BPF(text=program_text().encode(), cflags=flags)
 
-    def _choose_gpu_probe(self) -> None:
-        want = self.options.gpu_probe
-        if want not in GPU_PROBES:
-            raise LoaderError(f"unknown GPU probe {want!r} ({', '.join(GPU_PROBES)})")
-        self._gpu_why = ""
-        self._ioctl_fn = IOCTL_SYSCALL_FN.get(platform.machine(), "")
-        if want in ("auto", "fentry"):
-            if not self._ioctl_fn or "AP_OFF_PT_REGS_DI" not in self.offsets:
-                why = f"no fentry ioctl probe for {platform.machine()}"
-            else:
-                why = fentry_refusal(self.bcc, self._ioctl_fn)
-            if why is None:
-                self.gpu_probe = "fentry"
-                return
-            if want == "fentry":
-                raise LoaderError(f"--gpu-probe fentry: the kernel refused fentry on {self._ioctl_fn}: {why}")
-            self._gpu_why = f"fentry refused: {why}"
-            want = "on-demand"
-        self.gpu_probe = want
-
     def _load(self) -> None:
+        self.options.check()
         want = self.options.buffer
-        if want not in ("auto", "ringbuf", "perf"):
-            raise LoaderError(f"unknown buffer type {want!r} (auto, ringbuf or perf)")
-        if self.options.probe_mode not in PROBE_MODES:
-            raise LoaderError(f"unknown probe mode {self.options.probe_mode!r} ({', '.join(PROBE_MODES)})")
-        self._choose_gpu_probe()
-        ringbuf_ok = want in ("auto", "ringbuf") and _kernel_at_least(5, 8)
+        self.gpu = choose_gpu_probe(self.options.gpu_probe, self.offsets, lambda fn: fentry_refusal(self.bcc, fn))
+        self.gpu_probe = self.gpu.probe
+        ringbuf_ok = want in ("auto", "ringbuf") and kernel_at_least(5, 8)
         if want == "ringbuf" and not ringbuf_ok:
             raise LoaderError("the BPF ring buffer needs Linux 5.8 or newer: use --buffer perf")
         try:
@@ -322,15 +219,10 @@ class ProbeSet:
         except Exception as e:
             raise LoaderError(f"cannot load the cgroup socket programs: {e}") from None
         self._load_device_hook()
-        self._describe_paths()
-        majors = b[b"gpu_majors"]
-        all_majors = dict(gpu_majors())
-        for m in self.options.extra_gpu_majors:
-            all_majors.setdefault(m, abi.GPU_DEV_NVIDIA)
+        self.paths = describe_paths(self.options, self.gpu, self.device_hook)
+        all_majors = with_extra_majors(gpu_majors(), self.options.extra_gpu_majors)
         for major, kind in all_majors.items():
-            if not 0 <= major < 4096:
-                raise LoaderError(f"GPU device major {major}: a device major is 0-4095")
-            majors[ct.c_uint32(major)] = ct.c_uint32(kind)
+            b[b"gpu_majors"][ct.c_uint32(major)] = ct.c_uint32(kind)
         self.gpu_majors = all_majors
         cb = self._callback
         if ringbuf_ok:
@@ -346,33 +238,14 @@ class ProbeSet:
             self.device_hook = "cgroup device hook on the watched cgroups"
         except Exception as e:
             self.device_hook = f"unavailable ({str(e).splitlines()[0] if str(e) else e})"
-            if self.gpu_probe == "on-demand":
-                self.gpu_probe = "always"
-                self._gpu_why = (self._gpu_why + "; " if self._gpu_why else "") + "no device hook"
+            if self.gpu.probe == "on-demand":
+                why = (self.gpu.why + "; " if self.gpu.why else "") + "no device hook"
+                self.gpu = GpuProbeChoice("always", why, self.gpu.ioctl_fn)
+                self.gpu_probe = self.gpu.probe
         if self.gpu_probe == "on-demand":
             self.detach_ioctl()
         elif self.gpu_probe == "always":
             self.ioctl_attached = True
-
-    def _describe_paths(self) -> None:
-        """Which mechanism each probe took on this kernel (the start record carries it)."""
-        syscalls = self.options.probe_mode == "syscalls"
-        why = f" ({self._gpu_why})" if self._gpu_why else ""
-        self.paths = {
-            "exec": ("tracepoint syscalls:sys_enter/exit_execve(at)" if syscalls
-                     else "raw_tracepoint sched_process_exec"),
-            "connect": ("tracepoint syscalls:sys_enter/exit_connect" if syscalls
-                        else "cgroup connect4/6 hooks on the watched cgroups"),
-            "gpu_ioctl": {
-                "fentry": f"fentry {self._ioctl_fn}",
-                "on-demand": "tracepoint syscalls:sys_enter_ioctl, attached while an agent holds a GPU device"
-                             + why,
-                "always": "tracepoint syscalls:sys_enter_ioctl" + why,
-            }[self.gpu_probe],
-            "gpu_open": self.device_hook,
-        }
-        if self.options.watch_mkdir:
-            self.paths["cgroup_mkdir"] = "tracepoint cgroup:cgroup_mkdir (new cgroups matching --cgroup-glob)"
 
     # ---- on-demand ioctl tracing ----
     def attach_ioctl(self) -> bool:
@@ -445,24 +318,16 @@ class ProbeSet:
         if "bpf" not in lsm_list:
             self.lsm_status = "unavailable: BPF-LSM is not enabled (boot with lsm=...,bpf)"
             return
-        saved = os.dup(2)  # libbpf prints the refusal itself; the status line says it better
-        devnull = os.open(os.devnull, os.O_WRONLY)
         try:
-            os.dup2(devnull, 2)
-            flags = self._cflags(False)  # its own (perf) buffer, polled beside the main one
-            if self.options.probe_mode == "syscalls":
-                flags.append("-DAP_SYSCALL_PROBES")
-            self._lsm = self.bcc.BPF(text=program_text("lsm.bpf.c").encode(), cflags=flags)
+            flags = lsm_cflags(self.offsets, self.options, kernel_at_least(5, 11))
+            with _quiet_stderr():
+                self._lsm = self.bcc.BPF(text=program_text("lsm.bpf.c").encode(), cflags=flags)
         except Exception as e:
             self._lsm = None
             lockdown = _lockdown()
             why = "EPERM" if "privileges" in str(e) else str(e)
             self.lsm_status = f"unavailable: the kernel refused the LSM program ({why}; kernel lockdown: {lockdown})"
             return
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            os.close(devnull)
         _fill_names(self._lsm[b"deny_exec_names"], self.options.deny_exec_names)
         self._lsm[b"events"].open_perf_buffer(self._callback, page_cnt=8)
         self.lsm_status = f"bpf-lsm bprm_check_security ({len(self.options.deny_exec_names)} names)"
@@ -593,64 +458,20 @@ class ProbeSet:
 
     def gpu_counts(self) -> list[tuple[abi.GpuKey, int, int, int]]:
         """(key, new ioctls since last call, first_ns, last_ns) for keys that moved."""
-        out = []
-        seen = set()
-        for k, v in self._bpf[b"gpu_counts"].items():
-            ident = (k.pid, k.dev, k.nr, k.detail)
-            seen.add(ident)
-            delta = v.count - self._gpu_last.get(ident, 0)
-            if delta > 0:
-                self._gpu_last[ident] = v.count
-                out.append((abi.GpuKey(*ident), delta, v.first_ns, v.last_ns))
-        for ident in set(self._gpu_last) - seen:
-            del self._gpu_last[ident]
-        return out
-
-    def _moved(self, table: bytes, counters: tuple[str, ...], seen: dict, expire_ns: int) -> list:
-        """(key bytes, value, {counter: increase since the last call}, ...) of the entries of an
-        in-kernel counting map whose first counter moved; entries quiet since `expire_ns`
-        (monotonic) are dropped from the map."""
-        t = self._bpf[table]
-        out = []
-        for k, v in t.items():
-            ident = bytes(k)
-            now = tuple(getattr(v, c) for c in counters)
-            last = seen.get(ident, (0,) * len(counters))
-            if now[0] > last[0]:
-                seen[ident] = now
-                out.append((ident, v, {c: n - p for c, n, p in zip(counters, now, last, strict=True)}))
-            if v.last_ns < expire_ns:
-                try:
-                    del t[k]
-                except KeyError:
-                    pass
-                seen.pop(ident, None)
-        return out
+        return [(abi.GpuKey(*ident), delta, first, last)
+                for ident, delta, first, last in moved_gpu_counts(self._bpf[b"gpu_counts"], self._gpu_last)]
 
     def conn_counts(self, expire_ns: int) -> list[tuple[abi.ConnKey, int, int, int]]:
         """(key, repeats since last call, first_ns, last_ns) of connects counted in the kernel
         instead of recorded; keys quiet since `expire_ns` (monotonic) are dropped."""
         return [(abi.ConnKey.from_buffer_copy(k), d["count"], v.first_ns, v.last_ns)
-                for k, v, d in self._moved(b"conn_repeats", ("count",), self._conn_last, expire_ns)]
+                for k, v, d in moved_entries(self._bpf[b"conn_repeats"], ("count",), self._conn_last, expire_ns)]
 
     def conn_sweeps(self, expire_ns: int) -> list[tuple[int, abi.ConnSweep, int]]:
         """(pid, state, connects counted since the last call) of processes whose connects to new
         destinations went past the record budget; processes quiet since `expire_ns` are dropped."""
-        t = self._bpf[b"conn_sweeps"]
-        out = []
-        for k, v in t.items():
-            pid = k.value
-            moved = v.count - self._sweep_last.get(pid, 0)
-            if moved > 0:
-                self._sweep_last[pid] = v.count
-                out.append((pid, abi.ConnSweep.from_buffer_copy(v), moved))
-            if max(v.window_ns, v.last_ns) < expire_ns:
-                try:
-                    del t[k]
-                except KeyError:
-                    pass
-                self._sweep_last.pop(pid, None)
-        return out
+        return [(pid, abi.ConnSweep.from_buffer_copy(v), moved)
+                for pid, v, moved in moved_sweeps(self._bpf[b"conn_sweeps"], self._sweep_last, expire_ns)]
 
     def set_recorded_ports(self, ports: Iterable[int]) -> None:
         """Ports whose connects are always recorded, never counted as part of a sweep."""
@@ -663,8 +484,8 @@ class ProbeSet:
         """(key, {packets, bytes, sampled} since last call and max_len, first_ns, last_ns) of the ICMP
         and DNS packets counted in the kernel; keys quiet since `expire_ns` are dropped."""
         return [(abi.FlowKey.from_buffer_copy(k), {**d, "max_len": v.max_len}, v.first_ns, v.last_ns)
-                for k, v, d in self._moved(b"flow_counts", ("packets", "bytes", "sampled"), self._flow_last,
-                                           expire_ns)]
+                for k, v, d in moved_entries(self._bpf[b"flow_counts"], ("packets", "bytes", "sampled"),
+                                             self._flow_last, expire_ns)]
 
     def remember_agents(self, pids: dict[int, int]) -> int:
         """Processes found running in the watched cgroups (pid -> cgroup id): the kernel learns agent
@@ -718,15 +539,7 @@ class ProbeSet:
 def _fill_names(table, names: Iterable[str]) -> None:
     """Basenames as the kernel maps want them: the first 15 bytes, zero-padded."""
     for name in names:
-        raw = name.encode()[:15]
+        raw = name_key(name)
         key = table.Key()
         ct.memmove(ct.addressof(key), raw, len(raw))
         table[key] = ct.c_uint8(1)
-
-
-def _kernel_at_least(major: int, minor: int) -> bool:
-    try:
-        parts = platform.release().split(".")
-        return (int(parts[0]), int(parts[1].split("-")[0])) >= (major, minor)
-    except (ValueError, IndexError):
-        return True
