@@ -67,6 +67,13 @@ class _Records:
         return lost
 
 
+def _give_up(sink: Sink, queue: _Records) -> None:
+    """What `queue` holds will never go out: those records count as dropped, not written."""
+    lost = queue.clear()
+    sink.dropped += lost
+    sink.written -= lost
+
+
 class StdoutSink(Sink):
     """Writes to stdout. A pipe or a socket (`watch -o - | consumer`) is written without
     blocking, with at most `limit` bytes queued: a reader that stops reading costs records,
@@ -119,9 +126,7 @@ class StdoutSink(Sink):
                 return
             except OSError:  # the reader is gone (EPIPE): what is queued will never arrive
                 self._gone = True
-                lost = self._queue.clear()
-                self.dropped += lost
-                self.written -= lost
+                _give_up(self, self._queue)
                 return
             self._queue.consumed(n)
 
@@ -138,9 +143,7 @@ class StdoutSink(Sink):
         self.drain(time.monotonic() + grace_s)
         if self._fd is None:
             return
-        lost = self._queue.clear()
-        self.dropped += lost
-        self.written -= lost
+        _give_up(self, self._queue)
         try:
             os.set_blocking(self._fd, True)  # the descriptor may be shared: leave it as found
         except OSError:
@@ -214,9 +217,7 @@ class FileSink(Sink):
         try:
             self.flush()
         finally:
-            lost = self._queue.clear()  # what the disk never took
-            self.dropped += lost
-            self.written -= lost
+            _give_up(self, self._queue)  # what the disk never took
             os.close(self._fd)
 
 
