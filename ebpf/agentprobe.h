@@ -2,8 +2,9 @@
  *
  * Every record the kernel side emits starts with struct ap_header. The Python
  * mirror lives in agentprobe/abi.py; tests/test_abi.py compiles this header
- * with the host compiler and checks that sizes and offsets agree, so the two
- * sides cannot drift apart silently.
+ * with the host compiler and checks that sizes and offsets agree, and that
+ * every #define here and in knobs.h has its equal there, so the two sides
+ * cannot drift apart silently.
  *
  * Only fixed-width types are used so the header compiles both under BCC and
  * with a plain C compiler in the ABI test.
@@ -20,19 +21,8 @@ typedef int32_t __s32;
 typedef uint64_t __u64;
 #endif
 
-/* ---- size limits (documented in docs/events.md) ---- */
-#define AP_COMM_LEN 16
-#define AP_FILENAME_LEN 256   /* exec filename, bytes incl. NUL */
-#define AP_ARG_LEN 256        /* one argv element, bytes incl. NUL */
-#define AP_ARGS_LEN 4096      /* all argv elements copied, bytes */
-#define AP_MAX_ARGS 64        /* argv elements copied at most */
-#define AP_MAX_ARGS_SCAN 1024 /* argv elements counted at most */
-#define AP_SOCKADDR_LEN 112   /* raw sockaddr bytes kept (fits sockaddr_un) */
-#define AP_MAX_CGROUP_LEVEL 32
-#define AP_PAYLOAD_LEN 64     /* first bytes of a socket's first payload kept */
-#define AP_PACKET_LEN 128     /* bytes kept of a sampled ICMP echo or DNS query */
-#define AP_PACKETS_PER_SEC 20 /* sampled packets per process and second; the rest only counted */
-#define AP_CONN_RECORDS_PER_SEC 256 /* connect records to new destinations per process and second */
+/* every size, limit and window, each overridable with -D */
+#include "knobs.h"
 
 /* ---- record types ---- */
 #define AP_EV_EXEC 1
@@ -164,6 +154,16 @@ struct ap_payload_event {
 #define AP_DENY_PORT 1  /* destination port in deny_ports, address not in the allow tries */
 #define AP_DENY_HOST 2  /* destination address in the deny tries */
 
+/* deny_conf[0], written by user space: bit 0 on; bits 1 and 2: the deny4 and
+ * deny6 tries hold entries (a trie lookup is the dearest step of a connect:
+ * skipped when there is nothing to find); bits 8-31: a generation bumped at
+ * each change, so that a verdict remembered with a destination (conn_repeats)
+ * is known to be current */
+#define AP_DENY_CONF_ON (1u << 0)
+#define AP_DENY_CONF_HOSTS4 (1u << 1)
+#define AP_DENY_CONF_HOSTS6 (1u << 2)
+#define AP_DENY_CONF_GEN_SHIFT 8
+
 struct ap_deny_event {
 	struct ap_header h;
 	__u16 family;   /* AF_INET or AF_INET6 (v4-mapped destinations are reported as AF_INET) */
@@ -185,7 +185,6 @@ struct ap_move_event {
 
 /* A cgroup was created in the v2 hierarchy (only with --cgroup-glob): user
  * space watches it at once when it matches, instead of at the next rescan. */
-#define AP_CGROUP_PATH_LEN 256
 struct ap_mkdir_event {
 	struct ap_header h;  /* the task that created it */
 	__u64 cgroup_id;
@@ -281,8 +280,10 @@ struct ap_conn_key {
 	__u16 port;     /* network byte order, as in the sockaddr */
 	__u8 addr[16];  /* 4 bytes used for AF_INET */
 	__u16 sock_type;
-	__u16 kind;     /* bit 0: refused by the in-kernel deny; bit 1: UDP sendmsg */
+	__u16 kind;     /* AP_CONN_KIND_* */
 };
+#define AP_CONN_KIND_DENIED (1u << 0)  /* refused by the in-kernel deny */
+#define AP_CONN_KIND_SENDMSG (1u << 1) /* a UDP sendto/sendmsg, not a connect */
 
 struct ap_conn_count {
 	__u64 count;    /* repeats after the recorded connect */
@@ -309,6 +310,12 @@ struct ap_conn_sweep {
 	__u16 max_port;
 	__u32 _pad;
 	__u8 addr[16];   /* of the last counted one */
+};
+
+/* key of the exec name maps (kill_exec_names, deny_exec_names): a basename,
+ * zero-padded; longer names are compared on their first AP_EXEC_NAME_LEN - 1 bytes */
+struct ap_exec_name {
+	char name[AP_EXEC_NAME_LEN];
 };
 
 /* key and value of the in-kernel GPU ioctl aggregation (gpu_counts map) */

@@ -1,8 +1,9 @@
 /* common.bpf.h - maps and helpers shared by every agentprobe program.
  *
- * Knobs arrive as -D flags from agentprobe/loader.py:
+ * Knobs (sizes, limits, windows) are in knobs.h, each overridable with -D.
+ * The loader (agentprobe/loader.py) also passes:
  *   AP_USE_RINGBUF      use BPF_RINGBUF_OUTPUT (5.8+), else BPF_PERF_OUTPUT
- *   AP_RINGBUF_PAGES    ring buffer size in pages (power of two)
+ *   AP_TASK_BTF         bpf_get_current_task_btf (5.11+) for the fd walk
  *   AP_OFF_<STRUCT>_<FIELD>  byte offsets taken from the running kernel's BTF;
  *                       the installed headers may not match the kernel, so no
  *                       kernel struct is ever dereferenced through them.
@@ -11,17 +12,9 @@
 #define AGENTPROBE_COMMON_BPF_H
 
 #include "agentprobe.h"
+#include "numbers.h"
 #include "scope.bpf.h"
-
-#ifndef AP_RINGBUF_PAGES
-#define AP_RINGBUF_PAGES 256
-#endif
-#ifndef AP_MAX_PENDING
-#define AP_MAX_PENDING 10240
-#endif
-#ifndef AP_MAX_GPU_KEYS
-#define AP_MAX_GPU_KEYS 65536
-#endif
+#include "inet.bpf.h"
 
 /* events that could not be written, per record type */
 BPF_PERCPU_ARRAY(lost, u64, AP_EV_TYPES);
@@ -36,7 +29,7 @@ BPF_PERF_OUTPUT(events);
 
 /* Agent processes (tgid -> cgroup id where last seen in scope), so that one
  * moved out of the watched cgroups is still known for what it is. */
-BPF_TABLE("lru_hash", u32, u64, agent_pids, 65536);
+BPF_TABLE("lru_hash", u32, u64, agent_pids, AP_MAX_AGENT_PIDS);
 
 static __always_inline void ap_remember_agent(u32 tgid)
 {
@@ -107,17 +100,15 @@ static __always_inline u32 ap_read_u32(const void *base, u64 off)
 	return v;
 }
 
-static __always_inline void ap_fill_header(struct ap_header *h, u32 type)
+/* The header of a record of the current task, its parent's pid aside. */
+static __always_inline void ap_fill_task_header(struct ap_header *h, u32 type)
 {
 	u64 pid_tgid = bpf_get_current_pid_tgid();
 	u64 uid_gid = bpf_get_current_uid_gid();
-	void *task = (void *)bpf_get_current_task();
-	void *parent = (void *)ap_read_ptr(task, AP_OFF_TASK_STRUCT_REAL_PARENT);
 
 	h->type = type;
 	h->pid = pid_tgid >> 32;
 	h->tid = (u32)pid_tgid;
-	h->ppid = parent ? ap_read_u32(parent, AP_OFF_TASK_STRUCT_TGID) : 0;
 	h->uid = (u32)uid_gid;
 	h->gid = uid_gid >> 32;
 	h->ktime_ns = bpf_ktime_get_ns();
@@ -125,12 +116,27 @@ static __always_inline void ap_fill_header(struct ap_header *h, u32 type)
 	bpf_get_current_comm(&h->comm, sizeof(h->comm));
 }
 
+static __always_inline void ap_fill_header(struct ap_header *h, u32 type)
+{
+	void *task = (void *)bpf_get_current_task();
+	void *parent = (void *)ap_read_ptr(task, AP_OFF_TASK_STRUCT_REAL_PARENT);
+
+	ap_fill_task_header(h, type);
+	h->ppid = parent ? ap_read_u32(parent, AP_OFF_TASK_STRUCT_TGID) : 0;
+}
+
+/* The per-CPU scratch record, for any record type (all fit in the exec one), or 0. */
+static __always_inline void *ap_scratch(void)
+{
+	u32 zero = 0;
+	return scratch.lookup(&zero);
+}
+
 /* The per-CPU scratch record as a fresh exec record of the current task
  * (filename and args left to the caller), or 0. */
 static __always_inline struct ap_exec_event *ap_exec_begin(s32 retval, u32 flags, s32 dirfd, u32 at_flags)
 {
-	u32 zero = 0;
-	struct ap_exec_event *e = scratch.lookup(&zero);
+	struct ap_exec_event *e = ap_scratch();
 	if (!e)
 		return 0;
 	ap_fill_header(&e->h, AP_EV_EXEC);
@@ -141,6 +147,33 @@ static __always_inline struct ap_exec_event *ap_exec_begin(s32 retval, u32 flags
 	e->args_size = 0;
 	e->dirfd = dirfd;
 	e->at_flags = at_flags;
+	return e;
+}
+
+/* The basename of the file a linux_binprm executes, from its dentry (no path
+ * walking) into key: 1, or 0 when there is none. Shared by the exec kill
+ * (exec.bpf.c) and the BPF-LSM refusal (lsm.bpf.c). */
+static __always_inline int ap_bprm_name(void *bprm, struct ap_exec_name *key)
+{
+	void *file = (void *)ap_read_ptr(bprm, AP_OFF_LINUX_BINPRM_FILE);
+	void *dentry = file ? (void *)ap_read_ptr(file, AP_OFF_FILE_F_PATH_DENTRY) : 0;
+	const char *name = dentry ? (const char *)ap_read_ptr(dentry, AP_OFF_DENTRY_D_NAME_NAME) : 0;
+	if (!name)
+		return 0;
+	return bpf_probe_read_kernel_str(key->name, sizeof(key->name), name) > 1;
+}
+
+/* An exec record of the image a linux_binprm loads, argv aside (read by the
+ * caller, where it can be): its filename, as the exec path names it. */
+static __always_inline struct ap_exec_event *ap_exec_of_bprm(void *bprm, s32 retval)
+{
+	struct ap_exec_event *e = ap_exec_begin(retval, AP_EXEC_ARGV_RAW, AP_AT_FDCWD, 0);
+	if (!e)
+		return 0;
+	const char *fname = (const char *)ap_read_ptr(bprm, AP_OFF_LINUX_BINPRM_FILENAME);
+	long n = bpf_probe_read_kernel_str(e->filename, sizeof(e->filename), fname);
+	if (n == sizeof(e->filename))
+		e->flags |= AP_EXEC_FILENAME_TRUNC;
 	return e;
 }
 

@@ -9,47 +9,22 @@
  */
 
 #ifndef AP_SYSCALL_PROBES
-_Static_assert(AP_ARGS_LEN == 4096, "the size mask in sched_process_exec assumes 4096");
+_Static_assert(AP_ARGS_LEN == 4096, "the size mask in ap_copy_arg_area assumes 4096");
 
-#define AP_SIGKILL 9
-
-struct ap_exec_name {
-	char name[16];
-};
 /* Basenames killed at exec where BPF-LSM cannot refuse them: the signal is
  * pending before the new image runs its first instruction. Empty: off. */
-BPF_HASH(kill_exec_names, struct ap_exec_name, u8, 1024);
+BPF_HASH(kill_exec_names, struct ap_exec_name, u8, AP_MAX_EXEC_NAMES);
 
 static __always_inline int ap_exec_denied(void *bprm)
 {
-	void *file = (void *)ap_read_ptr(bprm, AP_OFF_LINUX_BINPRM_FILE);
-	void *dentry = file ? (void *)ap_read_ptr(file, AP_OFF_FILE_F_PATH_DENTRY) : 0;
-	const char *name = dentry ? (const char *)ap_read_ptr(dentry, AP_OFF_DENTRY_D_NAME_NAME) : 0;
-	if (!name)
-		return 0;
 	struct ap_exec_name key = {};
-	if (bpf_probe_read_kernel_str(key.name, sizeof(key.name), name) <= 1)
-		return 0;
-	return kill_exec_names.lookup(&key) != 0;
+	return ap_bprm_name(bprm, &key) && kill_exec_names.lookup(&key) != 0;
 }
 
-RAW_TRACEPOINT_PROBE(sched_process_exec)
+/* The new image's argument area (mm->arg_start..arg_end), whole or its first
+ * AP_ARGS_LEN bytes: user space counts the elements. */
+static __always_inline void ap_copy_arg_area(struct ap_exec_event *e)
 {
-	if (!ap_in_scope())
-		return 0;
-	struct ap_exec_event *e = ap_exec_begin(0, AP_EXEC_ARGV_RAW, -100, 0);
-	if (!e)
-		return 0;
-	ap_remember_agent(e->h.pid);
-	void *bprm = (void *)ctx->args[2];
-	if (ap_exec_denied(bprm) && bpf_send_signal(AP_SIGKILL) == 0)
-		e->flags |= AP_EXEC_KILLED;
-	e->argc_total = ap_read_u32(bprm, AP_OFF_LINUX_BINPRM_ARGC); /* all of them, copied or not */
-	const char *fname = (const char *)ap_read_ptr(bprm, AP_OFF_LINUX_BINPRM_FILENAME);
-	long n = bpf_probe_read_kernel_str(e->filename, sizeof(e->filename), fname);
-	if (n == sizeof(e->filename))
-		e->flags |= AP_EXEC_FILENAME_TRUNC;
-
 	void *task = (void *)bpf_get_current_task();
 	void *mm = (void *)ap_read_ptr(task, AP_OFF_TASK_STRUCT_MM);
 	u64 start = mm ? ap_read_ptr(mm, AP_OFF_MM_STRUCT_ARG_START) : 0;
@@ -72,6 +47,21 @@ RAW_TRACEPOINT_PROBE(sched_process_exec)
 		else
 			e->flags |= AP_EXEC_ARGV_FAULT;
 	}
+}
+
+RAW_TRACEPOINT_PROBE(sched_process_exec)
+{
+	if (!ap_in_scope())
+		return 0;
+	void *bprm = (void *)ctx->args[2];
+	struct ap_exec_event *e = ap_exec_of_bprm(bprm, 0);
+	if (!e)
+		return 0;
+	ap_remember_agent(e->h.pid);
+	if (ap_exec_denied(bprm) && bpf_send_signal(AP_SIGKILL) == 0)
+		e->flags |= AP_EXEC_KILLED;
+	e->argc_total = ap_read_u32(bprm, AP_OFF_LINUX_BINPRM_ARGC); /* all of them, copied or not */
+	ap_copy_arg_area(e);
 	ap_submit(ctx, e, sizeof(*e), AP_EV_EXEC);
 	return 0;
 }
@@ -168,7 +158,7 @@ static __always_inline int ap_exec_exit(void *ctx, long ret)
 
 TRACEPOINT_PROBE(syscalls, sys_enter_execve)
 {
-	return ap_exec_enter(args->filename, args->argv, -100, 0, 0);
+	return ap_exec_enter(args->filename, args->argv, AP_AT_FDCWD, 0, 0);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_execve)

@@ -17,8 +17,7 @@ static __always_inline void ap_fork_into_cgroup(void *ctx, void *child, u32 chil
 	u64 src = bpf_get_current_cgroup_id();
 	if (!dst || dst == src)
 		return; /* another v1 controller only: same v2 cgroup */
-	u32 zero = 0;
-	struct ap_move_event *e = (struct ap_move_event *)scratch.lookup(&zero);
+	struct ap_move_event *e = ap_scratch();
 	if (!e)
 		return;
 	ap_fill_header(&e->h, AP_EV_MOVE);
@@ -40,8 +39,7 @@ RAW_TRACEPOINT_PROBE(sched_process_fork)
 	if (child_tgid == ap_read_u32(parent, AP_OFF_TASK_STRUCT_TGID))
 		return 0; /* a new thread */
 	ap_remember_agent(child_tgid);
-	u32 zero = 0;
-	struct ap_fork_event *e = (struct ap_fork_event *)scratch.lookup(&zero);
+	struct ap_fork_event *e = ap_scratch();
 	if (!e)
 		return 0;
 	ap_fill_header(&e->h, AP_EV_FORK);
@@ -64,8 +62,7 @@ RAW_TRACEPOINT_PROBE(sched_process_exit)
 	/* signal->live reaches 0 when the last thread of the group exits */
 	if (signal && ap_read_u32(signal, AP_OFF_SIGNAL_STRUCT_LIVE) != 0)
 		return 0;
-	u32 zero = 0;
-	struct ap_exit_event *e = (struct ap_exit_event *)scratch.lookup(&zero);
+	struct ap_exit_event *e = ap_scratch();
 	if (!e)
 		return 0;
 	ap_fill_header(&e->h, AP_EV_EXIT);
@@ -125,8 +122,7 @@ RAW_TRACEPOINT_PROBE(cgroup_attach_task)
 			agent_pids.update(&pid, &dst);
 		return 0;
 	}
-	u32 zero = 0;
-	struct ap_move_event *e = (struct ap_move_event *)scratch.lookup(&zero);
+	struct ap_move_event *e = ap_scratch();
 	if (!e)
 		return 0;
 	ap_fill_header(&e->h, AP_EV_MOVE);
@@ -150,15 +146,14 @@ TRACEPOINT_PROBE(cgroup, cgroup_mkdir)
 {
 	if (args->root != 0)
 		return 0;
-	u32 zero = 0;
-	struct ap_mkdir_event *e = (struct ap_mkdir_event *)scratch.lookup(&zero);
+	struct ap_mkdir_event *e = ap_scratch();
 	if (!e)
 		return 0;
 	ap_fill_header(&e->h, AP_EV_MKDIR);
 	e->cgroup_id = args->id;
 	e->level = args->level;
 	e->_pad = 0;
-	u16 off = args->data_loc_path & 0xFFFF;
+	u16 off = args->data_loc_path & AP_DATA_LOC_OFF_MASK;
 	if (bpf_probe_read_kernel_str(e->path, sizeof(e->path), (char *)args + off) < 0)
 		e->path[0] = 0;
 	ap_submit(args, e, sizeof(*e), AP_EV_MKDIR);

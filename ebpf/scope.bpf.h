@@ -3,10 +3,6 @@
 #ifndef AGENTPROBE_SCOPE_BPF_H
 #define AGENTPROBE_SCOPE_BPF_H
 
-#ifndef AP_MAX_WATCHED
-#define AP_MAX_WATCHED 4096
-#endif
-
 /* cgroup v2 ids of watched cgroups; their whole subtrees are in scope */
 BPF_HASH(watched, u64, u8, AP_MAX_WATCHED);
 /* [0]: bit L set when some watched cgroup sits at level L */

@@ -1,25 +1,18 @@
 /* sock.bpf.c - agent sockets beyond connect: who owns a socket, raw and ICMP
- * socket creation, binds to and listens on non-loopback addresses, UDP sends
- * with a destination, and sampled ICMP and DNS packets.
+ * socket creation, binds to and listens on non-loopback addresses, and
+ * sampled ICMP and DNS packets (the egress hook, payload.bpf.c, hands them
+ * here).
  *
- * All of it runs in cgroup hooks attached to the watched cgroups (processes
- * outside never run it). Every hook returns 1 unless the in-kernel deny
- * refuses a destination: it observes.
+ * All of it but the listen tracepoint runs in cgroup hooks attached to the
+ * watched cgroups (processes outside never run it). Every hook returns 1: it
+ * observes.
  */
 
-#define AP_SOCK_STREAM 1
-#define AP_SOCK_DGRAM 2
-#define AP_SOCK_RAW 3
-#define AP_IPPROTO_ICMP 1
-#define AP_IPPROTO_UDP 17
-#define AP_IPPROTO_ICMPV6 58
-#define AP_DNS_PORT 53
-
-_Static_assert(AP_PACKET_LEN == 128, "the length mask in ap_packet_sample assumes 128");
+_Static_assert(AP_PACKET_LEN == 128, "the length mask in ap_packet_record assumes 128");
 
 /* who owns a socket, by cookie: the egress hook has no task */
-BPF_TABLE("lru_hash", u64, struct ap_sock_owner, sock_owner, 65536);
-BPF_TABLE("lru_hash", struct ap_flow_key, struct ap_flow_count, flow_counts, 65536);
+BPF_TABLE("lru_hash", u64, struct ap_sock_owner, sock_owner, AP_MAX_SOCK_OWNERS);
+BPF_TABLE("lru_hash", struct ap_flow_key, struct ap_flow_count, flow_counts, AP_MAX_FLOWS);
 
 struct ap_budget {
 	u64 window_ns;
@@ -27,7 +20,7 @@ struct ap_budget {
 	u32 _pad;
 };
 /* sampled packets per process in the current second */
-BPF_TABLE("lru_hash", u32, struct ap_budget, packet_budget, 16384);
+BPF_TABLE("lru_hash", u32, struct ap_budget, packet_budget, AP_MAX_BUDGET_PIDS);
 
 static __always_inline void ap_owner_now(u64 cookie)
 {
@@ -90,8 +83,7 @@ int ap_sock_create(struct bpf_sock *sk)
 		return 1;
 	u64 cookie = bpf_get_socket_cookie(sk);
 	ap_owner_now(cookie);
-	u32 zero = 0;
-	struct ap_socket_event *e = (struct ap_socket_event *)scratch.lookup(&zero);
+	struct ap_socket_event *e = ap_scratch();
 	if (!e)
 		return 1;
 	ap_fill_header(&e->h, AP_EV_SOCKET);
@@ -105,46 +97,44 @@ int ap_sock_create(struct bpf_sock *sk)
 }
 
 /* ---- binds to addresses other than loopback ---- */
-static __always_inline void ap_bind_record(struct bpf_sock_addr *ctx, u16 family, const void *addr, u32 len)
+/* A bind or listen record of the current task; addr: one word for AF_INET, four for AF_INET6. */
+static __always_inline void ap_bind_record(void *ctx, u32 type, u16 family, u16 port, u16 sock_type,
+					   u16 protocol, const u32 *addr)
 {
-	u32 zero = 0;
-	struct ap_bind_event *e = (struct ap_bind_event *)scratch.lookup(&zero);
+	struct ap_bind_event *e = ap_scratch();
 	if (!e)
 		return;
-	ap_fill_header(&e->h, AP_EV_BIND);
+	ap_fill_header(&e->h, type);
 	e->family = family;
-	e->port = bpf_ntohs((u16)ctx->user_port);
-	e->type = ctx->type;
-	e->protocol = ctx->protocol;
+	e->port = port;
+	e->type = sock_type;
+	e->protocol = protocol;
 	__builtin_memset(e->addr, 0, sizeof(e->addr));
-	if (len == 4)
+	if (family == AP_AF_INET)
 		__builtin_memcpy(e->addr, addr, 4);
 	else
 		__builtin_memcpy(e->addr, addr, 16);
-	ap_submit(ctx, e, sizeof(*e), AP_EV_BIND);
+	ap_submit(ctx, e, sizeof(*e), type);
+}
+
+/* family a constant: see ap_ctx_addr */
+static __always_inline int ap_bind(struct bpf_sock_addr *ctx, u16 family)
+{
+	u32 addr[4] = {};
+	ap_ctx_addr(ctx, family, addr);
+	if (!ap_addr_loopback(family, addr))
+		ap_bind_record(ctx, AP_EV_BIND, family, ap_ctx_port(ctx), ctx->type, ctx->protocol, addr);
+	return 1;
 }
 
 int ap_bind4(struct bpf_sock_addr *ctx)
 {
-	u32 ip = ctx->user_ip4;
-	if ((bpf_ntohl(ip) >> 24) != 127)
-		ap_bind_record(ctx, 2, &ip, 4);
-	return 1;
+	return ap_bind(ctx, AP_AF_INET);
 }
 
 int ap_bind6(struct bpf_sock_addr *ctx)
 {
-	u32 ip6[4];
-	ip6[0] = ctx->user_ip6[0];
-	ip6[1] = ctx->user_ip6[1];
-	ip6[2] = ctx->user_ip6[2];
-	ip6[3] = ctx->user_ip6[3];
-	int loopback = (ip6[0] | ip6[1] | ip6[2]) == 0 && ip6[3] == bpf_htonl(1);
-	int mapped_loopback = ip6[0] == 0 && ip6[1] == 0 && ip6[2] == bpf_htonl(0xffff) &&
-			      (bpf_ntohl(ip6[3]) >> 24) == 127;
-	if (!loopback && !mapped_loopback)
-		ap_bind_record(ctx, 10, ip6, 16);
-	return 1;
+	return ap_bind(ctx, AP_AF_INET6);
 }
 
 /* ---- listen() on an address other than loopback ----
@@ -153,74 +143,26 @@ int ap_bind6(struct bpf_sock_addr *ctx)
  * context (so the cgroup check applies). It catches what the bind hook cannot
  * call a listener: bind to port 0 then listen, and listen without bind (the
  * kernel picks the port after this tracepoint: port 0 in the record). */
-#define AP_TCP_LISTEN 10
-
 TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
 	if (args->newstate != AP_TCP_LISTEN || !ap_in_scope())
 		return 0;
-	u32 zero = 0;
-	struct ap_bind_event *e = (struct ap_bind_event *)scratch.lookup(&zero);
-	if (!e)
-		return 0;
-	__builtin_memset(e->addr, 0, sizeof(e->addr));
-	if (args->family == 2) {
-		if (args->saddr[0] == 127)
-			return 0;
-		__builtin_memcpy(e->addr, args->saddr, 4);
-	} else {
-		__builtin_memcpy(e->addr, args->saddr_v6, 16);
-		u32 w0, w1, w2, w3;
-		__builtin_memcpy(&w0, &e->addr[0], 4);
-		__builtin_memcpy(&w1, &e->addr[4], 4);
-		__builtin_memcpy(&w2, &e->addr[8], 4);
-		__builtin_memcpy(&w3, &e->addr[12], 4);
-		if ((w0 | w1 | w2) == 0 && w3 == bpf_htonl(1))
-			return 0;
-		if (w0 == 0 && w1 == 0 && w2 == bpf_htonl(0xffff) && e->addr[12] == 127)
-			return 0;
-	}
-	ap_fill_header(&e->h, AP_EV_LISTEN);
-	e->family = args->family;
-	e->port = args->sport;
-	e->type = AP_SOCK_STREAM;
-	e->protocol = args->protocol;
-	ap_submit(args, e, sizeof(*e), AP_EV_LISTEN);
+	u16 family = args->family;
+	u32 addr[4] = {};
+	if (family == AP_AF_INET)
+		__builtin_memcpy(addr, args->saddr, 4);
+	else
+		__builtin_memcpy(addr, args->saddr_v6, 16);
+	if (!ap_addr_loopback(family, addr))
+		ap_bind_record(args, AP_EV_LISTEN, family, args->sport, AP_SOCK_STREAM, args->protocol, addr);
 	return 0;
-}
-
-/* ---- UDP sends with a destination (sendto/sendmsg without connect) ---- */
-int ap_sendmsg4(struct bpf_sock_addr *ctx)
-{
-	ap_remember_owner(ctx);
-	u32 conf = ap_deny_conf();
-	if (ap_connect4_allowed_repeat(ctx, AP_CONNECT_SENDMSG, conf))
-		return 1;
-	u32 deny = ap_connect4_deny(ctx, conf);
-	ap_connect4_record(ctx, !deny, AP_CONNECT_SENDMSG, conf);
-	if (deny)
-		ap_connect4_report(ctx, deny);
-	return !deny;
-}
-
-int ap_sendmsg6(struct bpf_sock_addr *ctx)
-{
-	ap_remember_owner(ctx);
-	u32 conf = ap_deny_conf();
-	if (ap_connect6_allowed_repeat(ctx, AP_CONNECT_SENDMSG, conf))
-		return 1;
-	u32 deny = ap_connect6_deny(ctx, conf);
-	ap_connect6_record(ctx, !deny, AP_CONNECT_SENDMSG, conf);
-	if (deny)
-		ap_connect6_report(ctx, deny);
-	return !deny;
 }
 
 /* ---- ICMP packets and DNS queries: counted, and sampled ---- */
 static __always_inline int ap_packet_budget(u32 pid, u64 now)
 {
 	struct ap_budget *b = packet_budget.lookup(&pid);
-	if (!b || now - b->window_ns >= 1000000000ULL) {
+	if (!b || now - b->window_ns >= AP_RATE_WINDOW_NS) {
 		struct ap_budget fresh = {.window_ns = now, .used = 1};
 		packet_budget.update(&pid, &fresh);
 		return 1;
@@ -231,7 +173,56 @@ static __always_inline int ap_packet_budget(u32 pid, u64 now)
 	return 1;
 }
 
-/* daddr: 4 or 16 bytes at hdr[daddr_off]; payload_off: first byte after the ICMP/UDP header */
+/* One more packet of a flow, of len payload bytes; sampled: it becomes a record. */
+static __always_inline void ap_flow_count(struct ap_flow_key *k, u64 now, u32 len, int sampled)
+{
+	struct ap_flow_count *c = flow_counts.lookup(k);
+	if (!c) {
+		struct ap_flow_count init = {.packets = 1, .bytes = len, .first_ns = now, .last_ns = now,
+					     .max_len = len, .sampled = sampled ? 1 : 0};
+		flow_counts.update(k, &init);
+		return;
+	}
+	__sync_fetch_and_add(&c->packets, 1);
+	__sync_fetch_and_add(&c->bytes, len);
+	if (len > c->max_len)
+		c->max_len = len;
+	if (sampled)
+		__sync_fetch_and_add(&c->sampled, 1);
+	c->last_ns = now;
+}
+
+/* The sampled packet's record, with its first AP_PACKET_LEN payload bytes. */
+static __always_inline void ap_packet_record(struct __sk_buff *skb, const struct ap_flow_key *k, u16 family,
+					     u8 icmp_type, u32 len, u32 payload_off, u64 now, u64 cookie,
+					     const struct ap_sock_owner *o)
+{
+	struct ap_packet_event *e = ap_scratch();
+	if (!e)
+		return;
+	__builtin_memset(e, 0, sizeof(*e));
+	ap_skb_header(&e->h, AP_EV_PACKET, now, skb, o);
+	e->cookie = cookie;
+	e->family = family;
+	e->protocol = k->protocol;
+	e->icmp_type = icmp_type;
+	e->dport = k->dport;
+	e->len = len;
+	__builtin_memcpy(e->daddr, k->daddr, 16);
+	if (len >= AP_PACKET_LEN) {
+		if (bpf_skb_load_bytes(skb, payload_off, e->data, AP_PACKET_LEN) == 0)
+			e->captured = AP_PACKET_LEN;
+	} else if (len > 0) {
+		u64 n = len - 1; /* bounded on the register itself, minimum 1: see ap_payload_record */
+		asm volatile("%[n] &= 127" : [n] "+r"(n));
+		n += 1;
+		if (bpf_skb_load_bytes(skb, payload_off, e->data, n) == 0)
+			e->captured = n;
+	}
+	ap_submit(skb, e, sizeof(*e), AP_EV_PACKET);
+}
+
+/* daddr: 4 or 16 bytes by family; payload_off: first byte after the ICMP/UDP header */
 static __always_inline void ap_packet_sample(struct __sk_buff *skb, u16 family, u8 proto, u8 icmp_type,
 					     u16 dport, const u8 *daddr, u32 payload_off)
 {
@@ -243,52 +234,14 @@ static __always_inline void ap_packet_sample(struct __sk_buff *skb, u16 family, 
 	struct ap_flow_key k = {};
 	k.pid = o ? o->pid : 0;
 	k.protocol = proto;
-	k.v6 = family == 10;
+	k.v6 = family == AP_AF_INET6;
 	k.dport = dport;
-	if (family == 2)
+	if (family == AP_AF_INET)
 		__builtin_memcpy(k.daddr, daddr, 4);
 	else
 		__builtin_memcpy(k.daddr, daddr, 16);
-	int sample = ap_packet_budget(k.pid, now);
-	struct ap_flow_count *c = flow_counts.lookup(&k);
-	if (c) {
-		__sync_fetch_and_add(&c->packets, 1);
-		__sync_fetch_and_add(&c->bytes, len);
-		if (len > c->max_len)
-			c->max_len = len;
-		if (sample)
-			__sync_fetch_and_add(&c->sampled, 1);
-		c->last_ns = now;
-	} else {
-		struct ap_flow_count init = {.packets = 1, .bytes = len, .first_ns = now, .last_ns = now,
-					     .max_len = len, .sampled = sample ? 1 : 0};
-		flow_counts.update(&k, &init);
-	}
-	if (!sample)
-		return;
-
-	u32 zero = 0;
-	struct ap_packet_event *e = (struct ap_packet_event *)scratch.lookup(&zero);
-	if (!e)
-		return;
-	__builtin_memset(e, 0, sizeof(*e));
-	ap_skb_header(&e->h, AP_EV_PACKET, now, skb, o);
-	e->cookie = cookie;
-	e->family = family;
-	e->protocol = proto;
-	e->icmp_type = icmp_type;
-	e->dport = dport;
-	e->len = len;
-	__builtin_memcpy(e->daddr, k.daddr, 16);
-	if (len >= AP_PACKET_LEN) {
-		if (bpf_skb_load_bytes(skb, payload_off, e->data, AP_PACKET_LEN) == 0)
-			e->captured = AP_PACKET_LEN;
-	} else if (len > 0) {
-		u64 n = len - 1; /* bounded on the register itself, minimum 1: see ap_egress */
-		asm volatile("%[n] &= 127" : [n] "+r"(n));
-		n += 1;
-		if (bpf_skb_load_bytes(skb, payload_off, e->data, n) == 0)
-			e->captured = n;
-	}
-	ap_submit(skb, e, sizeof(*e), AP_EV_PACKET);
+	int sampled = ap_packet_budget(k.pid, now);
+	ap_flow_count(&k, now, len, sampled);
+	if (sampled)
+		ap_packet_record(skb, &k, family, icmp_type, len, payload_off, now, cookie, o);
 }

@@ -45,7 +45,7 @@ def test_struct_sizes_and_offsets_match(tmp_path):
 
 
 def test_constants_match():
-    text = HEADER.read_text()
+    text = HEADER.read_text() + (ebpf_dir() / "knobs.h").read_text()
     defines = {m[0]: int(m[1], 0) for m in re.findall(r"#define (AP_\w+) \(?(\d+|0x[0-9a-f]+)", text)}
     shifts = {m[0]: 1 << int(m[1]) for m in re.findall(r"#define (AP_\w+) \(1u << (\d+)\)", text)}
     defines.update(shifts)
