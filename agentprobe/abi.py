@@ -1,9 +1,13 @@
-"""Python mirror of ebpf/agentprobe.h. tests/test_abi.py keeps the two in step."""
+"""Python mirror of ebpf/agentprobe.h and ebpf/knobs.h (the contract headers).
+
+tests/test_abi.py keeps the two in step: every struct's size and offsets, and every #define,
+named here without its AP_ prefix or listed in KERNEL_ONLY with the reason user space needs none."""
 
 from __future__ import annotations
 
 import ctypes as ct
 
+# ---- knobs.h: record sizes and how much of a record is filled ----
 COMM_LEN = 16
 FILENAME_LEN = 256
 ARG_LEN = 256
@@ -13,15 +17,21 @@ MAX_ARGS_SCAN = 1024
 SOCKADDR_LEN = 112
 MAX_CGROUP_LEVEL = 32
 PAYLOAD_LEN = 64
+PACKET_LEN = 128
+CGROUP_PATH_LEN = 256
+EXEC_NAME_LEN = 16  # key of the exec name maps: a basename, zero-padded (up to 15 bytes kept)
 
+# ---- knobs.h: rates and windows ----
+RATE_WINDOW_NS = 1_000_000_000  # the window of the per-second budgets
+PACKETS_PER_SEC = 20
+CONN_RECORDS_PER_SEC = 256
+CONN_WINDOW_NS = 1_000_000_000  # repeats of a recorded connect within it are only counted
+
+# ---- agentprobe.h ----
 EV_EXEC, EV_CONNECT, EV_GPU, EV_FORK, EV_EXIT, EV_PAYLOAD, EV_DENY, EV_MOVE = 1, 2, 3, 4, 5, 6, 7, 8
 EV_SOCKET, EV_BIND, EV_PACKET, EV_MKDIR = 9, 10, 11, 12
 EV_LISTEN = 13  # a BindRecord: listen() on a non-loopback address
 EV_TYPES = 14
-CGROUP_PATH_LEN = 256
-PACKET_LEN = 128
-PACKETS_PER_SEC = 20
-CONN_RECORDS_PER_SEC = 256
 
 EXEC_EXECVEAT = 1 << 0
 EXEC_ARGS_TRUNC = 1 << 1
@@ -43,6 +53,38 @@ GPU_OPEN = 1 << 3
 GPU_DEV_NVIDIA, GPU_DEV_UVM, GPU_DEV_CAPS = 1, 2, 3
 
 DENY_PORT, DENY_HOST = 1, 2
+
+# deny_conf[0]: on, which tries hold entries, and a generation in bits 8-31
+DENY_CONF_ON = 1 << 0
+DENY_CONF_HOSTS4 = 1 << 1
+DENY_CONF_HOSTS6 = 1 << 2
+DENY_CONF_GEN_SHIFT = 8
+
+# ConnKey.kind
+CONN_KIND_DENIED = 1 << 0
+CONN_KIND_SENDMSG = 1 << 1
+
+# #defines of the contract headers that user space has no use for, and why
+_CAPACITY = "a map's capacity: user space reads what the map holds, whatever its size"
+KERNEL_ONLY: dict[str, str] = {
+    "AP_AFTER_CONNECT": "how many segments after an HTTP CONNECT become records: each is a record of its own",
+    "AP_RINGBUF_PAGES": "a default only: the loader always passes its own (--ringbuf-pages)",
+    "AP_MAX_WATCHED": _CAPACITY,
+    "AP_MAX_AGENT_PIDS": _CAPACITY,
+    "AP_MAX_PENDING": _CAPACITY,
+    "AP_MAX_CONN_KEYS": _CAPACITY,
+    "AP_MAX_SWEEP_PIDS": _CAPACITY,
+    "AP_MAX_ALWAYS_PORTS": _CAPACITY,
+    "AP_MAX_SOCK_OWNERS": _CAPACITY,
+    "AP_MAX_FLOWS": _CAPACITY,
+    "AP_MAX_BUDGET_PIDS": _CAPACITY,
+    "AP_MAX_PAYLOAD_SOCKS": _CAPACITY,
+    "AP_MAX_DENY_PORTS": _CAPACITY,
+    "AP_MAX_DENY_NETS": _CAPACITY,
+    "AP_MAX_EXEC_NAMES": _CAPACITY,
+    "AP_MAX_GPU_KEYS": _CAPACITY,
+    "AP_MAX_MAJOR": "the gpu_majors array covers every 12-bit major: user space writes the ones it found",
+}
 
 
 class Header(ct.Structure):
@@ -135,7 +177,7 @@ class BindRecord(ct.Structure):
 class PacketRecord(ct.Structure):
     _fields_ = [("h", Header), ("cookie", ct.c_uint64), ("family", ct.c_uint16), ("protocol", ct.c_uint8),
                 ("icmp_type", ct.c_uint8), ("dport", ct.c_uint16), ("_pad", ct.c_uint16), ("len", ct.c_uint32),
-                ("captured", ct.c_uint32), ("daddr", ct.c_uint8 * 16), ("data", ct.c_uint8 * 128)]
+                ("captured", ct.c_uint32), ("daddr", ct.c_uint8 * 16), ("data", ct.c_uint8 * PACKET_LEN)]
 
 
 class FlowKey(ct.Structure):
@@ -192,6 +234,10 @@ class SockOwner(ct.Structure):
         ("cgroup_id", ct.c_uint64),
         ("comm", ct.c_char * COMM_LEN),
     ]
+
+
+class ExecName(ct.Structure):
+    _fields_ = [("name", ct.c_char * EXEC_NAME_LEN)]
 
 
 class GpuKey(ct.Structure):
@@ -271,4 +317,5 @@ C_STRUCTS: dict[str, type[ct.Structure]] = {
     "ap_conn_key": ConnKey,
     "ap_conn_count": ConnCount,
     "ap_conn_sweep": ConnSweep,
+    "ap_exec_name": ExecName,
 }
