@@ -173,9 +173,6 @@ SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 def run_demo(output: Path, show, timeout: float = 25.0) -> dict:
     """Run the whole demo; `show(record)` is called for every record. Returns what the report needs."""
-    from .cgroups import find_v1_freezer
-    from .responder import CgroupFreezer, Responder
-    from .rules import build_engine, deny_policy
     from .watch import Watcher, WatchOptions
 
     check_demo_prerequisites()
@@ -199,15 +196,11 @@ def run_demo(output: Path, show, timeout: float = 25.0) -> dict:
               "output": str(output), "leftovers": cleanup_leftovers(root)}
     try:
         world.build()
-        engine = build_engine([], with_defaults=True)
         watcher = Watcher(WatchOptions(cgroups=[str(world.top)], outputs=[str(output)], gpu_interval=0.5,
                                        rescan_interval=0.5, status_dir=str(world.tmp / "status"),
-                                       deny=deny_policy(engine.ruleset)),
+                                       in_kernel_deny=True, verdicts=False),
                           on_record=on_record)
         watcher.prepare()
-        watcher.stages = [engine,
-                          Responder(CgroupFreezer(root, find_v1_freezer()), watcher.watched_paths,
-                                    clock_offset_ns=watcher.clock_offset_ns)]
         watcher.start()
         net = world.net
         ep1, ep2 = world.episode("episode-1"), world.episode("episode-2")

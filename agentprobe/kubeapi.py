@@ -232,6 +232,12 @@ class PodSelection:
         self._mapped: set[str] = set()  # selected uids whose cgroup was found
         self.directory: PodDirectory | None = None  # names go there (the enricher's)
 
+    def name_into(self, directory: PodDirectory) -> None:
+        """Pod, namespace and container names go to `directory` (the enricher's), now and after
+        every pod list."""
+        self.directory = directory
+        self._names()
+
     def describe(self) -> dict:
         return {"api": self.api.url, "node": self.node,
                 "selectors": [",".join(_req_text(r) for r in s) for s in self.selectors],

@@ -19,7 +19,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from .errors import AgentprobeError
-from .sinks import Sink
+from .sink import Sink
+from .stage import Stage
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 RULE_SECONDS_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 0.1)
@@ -222,12 +223,13 @@ class WatchMetrics(Sink):
         return "\n".join(out) + "\n"
 
 
-class TimedStage:
+class TimedStage(Stage):
     """A watcher stage (the rule engine) whose `process` time goes into a histogram."""
 
-    def __init__(self, stage, metrics: WatchMetrics) -> None:
+    def __init__(self, stage: Stage, metrics: WatchMetrics) -> None:
         self.stage = stage
         self.metrics = metrics
+        self.name = stage.name
 
     def process(self, record: dict) -> list[dict]:
         t0 = time.perf_counter()
@@ -236,8 +238,17 @@ class TimedStage:
         finally:
             self.metrics.observe_rules(time.perf_counter() - t0)
 
-    def __getattr__(self, name: str):  # forget_cgroup, ruleset, ... of the wrapped stage
-        return getattr(self.stage, name)
+    def tick(self, now: float) -> list[dict]:
+        return self.stage.tick(now)
+
+    def finish(self) -> list[dict]:
+        return self.stage.finish()
+
+    def forget_cgroup(self, cgroup_id: int) -> None:
+        self.stage.forget_cgroup(cgroup_id)
+
+    def adopt_state(self, old: Stage) -> int:
+        return self.stage.adopt_state(old.stage if isinstance(old, TimedStage) else old)
 
 
 def parse_address(spec: str) -> tuple[str, int]:

@@ -16,12 +16,10 @@ from .errors import AgentprobeError
 
 
 class RuleReloader:
-    def __init__(self, watcher, build: Callable[[], tuple], wrap: Callable | None = None, err=None) -> None:
-        """`build()` returns (engine, deny policy or None, config path or None); `wrap` wraps the
-        new engine as the stage (the metrics timer)."""
+    def __init__(self, watcher, build: Callable[[], tuple], err=None) -> None:
+        """`build()` returns (engine, deny policy or None, config path or None)."""
         self.watcher = watcher
         self.build = build
-        self.wrap = wrap
         self.err = err or sys.stderr
         self._asked = False
         self.reloads = 0
@@ -38,36 +36,23 @@ class RuleReloader:
             self.reload()
         return False
 
-    def _rule_stage_index(self) -> int | None:
-        for i, st in enumerate(self.watcher.stages):
-            if hasattr(st, "adopt_state") or hasattr(getattr(st, "stage", None), "adopt_state"):
-                return i
-        return None
+    def _failed(self, error: str) -> None:
+        self.failures += 1
+        print(f"agentprobe: reload failed, the running rules stay: {error}", file=self.err, flush=True)
+        w = self.watcher
+        w.emit(w.meta_record("reload", {"ok": False, "error": error}))
 
     def reload(self) -> None:
         w = self.watcher
         try:
             engine, deny, path = self.build()
         except AgentprobeError as e:
-            self.failures += 1
-            print(f"agentprobe: reload failed, the running rules stay: {e}", file=self.err, flush=True)
-            w.emit(w.meta_record("reload", {"ok": False, "error": str(e)}))
+            self._failed(str(e))
             return
         except Exception as e:  # a reload must never stop the watcher
-            self.failures += 1
-            print(f"agentprobe: reload failed, the running rules stay: {type(e).__name__}: {e}",
-                  file=self.err, flush=True)
-            w.emit(w.meta_record("reload", {"ok": False, "error": f"{type(e).__name__}: {e}"}))
+            self._failed(f"{type(e).__name__}: {e}")
             return
-        i = self._rule_stage_index()
-        kept = 0
-        if i is not None:
-            old = w.stages[i]
-            old_engine = getattr(old, "stage", old)
-            kept = engine.adopt_state(old_engine)
-            w.stages[i] = self.wrap(engine) if self.wrap else engine
-        else:
-            w.stages.insert(0, self.wrap(engine) if self.wrap else engine)
+        kept = w.pipeline.replace_rules(engine)
         from .rules import recorded_ports
 
         try:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .cgroups import episode_of, path_inside
 from .errors import AgentprobeError
+from .stage import Stage
 
 CONFIRM_TIMEOUT_S = 5.0
 
@@ -207,8 +208,10 @@ class CgroupFreezer:
         return cut
 
 
-class Responder:
+class Responder(Stage):
     """Pipeline stage: acts on alerts, emits `response` records."""
+
+    name = "responder"
 
     def __init__(self, freezer: CgroupFreezer, watched_paths, dry_run: bool = False,
                  cut_network: bool = True, clock_offset_ns: int = 0) -> None:

@@ -21,6 +21,7 @@ class Sink:
     """One output. `dropped` counts records that could not be delivered."""
 
     name = "sink"
+    start_record: bytes | None = None  # given to each new reader first, by outputs that serve readers
 
     def __init__(self) -> None:
         self.dropped = 0
@@ -50,6 +51,11 @@ class Sink:
     def unwritten(self) -> int:
         """Records accepted but not yet out (held for a full disk or a slow server)."""
         return 0
+
+    def readers(self) -> dict | None:
+        """Outputs that serve readers: how many came, hung up or fell behind (the stop record's
+        `readers`); None for the others."""
+        return None
 
 
 class RecordSink(Sink):

@@ -16,6 +16,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .stage import Stage
+
 META_TYPES = frozenset({"start", "stop", "lost", "verdict", "probe", "cgroup"})
 MAX_RULES = 64
 MAX_RESPONSES = 16
@@ -35,7 +37,10 @@ class EpisodeState:
     last_ts: int | None = None
 
 
-class VerdictStage:
+class VerdictStage(Stage):
+    name = "verdicts"
+    TICK_S = 0.5  # how often the ended episodes are looked for
+
     def __init__(self, episode_of: Callable[[str], str], exists: Callable[[str], bool], node: str,
                  clock_offset_ns: int, max_episodes: int = 4096) -> None:
         self.episode_of = episode_of
@@ -46,6 +51,7 @@ class VerdictStage:
         self.episodes: dict[str, EpisodeState] = {}
         self._to_check: list[str] = []  # episodes poll_ended() has yet to look at this round
         self.overflow = 0
+        self._next_tick = 0.0
 
     def process(self, rec: dict) -> list[dict]:
         if rec.get("type") in META_TYPES:
@@ -89,6 +95,15 @@ class VerdictStage:
             if rec.get("outcome") in ("frozen", "already_frozen", "killed"):
                 st.frozen = st.frozen or rec.get("outcome") != "killed"
 
+    def tick(self, now: float) -> list[dict]:
+        if now < self._next_tick:
+            return []
+        self._next_tick = now + self.TICK_S
+        return self.poll_ended()
+
+    def finish(self) -> list[dict]:
+        return self.end_all()
+
     def poll_ended(self, budget_s: float = 0.0005) -> list[dict]:
         """Verdicts of the episodes whose cgroup is gone. The episodes are looked at in turn,
         within `budget_s` per call: with hundreds open, checking them all at once would hold up
@@ -114,9 +129,6 @@ class VerdictStage:
         out = [self._verdict(st, "watcher_stopped") for st in self.episodes.values()]
         self.episodes.clear()
         return out
-
-    def forget_cgroup(self, cid: int) -> None:
-        """A watched cgroup went away: its episodes end with it (poll_ended() reports them)."""
 
     def _verdict(self, st: EpisodeState, reason: str) -> dict:
         now = time.monotonic_ns()

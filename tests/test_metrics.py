@@ -81,20 +81,38 @@ def test_every_family_has_help_and_type_before_its_samples():
 
 
 def test_timed_stage_times_and_passes_through():
-    class Engine:
-        ruleset = "rs"
+    from agentprobe.stage import Stage
+
+    class Engine(Stage):
+        def __init__(self):
+            self.forgotten = []
+            self.adopted = None
 
         def process(self, rec):
             return [{"type": "alert"}]
 
+        def tick(self, now):
+            return [{"type": "tick", "now": now}]
+
+        def finish(self):
+            return [{"type": "verdict"}]
+
         def forget_cgroup(self, cid):
-            return cid
+            self.forgotten.append(cid)
+
+        def adopt_state(self, old):
+            self.adopted = old
+            return 5
 
     m = WatchMetrics()
-    st = TimedStage(Engine(), m)
+    inner, old_inner = Engine(), Engine()
+    st = TimedStage(inner, m)
     assert st.process({"type": "exec"}) == [{"type": "alert"}]
-    assert st.ruleset == "rs" and st.forget_cgroup(3) == 3
-    assert m.rule_seconds.count == 1
+    assert st.tick(1.5) == [{"type": "tick", "now": 1.5}] and st.finish() == [{"type": "verdict"}]
+    st.forget_cgroup(3)
+    assert inner.forgotten == [3]
+    assert st.adopt_state(TimedStage(old_inner, m)) == 5 and inner.adopted is old_inner  # unwrapped
+    assert m.rule_seconds.count == 1  # only process() is timed
 
 
 def test_endpoint_serves_the_text_and_404s_the_rest():

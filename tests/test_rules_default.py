@@ -59,7 +59,8 @@ def test_every_rule_is_complete(ruleset):
         "internal_network_probing", "connection_sweep",
         "egress_outside_allowlist", "agent_left_its_cgroup", "fileless_exec", "raw_socket_opened", "icmp_tunnel",
         "dns_to_unexpected_server", "dns_tunnel_query", "dns_tunnel_many_names", "icmp_tunnel_by_rate",
-        "ssh_wrapped_in_tls", "http_tunnel_client", "agent_listens_outside_loopback", "session_through_local_tunnel"]
+        "ssh_wrapped_in_tls", "http_tunnel_client", "agent_listens_outside_loopback", "session_through_local_tunnel",
+        "events_lost", "events_lost_unattributed", "monitor_traced", "monitor_traced_by_host"]
     for i in infos:
         assert i.desc and i.name != i.id and i.priority in PRIORITIES and i.action in ACTIONS
         assert i.mitre and all(ATTACK_ID.match(t) for t in i.mitre)
@@ -72,7 +73,7 @@ def test_every_rule_is_complete(ruleset):
         "miner_exec_denied", "agent_left_its_cgroup", "icmp_tunnel", "dns_tunnel_query",
         "shell_with_network_stdio", "shell_outbound_connection",
         "session_through_local_tunnel", "icmp_tunnel_by_rate", "ssh_wrapped_in_tls", "http_tunnel_client",
-        "ssh_through_http_proxy"}
+        "ssh_through_http_proxy", "monitor_traced"}
 
 
 def test_default_file_is_package_data():
@@ -633,3 +634,48 @@ def test_docs_list_every_default_rule(ruleset):
     for info in list_rules(ruleset):
         row = f"| `{info.id}` | {info.priority} | {info.action} | {', '.join(info.mitre)} |"
         assert row in doc, row
+
+
+# ------------------------------------------------------------------ the monitor itself
+def unobserved(path: str | None, cid: int | None = 7, ktime: int = 5_000_000_000) -> dict:
+    return {"v": 1, "type": "unobserved", "ts": ktime, "ktime": ktime, "node": "n",
+            "cgroup": {"id": cid if path else None, "path": path}, "proc": {},
+            "lost": {"exec": 120, "connect": 3}, "total": 123, "counts_text": "connect 3, exec 120", "window_s": 2.0}
+
+
+def test_records_lost_while_an_episode_was_active_alert_for_that_episode_once_in_10s(engine):
+    (a,) = engine.process(unobserved("/agents/ep1"))
+    assert (a["rule"], a["action"], a["cgroup"]["path"], a["lost"]) == (
+        "events_lost", "alert", "/agents/ep1", {"exec": 120, "connect": 3})
+    assert a["summary"] == ("123 records lost in the kernel (connect 3, exec 120) while /agents/ep1 was active: "
+                            "a flood can blind the monitor")
+    assert engine.process(unobserved("/agents/ep1", ktime=9_000_000_000)) == []  # within 10 s
+    assert [x["rule"] for x in engine.process(unobserved("/agents/ep2", cid=8, ktime=9_000_000_000))] == [
+        "events_lost"]
+    assert [x["rule"] for x in engine.process(unobserved("/agents/ep1", ktime=16_000_000_000))] == ["events_lost"]
+
+
+def test_records_lost_with_no_episode_active_only_alert():
+    from agentprobe.rules import build_engine
+
+    engine = build_engine([], actions={"events_lost": "freeze"}, hash_local_ssh=False)
+    (a,) = engine.process(unobserved(None))
+    assert (a["rule"], a["action"], a["cgroup"]["path"]) == ("events_lost_unattributed", "alert", None)
+    (b,) = engine.process(unobserved("/agents/ep1"))
+    assert (b["rule"], b["action"]) == ("events_lost", "freeze")  # watch --on-loss freeze
+
+
+def traced(agent: bool) -> dict:
+    return {"v": 1, "type": "traced", "ts": 1, "ktime": 1, "node": "n", "watcher_pid": 4242, "agent": agent,
+            "cgroup": {"id": None, "path": "/agents/ep1" if agent else "/user.slice"},
+            "proc": {"pid": 77, "comm": "gdb"}}
+
+
+def test_an_agent_ptracing_the_watcher_is_frozen_anyone_else_alerted(engine):
+    (a,) = engine.process(traced(True))
+    assert (a["rule"], a["action"], a["priority"], a["cgroup"]["path"], a["proc"]["pid"]) == (
+        "monitor_traced", "freeze", "critical", "/agents/ep1", 77)
+    assert a["summary"] == ("agent process 77 (gdb) in /agents/ep1 is ptracing the watcher (pid 4242): "
+                            "it can read and change it")
+    (b,) = engine.process(traced(False))
+    assert (b["rule"], b["action"], b["priority"]) == ("monitor_traced_by_host", "alert", "critical")

@@ -35,6 +35,7 @@ RuleEngine, RuleSet, RuleError, RuleInfo.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import shutil
 from collections.abc import Iterable, Mapping
@@ -144,11 +145,17 @@ def _add_local_ssh_hashes(sources: Sources) -> None:
 
 def build_engine(paths: Iterable[str | Path] = (), *, with_defaults: bool = True,
                  extra_lists: Mapping[str, Iterable[object]] | None = None, hash_local_ssh: bool = True,
-                 dedup_window_s: float = DEFAULT_DEDUP_S, limits: EngineLimits | None = None) -> RuleEngine:
+                 dedup_window_s: float = DEFAULT_DEDUP_S, limits: EngineLimits | None = None,
+                 actions: Mapping[str, str] | None = None) -> RuleEngine:
     """The watcher's rule stage: rules loaded as load_ruleset() does, and (hash_local_ssh) the
     sha256 of this node's SSH clients added to `ssh_client_sha256`, so a renamed copy is still an
-    SSH client. Raises RuleError."""
+    SSH client. `actions` (rule id -> action) replaces the action of rules that are loaded, for
+    options of the command line (`watch --on-loss`). Raises RuleError."""
     sources = load_sources(paths, defaults=with_defaults, extra_lists=extra_lists)
+    for rule_id, action in (actions or {}).items():
+        rdef = sources.rules.get(rule_id)
+        if rdef is not None and rdef.spec is not None:
+            rdef.spec = dataclasses.replace(rdef.spec, action=action)
     if hash_local_ssh:
         _add_local_ssh_hashes(sources)
         if DNS_RESOLVERS in sources.lists:  # this node's resolvers are where agents' DNS should go

@@ -148,6 +148,8 @@ def build_alert(spec: Any, rec: dict, summary: str, evidence: list[dict]) -> dic
     }
     if "container" in rec:
         alert["container"] = rec["container"]
+    if rec.get("type") == "unobserved" and isinstance(rec.get("lost"), dict):
+        alert["lost"] = dict(rec["lost"])  # what the episode's loss was made of, by record type
     if isinstance(rec.get("labels"), dict):
         alert["labels"] = dict(rec["labels"])
     return alert

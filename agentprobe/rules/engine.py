@@ -27,6 +27,7 @@ from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..stage import Stage
 from .alert import build_alert, trim_record
 from .fields import EVENT_TYPES, EventView
 from .ruleset import Rule, RuleSet
@@ -140,8 +141,10 @@ def _int(v: Any) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) else None
 
 
-class RuleEngine:
+class RuleEngine(Stage):
     """Evaluates a RuleSet over stream records; `process(record)` returns alert records."""
+
+    name = "rules"
 
     def __init__(self, ruleset: RuleSet, *, dedup_window_s: float = DEFAULT_DEDUP_S,
                  limits: EngineLimits | None = None) -> None:
@@ -390,10 +393,12 @@ class RuleEngine:
                 self._partials.put(own_key, p, anchor, cg)
         return alert
 
-    def adopt_state(self, old: RuleEngine) -> int:
+    def adopt_state(self, old: Stage) -> int:
         """After a configuration reload: take over the counters, sequences in progress and
         dedup windows of every rule whose id and logic (condition, count, sequence, dedup)
         did not change; state of changed or removed rules starts afresh. Returns the entries kept."""
+        if not isinstance(old, RuleEngine):
+            return 0  # nothing to take over from a stage that held no rules
 
         def logic(spec) -> tuple:
             return (spec.condition, spec.count, spec.sequence, spec.dedup_ns)

@@ -23,7 +23,7 @@ from .argspec import OptionSpec, ParsedArgs, parse_args
 
 STR, INT, BOOL, IP, STRS = "str", "int", "bool", "ip", "strs"
 EVENT_TYPES = ("exec", "connect", "gpu", "fork", "exit", "payload", "cgroup_move", "socket", "bind", "packet",
-               "flow_counts", "tunnel", "connect_sweep", "listen")
+               "flow_counts", "tunnel", "connect_sweep", "listen", "unobserved", "traced")
 DESTINATION_TYPES = ("connect", "packet", "flow_counts")  # records whose address/port are a destination
 DELETED = " (deleted)"
 
@@ -355,7 +355,7 @@ def _truncated(ev: EventView) -> bool | None:
 
 
 _field("evt.type", STR, "record type: exec, connect, gpu, fork, exit, payload, cgroup_move, socket, bind, packet, "
-       "flow_counts, tunnel, connect_sweep, listen", _top("type"))
+       "flow_counts, tunnel, connect_sweep, listen, unobserved, traced", _top("type"))
 _field("net.sendmsg", BOOL, "connect: a UDP sendto/sendmsg with a destination, not a connect",
        _of_type("connect", lambda ev: bool(ev.rec.get("sendmsg"))))
 _field("tunnel.carried", STR, "tunnel: what a local forwarder carries (ssh, stratum)",
@@ -396,6 +396,13 @@ _field("dns.longest_label", INT, "packet: length of the question's longest label
 _field("dns.label_entropy", INT, "packet: Shannon entropy x100 of the labels below the domain (bits per char)",
        lambda ev: _dns_entropy(ev))
 _field("dns.domain", STR, "packet: the last two labels of the question's name", lambda ev: _dns_domain(ev))
+_field("lost.total", INT, "unobserved: records the kernel lost while the episode was active",
+       _of_type("unobserved", _top("total")))
+_field("lost.counts", STR, "unobserved: the lost records by type, e.g. 'connect 3, exec 120'",
+       _of_type("unobserved", _top("counts_text")))
+_field("traced.by_agent", BOOL, "traced: the process ptracing the watcher is in an agent cgroup",
+       _of_type("traced", lambda ev: bool(ev.rec.get("agent"))))
+_field("traced.watcher_pid", INT, "traced: the watcher's pid", _of_type("traced", _top("watcher_pid")))
 _field("move.to_watched", BOOL, "cgroup_move: the destination is inside the watched cgroups",
        _of_type("cgroup_move", lambda ev: bool((ev.rec.get("to") or {}).get("watched"))))
 _field("move.to_path", STR, "cgroup_move: the destination cgroup's path",
