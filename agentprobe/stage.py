@@ -4,6 +4,10 @@ A stage sees every record after enrichment, in order, and returns the records it
 responses, verdicts); those go to the sinks and on to the stages after it, never back to itself
 or upstream. Every hook has a default, so a stage implements only what it needs; the watcher
 calls each hook of every stage, nothing is looked up by name.
+
+A stage never blocks the loop: slow work (hashing, /proc or file reads) goes to a
+worker.SlowWork pool with a deadline, and the stage picks the result up in a later `tick` or
+judges without it once the deadline has passed.
 """
 
 from __future__ import annotations
