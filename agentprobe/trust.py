@@ -15,9 +15,12 @@ class UntrustedFile(AgentprobeError):
 
 
 def untrusted_reason(path: str | os.PathLike) -> str | None:
-    """Why a user other than root could change this file (it, or a directory above it), or None."""
-    p = Path(path).resolve()
-    for f in (p, *p.parents):
+    """Why a user other than root could change this file (it, or a directory above it), or None.
+    The directories the path names on the way count too, not only those of the file a symlink
+    leads to: whoever owns one of them can point the link elsewhere between the check and the read."""
+    named = Path(os.path.abspath(path))
+    p = named.resolve()
+    for f in (p, *p.parents, *(d for d in named.parents if d not in p.parents)):
         try:
             st = os.stat(f)
         except OSError:

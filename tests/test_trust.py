@@ -94,9 +94,6 @@ def test_a_symlink_is_judged_by_the_file_it_leads_to(etc):
     assert untrusted_reason(link) == f"{theirs} is owned by uid {OTHER_UID}"
 
 
-@pytest.mark.xfail(strict=True, reason="trust.py:19 resolves the path first, so the directories the path names "
-                                       "on the way (here one owned by another user, who can point the link at "
-                                       "any file between the check and the read) are never looked at")
 def test_a_symlink_in_a_directory_of_another_owner_is_refused(etc):
     trusted = make(etc / "rules.yaml", 0o644)
     home = etc / "home"
