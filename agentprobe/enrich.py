@@ -22,7 +22,17 @@ import psutil
 
 from .addr import proc_net_endpoint
 from .cgroups import container_of
-from .events import ConnectEvent, Event, ExecEvent, ExitEvent, ForkEvent, PacketEvent, PayloadEvent, Process
+from .events import (
+    ConnectEvent,
+    Event,
+    ExecEvent,
+    ExitEvent,
+    ForkEvent,
+    PacketEvent,
+    PayloadEvent,
+    Process,
+    Record,
+)
 from .kube import PodDirectory
 
 SCHEMA_VERSION = 1
@@ -383,7 +393,7 @@ class Enricher:
         return info
 
     # ---- main entry ----
-    def record(self, ev: Event) -> dict:
+    def record(self, ev: Event) -> Record:
         inferred = False
         if isinstance(ev, ConnectEvent):
             self.owners.learn(ev)
@@ -416,7 +426,7 @@ class Enricher:
             info = self._proc_info(ev)
             info.comm = p.comm or info.comm
 
-        rec = self._header(ev)
+        rec = Record(self._header(ev), ev)
         rec["proc"] = self._proc_dict(ev, info)
         rec.update(ev.fields())
         if inferred:

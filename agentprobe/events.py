@@ -56,6 +56,19 @@ class Event:
         return {}
 
 
+class Record(dict):
+    """A record on its way through the pipeline: the stream's fields (this dict, encoded once, at the
+    outputs) and the typed event it was made from (`event`: the decoded kernel Event, a countevents
+    CountsEvent, or None for a record the watcher or a stage made). Stages read the fields as the
+    stream carries them and the typed event where they need more than the stream says."""
+
+    __slots__ = ("event",)
+
+    def __init__(self, fields: dict, event: object | None = None) -> None:
+        super().__init__(fields)
+        self.event = event
+
+
 @dataclass
 class ExecEvent(Event):
     filename: str = ""

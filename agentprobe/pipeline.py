@@ -1,7 +1,10 @@
 """The record path after the decoder: enricher -> stages -> sinks, built once by build_pipeline().
 
     kernel (ebpf/) -> loader -> decoder (events, countevents) -> enricher
-        -> stages: tunnels, losses, rules, responder, verdicts, status -> sinks
+        -> stages: tunnels, tracer, counts, gpu, losses, rules, responder, verdicts, status -> sinks
+
+A record made from a kernel event travels as an events.Record: the stream's fields and the typed
+event behind them, which stages such as counts and gpu read.
 
 Every record is encoded once (stream.encode) and handed to every sink, then to the stages in
 order; what a stage makes (an alert, a response) goes to the sinks and to the stages after it,
@@ -18,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .errors import AgentprobeError
-from .events import RECORD_NAMES
+from .events import RECORD_NAMES, Record
 from .selfwatch import LossMonitor
 from .sink import Sink
 from .sinks import check_output, open_sink
@@ -50,20 +53,18 @@ class Summary:
 class Pipeline:
     """The stages and sinks of one watcher, and the one way records enter them (`emit`)."""
 
-    def __init__(self, stages: list[Stage], outputs: list[str], rules_at: int, engine,
-                 losses: LossMonitor, status: StatusFile, on_record: Callable[[dict], None] | None = None,
-                 extra_sinks: list[Sink] | None = None, wrap_rules: Callable[[Stage], Stage] | None = None,
-                 err=None) -> None:
-        self.stages = stages
+    def __init__(self, outputs: list[str], on_record: Callable[[dict], None] | None = None,
+                 extra_sinks: list[Sink] | None = None, err=None) -> None:
+        self.stages: list[Stage] = []
         self.outputs = outputs
-        self.rules_at = rules_at  # where the rule engine stands among the stages (a plain Stage without one)
-        self.engine = engine  # the rule engine itself (rules.RuleEngine), None without one
-        self.losses = losses
-        self.status = status
+        self.rules_at = 0  # where the rule engine stands among the stages (a plain Stage without one)
+        self.engine = None  # the rule engine itself (rules.RuleEngine), None without one
+        self.wrap_rules: Callable[[Stage], Stage] | None = None  # the metrics' timer around the engine
+        self.status: StatusFile | None = None
+        self.gpu = None  # the gpuwatch.GpuWatch stage: the watcher tells it of processes found running
         self.on_record = on_record
         self.sinks: list[Sink] = []
         self._extra_sinks = list(extra_sinks or [])
-        self.wrap_rules = wrap_rules
         self.err = err or sys.stderr
         self.summary = Summary()
         self._seq = 0
@@ -108,14 +109,16 @@ class Pipeline:
         while stack:
             r, i, published = stack.pop()
             if not published:
-                self._publish(r)
+                r = self._publish(r)
             if i >= len(self.stages):
                 continue
             made = self._run(self.stages[i], r)
             stack.append((r, i + 1, True))
             stack.extend((m, i + 1, False) for m in reversed(made))
 
-    def _publish(self, rec: dict) -> None:
+    def _publish(self, rec: dict) -> Record:
+        if not isinstance(rec, Record):
+            rec = Record(rec)  # made by the watcher or a stage: no kernel event behind it
         rec["seq"] = self._seq
         self._seq += 1
         self.summary.events[rec["type"]] += 1
@@ -124,6 +127,7 @@ class Pipeline:
             s.write_record(rec, data)
         if self.on_record:
             self.on_record(rec)
+        return rec
 
     def _run(self, stage: Stage, rec: dict) -> list[dict]:
         try:
@@ -157,12 +161,6 @@ class Pipeline:
     def forget_cgroup(self, cid: int) -> None:
         for st in self.stages:
             st.forget_cgroup(cid)
-
-    def check_losses(self, kernel_counts: dict[int, int]) -> None:
-        for rec in self.losses.check(kernel_counts, self.dropped()):
-            self.emit(rec)
-        self.summary.lost_kernel = Counter(self.losses.kernel)
-        self.summary.lost_output = self.losses.output
 
     def replace_rules(self, engine) -> int:
         """A reload: the new engine takes the old one's place and what still holds of its state;
@@ -226,31 +224,51 @@ def rule_engine(rule_files, with_defaults: bool, on_loss: str = "alert"):
 
 
 def build_pipeline(options, scope, enricher, meta: Callable[[str, dict], dict], clock_offset_ns: int,
-                   metrics=None, on_record: Callable[[dict], None] | None = None, err=None) -> Pipeline:
+                   probes: Callable[[], object], engine=None, metrics=None,
+                   on_record: Callable[[dict], None] | None = None, err=None) -> Pipeline:
     """The stages and outputs that `options` (watch.WatchOptions) ask for, around `scope` (the
-    watched cgroups) and `enricher`: tunnels, losses, rules, responder, verdicts, status. Rule
-    errors are raised here, before anything is attached or opened."""
+    watched cgroups), `enricher` and `probes()` (the loader's ProbeSet once loaded):
+
+        tunnels, tracer, counts, gpu, losses  (the watcher's own records: before the rules)
+        rules, responder, verdicts, status
+
+    `engine`: the rule engine built from the options (rule_engine()), or None for none."""
     from .cgroups import find_v1_freezer
+    from .gpuwatch import GpuWatch
+    from .kernelcounts import KernelCounts
     from .responder import CgroupFreezer, Responder
+    from .scope import v2_cgroup_of
+    from .selfwatch import TracerWatch
     from .tunnels import LoopbackTunnels
     from .verdicts import VerdictStage
 
-    losses = LossMonitor(scope.episode_of, scope.id_of, meta, RECORD_NAMES)
-    status = StatusFile(options.status_dir, options.outputs)
-    stages: list[Stage] = [LoopbackTunnels(scope.agent_family, enricher.synthetic), losses]
-    wrap = None
+    pipe = Pipeline(options.outputs, on_record, [metrics] if metrics is not None else [], err)
+    counts = KernelCounts(probes, enricher.synthetic, options.lost_interval)
+    pipe.gpu = GpuWatch(probes, counts, meta, enricher.synthetic, lambda pid: scope.inside(v2_cgroup_of(pid)),
+                        lambda pid: enricher.tree.get(pid) is not None, options.gpu_interval,
+                        options.gpu_idle_detach)
+    pipe.stages = [
+        LoopbackTunnels(scope.agent_family, enricher.synthetic),
+        TracerWatch(scope.inside, scope.episode_of, meta),
+        counts,
+        pipe.gpu,
+        LossMonitor(scope.episode_of, scope.id_of, meta, RECORD_NAMES, lambda: probes().lost_counts(),
+                    pipe.dropped, options.lost_interval, pipe.summary),
+    ]
     if metrics is not None:
         from .metrics import TimedStage
 
         def wrap(stage: Stage) -> Stage:
             return TimedStage(stage, metrics)
-    engine = rule_engine(options.rule_files, options.default_rules, options.on_loss)
-    rules_at = len(stages)
-    stages.append(Stage() if engine is None else wrap(engine) if wrap else engine)
-    stages.append(Responder(CgroupFreezer(scope.root, find_v1_freezer()), scope.paths, dry_run=options.dry_run,
-                            cut_network=options.cut_network, clock_offset_ns=clock_offset_ns))
+        pipe.wrap_rules = wrap
+    pipe.engine = engine
+    pipe.rules_at = len(pipe.stages)
+    pipe.stages.append(Stage() if engine is None else pipe.wrap_rules(engine) if pipe.wrap_rules else engine)
+    pipe.stages.append(Responder(CgroupFreezer(scope.root, find_v1_freezer()), scope.paths,
+                                 dry_run=options.dry_run, cut_network=options.cut_network,
+                                 clock_offset_ns=clock_offset_ns))
     if options.verdicts:
-        stages.append(VerdictStage(scope.episode_of, scope.exists, enricher.node, clock_offset_ns))
-    stages.append(status)
-    return Pipeline(stages, options.outputs, rules_at, engine, losses, status, on_record,
-                    [metrics] if metrics is not None else [], wrap, err)
+        pipe.stages.append(VerdictStage(scope.episode_of, scope.exists, enricher.node, clock_offset_ns))
+    pipe.status = StatusFile(options.status_dir, options.outputs)
+    pipe.stages.append(pipe.status)
+    return pipe

@@ -22,18 +22,26 @@ NOT_ACTIVITY = ("alert", "response", "verdict")
 
 
 class LossMonitor(Stage):
-    """As a stage it notes which episodes produced records lately; `check` turns the kernel's and
-    the outputs' loss counters into `lost` records, and, for kernel losses, one `unobserved` record
-    per episode active meanwhile (or one without an episode when none was)."""
+    """As a stage it notes which episodes produced records lately; every `interval_s` it turns the
+    kernel's (`kernel_counts()`: record type -> lost so far) and the outputs' (`output_dropped()`:
+    output name -> dropped so far) loss counters into `lost` records, and, for kernel losses, one
+    `unobserved` record per episode active meanwhile (or one without an episode when none was)."""
 
     name = "losses"
 
     def __init__(self, episode_of: Callable[[str], str], id_of: Callable[[str], int | None],
-                 meta: Callable[[str, dict], dict], record_names: dict[int, str]) -> None:
+                 meta: Callable[[str, dict], dict], record_names: dict[int, str],
+                 kernel_counts: Callable[[], dict[int, int]], output_dropped: Callable[[], dict[str, int]],
+                 interval_s: float, summary) -> None:
         self.episode_of = episode_of
         self.id_of = id_of
         self.meta = meta
         self.record_names = record_names
+        self.kernel_counts = kernel_counts
+        self.output_dropped = output_dropped
+        self.interval_s = interval_s
+        self.summary = summary  # pipeline.Summary: lost_kernel and lost_output kept up to date
+        self._due = time.monotonic() + interval_s
         self.kernel = Counter()  # lost in the kernel, by record type name
         self.output = 0  # records the outputs could not take
         self._kernel_seen: Counter = Counter()  # by record type number, as last read (counters only grow)
@@ -49,18 +57,31 @@ class LossMonitor(Stage):
                 self._active.popitem(last=False)
         return []
 
-    def check(self, kernel_counts: dict[int, int], output_dropped: dict[str, int]) -> list[dict]:
+    def tick(self, now: float) -> list[dict]:
+        if now < self._due:
+            return []
+        self._due = now + self.interval_s
+        return self.check()
+
+    def finish(self) -> list[dict]:
+        return self.check()
+
+    def check(self) -> list[dict]:
+        kernel_counts, output_dropped = self.kernel_counts(), self.output_dropped()
         out = []
         delta = {self.record_names.get(t, str(t)): n - self._kernel_seen[t] for t, n in kernel_counts.items()
                  if n > self._kernel_seen[t]}
-        self._kernel_seen.update(kernel_counts)
+        for t, n in kernel_counts.items():
+            self._kernel_seen[t] = n
         if delta:
             self.kernel.update(delta)
+            self.summary.lost_kernel.update(delta)
             out.append(self.meta("lost", {"source": "kernel", "counts": delta, "total": sum(delta.values())}))
             out.extend(self._unobserved(delta))
         dropped = sum(output_dropped.values())
         if dropped > self.output:
             n, self.output = dropped - self.output, dropped
+            self.summary.lost_output = dropped
             out.append(self.meta("lost", {"source": "output", "counts": dict(output_dropped), "total": n}))
         return out
 
@@ -75,9 +96,12 @@ class LossMonitor(Stage):
         }) for ep in suspects or [None]]
 
 
-class TracerWatch:
+class TracerWatch(Stage):
     """Root can ptrace the watcher whatever PR_SET_DUMPABLE says, and then read and change it: a
-    `traced` record when the tracer changes (read every tick, 0.5 s)."""
+    `traced` record when the tracer changes (TracerPid read every TICK_S)."""
+
+    name = "tracer"
+    TICK_S = 0.5
 
     def __init__(self, inside: Callable[[str | None], bool], episode_of: Callable[[str], str],
                  meta: Callable[[str, dict], dict]) -> None:
@@ -85,6 +109,13 @@ class TracerWatch:
         self.episode_of = episode_of
         self.meta = meta
         self._tracer = 0  # the pid ptracing the watcher, as last seen
+        self._due = time.monotonic() + self.TICK_S
+
+    def tick(self, now: float) -> list[dict]:
+        if now < self._due:
+            return []
+        self._due = now + self.TICK_S
+        return self.check()
 
     def check(self) -> list[dict]:
         tracer = traced_by(os.getpid())

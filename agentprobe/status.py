@@ -42,7 +42,9 @@ class StatusFile(Stage):
 
     def write(self) -> None:
         try:
-            self.dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+            if not self.dir.is_dir():
+                self.dir.mkdir(parents=True, exist_ok=True)
+                os.chmod(self.dir, 0o755)  # `agentprobe status` for any user, whatever the umask
             path = self.dir / f"watcher-{os.getpid()}.json"
             data = json.dumps({
                 "pid": os.getpid(),

@@ -27,16 +27,13 @@ from .enrich import Enricher
 from .errors import AgentprobeError
 from .events import DecodeError, MkdirEvent, MoveEvent, decode
 from .hardening import check_btf, check_privileges, harden_self, set_realtime
-from .kernelcounts import KernelCounts
-from .pipeline import Pipeline, Summary, build_pipeline
-from .scope import WatchedScope, v2_cgroup_of
-from .selfwatch import TracerWatch
+from .pipeline import Pipeline, Summary, build_pipeline, rule_engine
+from .scope import WatchedScope
 
 # hashed at start: what agents run most (and what tunnels and miners hide behind), so their first
 # exec reaches the rules without waiting for a sha256 of the binary
 COMMON_AGENT_PROGRAMS = ("python3", "python", "bash", "sh", "dash", "ssh", "scp", "curl", "wget", "git", "node",
                          "perl", "pip", "pip3", "nc", "ncat", "socat", "sleep", "env", "timeout")
-TICK_S = 0.5  # the tracer check
 REMEMBER_INTERVAL_S = 30.0  # the walk of every cgroup.procs (see _remember_agents)
 
 __all__ = ["Summary", "WatchOptions", "Watcher"]
@@ -94,9 +91,6 @@ class Watcher:
         self.hardening: dict = {}
         self.probe_paths: dict[str, str] = {}
         self._probes = None
-        self._counts: KernelCounts | None = None
-        self._gpu = None
-        self._tracer: TracerWatch | None = None
         self._kube_records: list[dict] = []
         self._stop = False
         self._next_remember = 0.0
@@ -104,13 +98,14 @@ class Watcher:
     # ---- set-up ----
     def prepare(self) -> None:
         """Every check that can fail, before anything is attached or written."""
+        opts = self.options
+        engine = rule_engine(opts.rule_files, opts.default_rules, opts.on_loss)  # RuleError: one line
         check_privileges()
         check_btf()
         from .labels import CgroupLabels
         from .loader import import_bcc
 
         import_bcc()
-        opts = self.options
         self.scope = WatchedScope(opts.cgroups, opts.cgroup_globs, opts.pods, opts.create_default, self.err)
         self.scope.check()
         labels = CgroupLabels(self.scope.root, opts.label_dir)
@@ -118,9 +113,8 @@ class Watcher:
                                  cgroup_labels=lambda cid, path: labels.of(cid, path, self.scope.top_of(path)),
                                  label_env=opts.label_env)
         self.pipeline = build_pipeline(opts, self.scope, self.enricher, self.meta_record, self.clock_offset_ns,
-                                       self.metrics, self.on_record, self.err)
+                                       lambda: self._probes, engine, self.metrics, self.on_record, self.err)
         self.summary = self.pipeline.summary
-        engine = self.pipeline.engine
         if engine is not None:
             from .rules import deny_policy, recorded_ports
 
@@ -129,7 +123,6 @@ class Watcher:
                 opts.deny = deny_policy(engine.ruleset)
         self.pipeline.check_outputs()
         self._kube_records = self.scope.take()  # KubeError: one line, exit 1
-        self._tracer = TracerWatch(self.scope.inside, self.scope.episode_of, self.meta_record)
 
     @property
     def root(self) -> Path | None:
@@ -161,15 +154,10 @@ class Watcher:
             self._probes.close()
             self._probes = None
             raise
-        from .gpuwatch import GpuWatch
-
-        self._counts = KernelCounts(self._probes, self.enricher.synthetic)
-        self._gpu = GpuWatch(self._probes, self.meta_record, self.options.gpu_idle_detach,
-                             lambda pid: self.scope.inside(v2_cgroup_of(pid)))
         self._discover_running()
         self.enricher.hasher.warm(shutil.which(n) for n in COMMON_AGENT_PROGRAMS)
         start = self._start_record()
-        self._emit_all(self._gpu.switch(self._counts.gpu))
+        self._emit_all(self.pipeline.gpu.switch())
         self.pipeline.greet(start)
         self.probe_paths = start["probes"]
         self.pipeline.status.started = start["ts"]
@@ -219,7 +207,7 @@ class Watcher:
             "globs": o.cgroup_globs,
             "kube": o.pods.describe() if o.pods is not None else None,
             "gpu_majors": {str(k): v for k, v in p.gpu_majors.items()},
-            "nvml": self._gpu.nvml.reason,
+            "nvml": self.pipeline.gpu.nvml.reason,
             "hardening": self.hardening,
             "probes": {
                 **p.paths,
@@ -239,7 +227,7 @@ class Watcher:
         agent map."""
         for pid in sorted(self._remember_agents()):
             self.enricher.discover(pid)
-            self._gpu.found_running(pid)
+            self.pipeline.gpu.found_running(pid)
 
     def _remember_agents(self) -> dict[int, int]:
         """Tell the kernel which processes of the watched cgroups are agents: it learns them at fork
@@ -296,15 +284,7 @@ class Watcher:
             self.summary.decode_errors += 1
             print(f"agentprobe: could not enrich a {ev.type} record: {e}", file=self.err)
             return
-        self._counts.observe(ev)
-        if ev.type == "fork":
-            self._gpu.forked(ev.proc.pid, ev.child_pid)
         self.pipeline.emit(rec)
-        if ev.type == "gpu" and ev.opened:
-            self._emit_all(self._gpu.opened(ev.proc.pid))
-        elif ev.type == "exit":
-            self._gpu.exited(ev.proc.pid)
-            self._emit_all(self._counts.process_exited(ev.proc.pid))
 
     def _move_record(self, ev: MoveEvent) -> dict:
         """An agent process moved to another cgroup: the record is about the moved process, in the
@@ -325,21 +305,6 @@ class Watcher:
         elif pods is not None:
             self._kube_refreshed(pods.take_pending())
 
-    def _nvml_records(self) -> list[dict]:
-        out = []
-        for s in self._gpu.nvml_samples():
-            rec = self.enricher.synthetic("gpu", s["pid"], self._counts.gpu_pids.get(s["pid"], 0),
-                                          time.monotonic_ns(), {
-                "kind": "nvml", "device": s["device"], "used_memory": s["used_memory"],
-                "sm_util": s["sm_util"], "mem_util": s["mem_util"]})
-            if self.enricher.tree.get(s["pid"]) is None:
-                rec["proc"]["comm"] = ""
-            out.append(rec)
-        return out
-
-    def _gpu_records(self) -> list[dict]:
-        return self._nvml_records() + self._counts.gpu()
-
     # ---- the loop ----
     def stop(self, *_args) -> None:
         self._stop = True
@@ -350,8 +315,7 @@ class Watcher:
         o = self.options
         deadline = time.monotonic() + o.duration if o.duration else None
         now = time.monotonic()
-        due = {"rescan": now + o.rescan_interval, "lost": now + o.lost_interval, "gpu": now + o.gpu_interval,
-               "tick": now + TICK_S}
+        next_rescan = now + o.rescan_interval
         # SCHED_FIFO while waiting for records (a record wakes us ahead of the busy agent that wrote
         # it: this kernel may not preempt), a normal task while agents are busy (we poll then, and a
         # flood must not make us hog a CPU); children never inherit it
@@ -364,7 +328,9 @@ class Watcher:
                 self._probes.poll(o.poll_ms)
                 now = time.monotonic()
                 self.pipeline.tick(now)
-                self._periodic(now, due)
+                if now >= next_rescan:
+                    self.rescan()
+                    next_rescan = now + o.rescan_interval
                 self.pipeline.flush()
                 if deadline and now >= deadline:
                     self.summary.reason = "duration"
@@ -381,36 +347,6 @@ class Watcher:
             for sig, handler in old.items():
                 signal.signal(sig, handler)
         return self.summary
-
-    def _periodic(self, now: float, due: dict[str, float]) -> None:
-        o = self.options
-        if now >= due["tick"]:
-            self._emit_all(self._tracer.check())
-            due["tick"] = now + TICK_S
-        if now >= due["lost"]:
-            self._read_counts()
-            due["lost"] = now + o.lost_interval
-        if now >= due["rescan"]:
-            self.rescan()
-            due["rescan"] = now + o.rescan_interval
-        if now >= due["gpu"]:
-            self._emit_all(self._gpu_records())
-            self._emit_all(self._gpu.switch(self._gpu_records))
-            due["gpu"] = now + o.gpu_interval
-
-    def _read_counts(self) -> None:
-        self.pipeline.check_losses(self._probes.lost_counts())
-        self._emit_all(self._counts.connects())
-        self._emit_all(self._counts.flows())
-
-    def drain(self) -> None:
-        """Read what the kernel still holds (used before stopping)."""
-        if self._probes is not None:
-            self._probes.poll(0)
-            self._emit_all(self._gpu_records())
-            self._emit_all(self._counts.connects())
-            self._emit_all(self._counts.flows())
-            self.pipeline.check_losses(self._probes.lost_counts())
 
     # ---- the watched set ----
     def _kube_refreshed(self, records: list[dict]) -> None:
@@ -461,15 +397,14 @@ class Watcher:
         p = self.pipeline
         if self._probes is not None:
             try:
-                self.drain()
+                self._probes.poll(0)  # what the kernel still holds
             except Exception:
                 pass
-            p.finish()
+            p.finish()  # the counts, losses and open episodes' verdicts, before the stop record
             p.emit(self.meta_record("stop", p.stop_record_fields(error)))
             self._probes.close()
             self._probes = None
-            if self._gpu is not None:
-                self._gpu.close()
+            p.gpu.close()
         if p is not None:
             p.close_sinks()
             p.status.remove()
