@@ -57,8 +57,8 @@ def decode_conn_counts(items: Iterable[tuple[abi.ConnKey, int, int, int]]) -> li
         out.append(ConnectCountsEvent("connect_counts", key.pid, last, {
             "family": inet_name(key.family), "address": field_ip_text(key.family, key.addr),
             "port": socket.ntohs(key.port),
-            "sock_type": SOCK_TYPES.get(key.sock_type, "unknown"), "refused": bool(key.kind & 1),
-            "sendmsg": bool(key.kind & 2),
+            "sock_type": SOCK_TYPES.get(key.sock_type, "unknown"), "refused": bool(key.kind & abi.CONN_KIND_DENIED),
+            "sendmsg": bool(key.kind & abi.CONN_KIND_SENDMSG),
             "count": n, "interval_ns": max(0, last - first)}))
     return out
 

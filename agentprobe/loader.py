@@ -344,9 +344,10 @@ class ProbeSet:
             b[name].clear()
         for port in ports:
             b[b"deny_ports"][ct.c_uint16(port)] = ct.c_uint8(1)
-        hosts = 0  # bits 1 and 2 of deny_conf: the deny tries hold IPv4 / IPv6 entries (deny.bpf.c)
+        hosts = 0  # the deny tries hold IPv4 / IPv6 entries (deny.bpf.c)
         for spec in deny:
-            hosts |= 2 if ipaddress.ip_network(spec, strict=False).version == 4 else 4
+            v4 = ipaddress.ip_network(spec, strict=False).version == 4
+            hosts |= abi.DENY_CONF_HOSTS4 if v4 else abi.DENY_CONF_HOSTS6
         for trie4, trie6, nets in ((b"allow4", b"allow6", allow), (b"deny4", b"deny6", deny)):
             for spec in nets:
                 net = ipaddress.ip_network(spec, strict=False)
@@ -359,7 +360,8 @@ class ProbeSet:
         # bits 8-31: a new generation, so that no verdict remembered with a destination under the
         # old lists is taken for current (conn_repeats, connect.bpf.c)
         self._deny_gen = (self._deny_gen + 1) & 0xFFFFFF or 1
-        b[b"deny_conf"][ct.c_int(0)] = ct.c_uint32((1 | hosts if enabled else 0) | self._deny_gen << 8)
+        conf = (abi.DENY_CONF_ON | hosts if enabled else 0) | self._deny_gen << abi.DENY_CONF_GEN_SHIFT
+        b[b"deny_conf"][ct.c_int(0)] = ct.c_uint32(conf)
 
     def _attach_cgroups(self, wanted: dict[int, WatchedCgroup]) -> None:
         """Attach the socket programs to the top-most watched cgroups (they cover the subtree)."""

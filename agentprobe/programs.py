@@ -226,4 +226,4 @@ def describe_paths(options: LoaderOptions, gpu: GpuProbeChoice, device_hook: str
 
 def name_key(name: str) -> bytes:
     """A basename as the kernel's name maps key it: the first 15 bytes (the key is zero-padded)."""
-    return name.encode()[:15]
+    return name.encode()[: abi.EXEC_NAME_LEN - 1]
