@@ -1,25 +1,33 @@
-"""pipeline.py: the one way records enter the stages and the sinks (Pipeline.emit), the stages'
-hooks, a reload's engine swap, the stop record's accounting, and build_pipeline's stage order.
-Real outputs (files read back with stream.read_records), real rule engines, real cgroups."""
+"""pipeline.py: the one way records enter the stages and the sinks (Pipeline.emit), as events.Record
+(the enricher's keep their typed event, any other dict is wrapped with none), the stages' hooks
+(the loss monitor's among them), a reload's engine swap, the stop record's accounting, and
+build_pipeline's stage order. Real outputs (files read back with stream.read_records), real rule
+engines, real cgroups."""
 
 from __future__ import annotations
 
 import io
 import os
 import textwrap
+import time
 
 import pytest
 from rule_samples import Proc, connect_record
 
+from agentprobe.enrich import Enricher
 from agentprobe.errors import AgentprobeError
+from agentprobe.events import RECORD_NAMES, ExecEvent, Process, Record
+from agentprobe.gpuwatch import GpuWatch
+from agentprobe.kernelcounts import KernelCounts
 from agentprobe.metrics import TimedStage, WatchMetrics
 from agentprobe.pipeline import Pipeline, build_pipeline, rule_engine
 from agentprobe.rules import build_engine
 from agentprobe.rules.engine import RuleEngine
-from agentprobe.selfwatch import LossMonitor
+from agentprobe.selfwatch import LossMonitor, TracerWatch
 from agentprobe.stage import Stage
 from agentprobe.status import StatusFile
 from agentprobe.stream import read_records
+from agentprobe.watch import Watcher, WatchOptions
 
 
 def meta(type_: str, fields: dict) -> dict:
@@ -57,13 +65,23 @@ class Maker(Stage):
         self.forgotten.append(cgroup_id)
 
 
-def losses() -> LossMonitor:
-    return LossMonitor(lambda p: p, lambda p: None, meta, {1: "exec"})
+class Keeper(Stage):
+    """Keeps the very objects it is handed."""
+
+    def __init__(self) -> None:
+        self.records: list[dict] = []
+
+    def process(self, record: dict) -> list[dict]:
+        self.records.append(record)
+        return []
 
 
 def pipeline(tmp_path, stages, outputs=None, **kw) -> Pipeline:
-    return Pipeline(stages, outputs if outputs is not None else [str(tmp_path / "out.msgpack")], 0, None,
-                    losses(), StatusFile(str(tmp_path / "status"), []), err=kw.pop("err", io.StringIO()), **kw)
+    p = Pipeline(outputs if outputs is not None else [str(tmp_path / "out.msgpack")],
+                 err=kw.pop("err", io.StringIO()), **kw)
+    p.stages = stages
+    p.status = StatusFile(str(tmp_path / "status"), [])
+    return p
 
 
 def written(p: Pipeline, tmp_path) -> list[dict]:
@@ -157,15 +175,56 @@ def test_forget_cgroup_reaches_every_stage(tmp_path):
     assert [s.forgotten for s in stages] == [[99], [99]]
 
 
-def test_check_losses_emits_lost_records_and_keeps_the_summary(tmp_path):
+def test_the_loss_monitor_stage_emits_lost_records_and_keeps_the_summary(tmp_path):
+    """The loss monitor reads the counters on its tick and at finish; what it says goes to the
+    stages after it, and the pipeline's summary follows."""
     seen = []
-    p = pipeline(tmp_path, [Stage()], outputs=[], on_record=seen.append)
-    p.check_losses({1: 3})
-    p.check_losses({1: 5})
+    kernel = {1: 3}
+    after = Maker("after")
+    p = pipeline(tmp_path, [Stage(), after], outputs=[], on_record=seen.append)
+    p.stages.insert(1, LossMonitor(lambda p: p, lambda p: None, meta, {1: "exec"}, lambda: dict(kernel),
+                                   p.dropped, 1.0, p.summary))
+    p.tick(time.monotonic() + 1.0)
+    kernel[1] = 5
+    p.finish()
     lost = [r for r in seen if r["type"] == "lost"]
     assert [r["total"] for r in lost] == [3, 2]
+    assert "lost" in after.seen and "unobserved" in after.seen
     assert p.summary.lost_kernel == {"exec": 5}
     assert p.summary.lost_total == 5
+    assert p.stop_record_fields(None)["lost"] == {"exec": 5}
+
+
+# ------------------------------------------------------------------ records
+def test_a_plain_dict_becomes_a_record_without_an_event(tmp_path):
+    keep, seen = Keeper(), []
+    p = pipeline(tmp_path, [Maker("s0", {"in": ["made"]}), keep], on_record=seen.append)
+    p.open_sinks()
+    p.emit({"type": "in", "n": 1})
+    assert [r["type"] for r in keep.records] == ["made", "in"]
+    for r in keep.records + seen:
+        assert isinstance(r, Record) and r.event is None
+    assert keep.records[1] == {"type": "in", "n": 1, "seq": 0}
+    assert [r["type"] for r in written(p, tmp_path)] == ["in", "made"]
+
+
+def test_an_enricher_record_keeps_its_event_through_the_stages(tmp_path):
+    """The Record itself goes through: every stage and on_record get the same object, its typed
+    event with it; the outputs get its fields only."""
+    first, last, seen = Keeper(), Keeper(), []
+    p = pipeline(tmp_path, [first, Maker("mid", {"exec": ["alert"]}), last], on_record=seen.append)
+    p.open_sinks()
+    ev = ExecEvent("exec", 5, 0, Process(os.getpid(), os.getpid(), os.getppid(), 0, 0, "pytest"),
+                   filename="/bin/true", argv=["true"], argc_total=1)
+    rec = Enricher(lambda cid: None, 0, node="n1").record(ev)
+    assert isinstance(rec, Record) and rec.event is ev
+    p.emit(rec)
+    assert first.records == [rec] and first.records[0] is rec and seen[0] is rec
+    assert last.records[1] is rec and last.records[1].event is ev
+    assert last.records[0]["type"] == "alert" and last.records[0].event is None
+    (out, alert) = written(p, tmp_path)
+    assert out["type"] == "exec" and out["filename"] == "/bin/true" and out["seq"] == 0 and "event" not in out
+    assert alert["type"] == "alert"
 
 
 # ------------------------------------------------------------------ sinks
@@ -191,7 +250,8 @@ def test_open_sinks_closes_what_it_opened_when_one_fails(tmp_path):
 
 def test_extra_sinks_get_every_record(tmp_path):
     metrics = WatchMetrics()
-    p = Pipeline([Stage()], [], 0, None, losses(), StatusFile(str(tmp_path), []), extra_sinks=[metrics])
+    p = Pipeline([], extra_sinks=[metrics])
+    p.stages = [Stage()]
     p.open_sinks()
     p.emit({"type": "exec"})
     p.emit({"type": "exec"})
@@ -231,8 +291,8 @@ def count_engine(tmp_path, text: str = COUNT_RULES) -> RuleEngine:
 def rules_pipeline(tmp_path, engine, wrap=None) -> tuple[Pipeline, list[dict]]:
     seen: list[dict] = []
     stage = wrap(engine) if wrap else engine
-    p = Pipeline([Stage(), stage, Stage()], [], 1, engine, losses(), StatusFile(str(tmp_path), []),
-                 on_record=seen.append, wrap_rules=wrap)
+    p = Pipeline([], on_record=seen.append)
+    p.stages, p.rules_at, p.engine, p.wrap_rules = [Stage(), stage, Stage()], 1, engine, wrap
     return p, seen
 
 
@@ -274,7 +334,8 @@ def test_replace_rules_starts_a_changed_rule_afresh(tmp_path):
 
 
 def test_replace_rules_over_a_stage_without_rules(tmp_path):
-    p = Pipeline([Stage()], [], 0, None, losses(), StatusFile(str(tmp_path), []))
+    p = Pipeline([])
+    p.stages = [Stage()]
     engine = count_engine(tmp_path)
     assert p.replace_rules(engine) == 0
     assert p.stages[0] is engine and p.engine is engine
@@ -303,6 +364,9 @@ class Options:
         self.dry_run = True
         self.cut_network = False
         self.verdicts = True
+        self.lost_interval = 1.0
+        self.gpu_interval = 2.0
+        self.gpu_idle_detach = 5.0
         self.__dict__.update(kw)
 
 
@@ -318,36 +382,59 @@ def scope(agent_cgroup):
         s.close()
 
 
+class FakeProbes:
+    gpu_majors: dict = {}
+
+    def lost_counts(self) -> dict:
+        return {}
+
+
 @pytest.mark.parametrize("verdicts", [True, False])
 def test_build_pipeline_stage_order(tmp_path, scope, verdicts):
-    from agentprobe.enrich import Enricher
-
     enricher = Enricher(scope.name_of, 0)
-    p = build_pipeline(Options(str(tmp_path), verdicts=verdicts), scope, enricher, meta, 0)
+    probes = FakeProbes()
+    engine = rule_engine([], False)
+    p = build_pipeline(Options(str(tmp_path), verdicts=verdicts), scope, enricher, meta, 0, lambda: probes, engine)
     names = [s.name for s in p.stages]
-    want = ["tunnels", "losses", "rules", "responder", "verdicts", "status"]
+    want = ["tunnels", "tracer", "counts", "gpu", "losses", "rules", "responder", "verdicts", "status"]
     assert names == (want if verdicts else [n for n in want if n != "verdicts"])
-    assert p.stages[p.rules_at] is p.engine
-    assert p.losses is p.stages[1] and p.status is p.stages[-1]
+    assert p.stages[p.rules_at] is p.engine and p.engine is engine
+    assert isinstance(p.stages[1], TracerWatch) and isinstance(p.stages[2], KernelCounts)
+    assert isinstance(p.gpu, GpuWatch) and p.gpu is p.stages[3] and p.gpu.counts is p.stages[2]
+    assert isinstance(p.stages[4], LossMonitor) and p.stages[4].summary is p.summary
+    assert p.status is p.stages[-1]
+    assert p.gpu.probes() is probes and p.stages[2].probes() is probes
+    assert p.stages[2].interval_s == 1.0 and p.gpu.interval_s == 2.0 and p.gpu.idle_detach_s == 5.0
+    assert p.stages[4].interval_s == 1.0 and p.stages[4].record_names == RECORD_NAMES
+
+
+def test_build_pipeline_without_an_engine_keeps_a_plain_stage_in_its_place(tmp_path, scope):
+    p = build_pipeline(Options(str(tmp_path)), scope, Enricher(scope.name_of, 0), meta, 0, FakeProbes)
+    assert p.engine is None and type(p.stages[p.rules_at]) is Stage
+    assert [s.name for s in p.stages][p.rules_at - 1:p.rules_at + 2] == ["losses", "stage", "responder"]
 
 
 def test_build_pipeline_times_the_rules_with_metrics(tmp_path, scope):
-    from agentprobe.enrich import Enricher
-
     metrics = WatchMetrics()
-    p = build_pipeline(Options(str(tmp_path)), scope, Enricher(scope.name_of, 0), meta, 0, metrics=metrics)
+    p = build_pipeline(Options(str(tmp_path)), scope, Enricher(scope.name_of, 0), meta, 0, FakeProbes,
+                       rule_engine([], False), metrics=metrics)
     assert isinstance(p.stages[p.rules_at], TimedStage) and p.stages[p.rules_at].stage is p.engine
+    assert p.wrap_rules is not None
     p.open_sinks()
     assert metrics in p.sinks
 
 
-def test_build_pipeline_raises_rule_errors_before_anything_opens(tmp_path, scope):
-    from agentprobe.enrich import Enricher
-
+def test_rule_errors_are_raised_before_anything_opens(tmp_path):
+    """rule_engine raises them, and the watcher builds its engine first of all (Watcher.prepare):
+    nothing checked, made or opened before."""
     bad = tmp_path / "bad.yaml"
     bad.write_text("- rule: x\n  condition: evt.type = = exec\n")
     out = tmp_path / "out.msgpack"
     with pytest.raises(AgentprobeError):
-        build_pipeline(Options(str(tmp_path), rule_files=[str(bad)], outputs=[str(out)]), scope,
-                       Enricher(scope.name_of, 0), meta, 0)
-    assert not out.exists()
+        rule_engine([str(bad)], False)
+    w = Watcher(WatchOptions(rule_files=[str(bad)], default_rules=False, outputs=[str(out)],
+                             status_dir=str(tmp_path / "st")), err=io.StringIO())
+    with pytest.raises(AgentprobeError):
+        w.prepare()
+    assert w.scope is None and w.pipeline is None and w.enricher is None
+    assert not out.exists() and not (tmp_path / "st").exists()

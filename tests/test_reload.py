@@ -13,7 +13,6 @@ import pytest
 from agentprobe.errors import AgentprobeError
 from agentprobe.pipeline import Pipeline, rule_engine
 from agentprobe.reload import RuleReloader
-from agentprobe.selfwatch import LossMonitor
 from agentprobe.stage import Stage
 from agentprobe.status import StatusFile
 from agentprobe.watch import Watcher, WatchOptions
@@ -37,8 +36,9 @@ def setup(tmp_path):
     seen: list[dict] = []
     w = Watcher(WatchOptions(rule_files=[str(rules)], default_rules=False))
     engine = rule_engine([str(rules)], False)
-    w.pipeline = Pipeline([Stage(), engine], [], 1, engine, LossMonitor(lambda p: p, lambda p: None, w.meta_record, {}),
-                          StatusFile(str(tmp_path), []), on_record=seen.append)
+    w.pipeline = Pipeline([], on_record=seen.append)
+    w.pipeline.stages, w.pipeline.rules_at, w.pipeline.engine = [Stage(), engine], 1, engine
+    w.pipeline.status = StatusFile(str(tmp_path), [])
     err = io.StringIO()
 
     def build():
