@@ -215,7 +215,7 @@ class WatchMetrics(Sink):
                    [f"agentprobe_output_records_total{_labels(output=s.name)} {s.written}" for s in outputs])
             family("agentprobe_output_dropped_total", "counter", "Records each output could not deliver.",
                    [f"agentprobe_output_dropped_total{_labels(output=s.name)} {s.dropped}" for s in outputs])
-            connected = [s for s in outputs if hasattr(s, "connected")]
+            connected = [s for s in outputs if s.connected is not None]
             if connected:
                 family("agentprobe_output_connected", "gauge", "1 while a network output is connected.",
                        [f"agentprobe_output_connected{_labels(output=s.name)} {int(bool(s.connected))}"

@@ -60,7 +60,7 @@ class CgroupFreezer:
         self.v2_root = v2_root
         self.v1_freezer = v1_freezer
 
-    def _dir(self, rel: str) -> Path:
+    def dir_of(self, rel: str) -> Path:
         return self.v2_root / rel.lstrip("/")
 
     def check_target(self, rel: str, watched_paths: list[str]) -> None:
@@ -72,7 +72,7 @@ class CgroupFreezer:
             raise ResponseError(f"refusing to act on {rel}: the watcher itself runs in it")
 
     def is_frozen(self, rel: str) -> bool:
-        d = self._dir(rel)
+        d = self.dir_of(rel)
         events = d / "cgroup.events"
         if events.exists():
             return "frozen 1" in events.read_text().splitlines()
@@ -82,7 +82,7 @@ class CgroupFreezer:
         return False
 
     def freeze(self, rel: str, timeout: float = CONFIRM_TIMEOUT_S) -> Outcome:
-        d = self._dir(rel)
+        d = self.dir_of(rel)
         if not d.is_dir():
             return Outcome("failed", f"cgroup {rel} no longer exists")
         if (d / "cgroup.freeze").exists():
@@ -92,7 +92,7 @@ class CgroupFreezer:
         return Outcome("failed", "no cgroup freezer (cgroup v2 cgroup.freeze needs Linux 5.2+)")
 
     def thaw(self, rel: str, timeout: float = CONFIRM_TIMEOUT_S) -> Outcome:
-        d = self._dir(rel)
+        d = self.dir_of(rel)
         if not d.is_dir():
             return Outcome("failed", f"cgroup {rel} does not exist")
         if (d / "cgroup.freeze").exists():
@@ -155,7 +155,7 @@ class CgroupFreezer:
 
     def pids(self, rel: str) -> list[int]:
         out = []
-        for procs in self._dir(rel).rglob("cgroup.procs"):
+        for procs in self.dir_of(rel).rglob("cgroup.procs"):
             try:
                 out += [int(p) for p in procs.read_text().split()]
             except OSError:
@@ -163,7 +163,7 @@ class CgroupFreezer:
         return out
 
     def kill(self, rel: str) -> Outcome:
-        d = self._dir(rel)
+        d = self.dir_of(rel)
         if not d.is_dir():
             return Outcome("failed", f"cgroup {rel} no longer exists")
         try:
@@ -270,7 +270,7 @@ class Responder(Stage):
         if not isinstance(pid, int) or pid <= 0:
             return None
         try:
-            with open(os.path.join(self.freezer._dir(target), "cgroup.procs"), "w") as f:
+            with open(os.path.join(self.freezer.dir_of(target), "cgroup.procs"), "w") as f:
                 f.write(str(pid))
             return pid
         except OSError:
@@ -305,6 +305,6 @@ def _cgroup_id(freezer: CgroupFreezer, rel: str | None) -> int | None:
     if not rel:
         return None
     try:
-        return os.stat(freezer._dir(rel)).st_ino
+        return os.stat(freezer.dir_of(rel)).st_ino
     except OSError:
         return None

@@ -52,6 +52,11 @@ class Sink:
         """Records accepted but not yet out (held for a full disk or a slow server)."""
         return 0
 
+    @property
+    def connected(self) -> bool | None:
+        """Network outputs: whether the connection is up now; None for the others."""
+        return None
+
     def readers(self) -> dict | None:
         """Outputs that serve readers: how many came, hung up or fell behind (the stop record's
         `readers`); None for the others."""
