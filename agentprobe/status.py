@@ -42,9 +42,10 @@ class StatusFile(Stage):
 
     def write(self) -> None:
         try:
-            if not self.dir.is_dir():
-                self.dir.mkdir(parents=True, exist_ok=True)
-                os.chmod(self.dir, 0o755)  # `agentprobe status` for any user, whatever the umask
+            made = [d for d in (self.dir, *self.dir.parents) if not d.exists()]
+            for d in reversed(made):  # `agentprobe status` for any user, whatever the umask
+                d.mkdir(exist_ok=True)
+                os.chmod(d, 0o755)
             path = self.dir / f"watcher-{os.getpid()}.json"
             data = json.dumps({
                 "pid": os.getpid(),

@@ -4,9 +4,7 @@ what it needs; every hook exists on every stage, so the pipeline looks nothing u
 from __future__ import annotations
 
 from agentprobe.pipeline import Pipeline
-from agentprobe.selfwatch import LossMonitor
 from agentprobe.stage import Stage
-from agentprobe.status import StatusFile
 
 HOOKS = ("process", "tick", "finish", "forget_cgroup", "adopt_state")
 
@@ -43,8 +41,8 @@ def test_a_stage_that_implements_one_hook_has_all_of_them(tmp_path):
     for hook in HOOKS:
         assert callable(getattr(s, hook)), hook
     seen = []
-    losses = LossMonitor(lambda p: p, lambda p: None, lambda t, f: {"type": t, **f}, {})
-    p = Pipeline([s], [], 0, None, losses, StatusFile(str(tmp_path), []), on_record=seen.append)
+    p = Pipeline([], on_record=seen.append)
+    p.stages = [s]
     p.emit({"type": "exec"})
     p.tick(1.0)
     p.finish()

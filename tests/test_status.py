@@ -101,9 +101,6 @@ def test_the_status_directory_is_reachable_by_any_user_whatever_the_umask(tmp_pa
     assert stat.S_IMODE(d.stat().st_mode) == 0o755
 
 
-@pytest.mark.xfail(strict=True, reason="status.py:46 mkdir(parents=True) then chmod of the last directory only: "
-                   "a parent made on the way keeps the umask's mode (0700 under umask 077), so no other user "
-                   "reaches the status file")
 def test_the_directories_made_on_the_way_are_reachable_by_any_user_too(tmp_path, umask):
     umask(0o077)
     os.chmod(tmp_path, 0o755)
