@@ -32,7 +32,7 @@ if [ "$WANT_TEST" = 1 ]; then
            ptunnel-ng dns2tcp iputils-ping  # covert-channel tests: real tunnel tools
            httptunnel proxytunnel corkscrew stunnel4 tinyproxy-bin dnsmasq-base  # tests/test_tunnel_tools.py
            nmap  # a real port scanner (connection-sweep test)
-           openssl  # the test Kubernetes API server's certificate (tests/test_kube.py)
+           openssl  # the test Kubernetes API server's certificate (tests/test_kubeapi.py)
            qemu-system-x86 mmdebstrap e2fsprogs)  # scripts/vm-run, scripts/vm-test
 fi
 
