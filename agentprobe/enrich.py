@@ -28,6 +28,7 @@ from .events import (
     ExecEvent,
     ExitEvent,
     ForkEvent,
+    MoveEvent,
     PacketEvent,
     PayloadEvent,
     Process,
@@ -315,12 +316,15 @@ class SocketOwners:
 
 
 class Enricher:
-    """Turns typed events into stream records (dicts)."""
+    """Turns typed events into stream records (Records: the fields and the event behind them).
+    `cgroup_name(id)` names a watched cgroup; `cgroup_dest(id)` describes any cgroup a process
+    was moved to ({id, path, watched})."""
 
     def __init__(self, cgroup_name: Callable[[int], str | None], clock_offset_ns: int,
                  node: str | None = None, cgroup_labels: Callable[[int, str], dict] | None = None,
-                 label_env: tuple[str, ...] = ()) -> None:
+                 label_env: tuple[str, ...] = (), cgroup_dest: Callable[[int], dict] | None = None) -> None:
         self.tree = ProcessTree()
+        self._cgroup_dest = cgroup_dest or (lambda cid: {"id": cid, "path": None, "watched": False})
         self._cgroup_labels = cgroup_labels
         self.label_env = tuple(label_env)
         self.hasher = ExeHasher()
@@ -394,6 +398,8 @@ class Enricher:
 
     # ---- main entry ----
     def record(self, ev: Event) -> Record:
+        if isinstance(ev, MoveEvent):
+            return self._move_record(ev)
         inferred = False
         if isinstance(ev, ConnectEvent):
             self.owners.learn(ev)
@@ -434,6 +440,14 @@ class Enricher:
         if isinstance(ev, ExitEvent):
             self.tree.exit(p.pid)
         return rec
+
+    def _move_record(self, ev: MoveEvent) -> Record:
+        """An agent process moved to another cgroup: the record is about the moved process, in the
+        agent cgroup it left (what a freeze acts on), with where it went and who moved it."""
+        return Record(self.synthetic("cgroup_move", ev.moved_pid, ev.src_cgroup_id, ev.ktime_ns, {
+            "to": self._cgroup_dest(ev.dst_cgroup_id),
+            "mover": {"pid": ev.proc.pid, "comm": ev.proc.comm, "uid": ev.proc.uid, "cgroup_id": ev.cgroup_id},
+        }), ev)
 
     def synthetic(self, type_: str, pid: int, cgroup_id: int, ktime_ns: int, fields: dict) -> dict:
         """A record made in user space about a known process (e.g. periodic GPU counts), also one

@@ -103,6 +103,11 @@ class WatchedScope:
         """The path of any cgroup by id (a move's destination may be outside the watched ones)."""
         return self.name_of(cid) or path_of_id(self.root, cid)
 
+    def describe(self, cid: int) -> dict:
+        """Any cgroup by id, for a record that names it: {id, path, watched}."""
+        path = self.path_of(cid)
+        return {"id": cid, "path": path, "watched": self.inside(path)}
+
     def matches_glob(self, path: str) -> bool:
         return self.cgroup_set.matches_glob(path)
 

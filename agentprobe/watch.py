@@ -25,7 +25,7 @@ from pathlib import Path
 from . import __version__, abi
 from .enrich import Enricher
 from .errors import AgentprobeError
-from .events import DecodeError, MkdirEvent, MoveEvent, decode
+from .events import DecodeError, MkdirEvent, decode
 from .hardening import check_btf, check_privileges, harden_self, set_realtime
 from .pipeline import Pipeline, Summary, build_pipeline, rule_engine
 from .scope import WatchedScope
@@ -111,7 +111,7 @@ class Watcher:
         labels = CgroupLabels(self.scope.root, opts.label_dir)
         self.enricher = Enricher(self.scope.name_of, self.clock_offset_ns,
                                  cgroup_labels=lambda cid, path: labels.of(cid, path, self.scope.top_of(path)),
-                                 label_env=opts.label_env)
+                                 label_env=opts.label_env, cgroup_dest=self.scope.describe)
         self.pipeline = build_pipeline(opts, self.scope, self.enricher, self.meta_record, self.clock_offset_ns,
                                        lambda: self._probes, engine, self.metrics, self.on_record, self.err)
         self.summary = self.pipeline.summary
@@ -272,9 +272,6 @@ class Watcher:
         except DecodeError:
             self.summary.decode_errors += 1
             return
-        if isinstance(ev, MoveEvent):
-            self.pipeline.emit(self._move_record(ev))
-            return
         if isinstance(ev, MkdirEvent):
             self._new_cgroup(ev.path)
             return
@@ -285,16 +282,6 @@ class Watcher:
             print(f"agentprobe: could not enrich a {ev.type} record: {e}", file=self.err)
             return
         self.pipeline.emit(rec)
-
-    def _move_record(self, ev: MoveEvent) -> dict:
-        """An agent process moved to another cgroup: the record is about the moved process, in the
-        agent cgroup it left (what a freeze acts on), with where it went and who moved it."""
-        to_path = self.scope.path_of(ev.dst_cgroup_id)
-        return self.enricher.synthetic("cgroup_move", ev.moved_pid, ev.src_cgroup_id, ev.ktime_ns, {
-            "to": {"id": ev.dst_cgroup_id, "path": to_path, "watched": self.scope.inside(to_path)},
-            "mover": {"pid": ev.proc.pid, "comm": ev.proc.comm, "uid": ev.proc.uid,
-                      "cgroup_id": ev.cgroup_id},
-        })
 
     def _new_cgroup(self, path: str) -> None:
         """A cgroup was made (reported while globs or pods are watched): watched now if it matches,

@@ -109,7 +109,7 @@ def watcher(agent_cgroup, tmp_path):
     w = Watcher(opts, on_record=seen.append, err=io.StringIO())
     w.scope = WatchedScope([], [glob], err=w.err)
     w.scope.take()
-    w.enricher = Enricher(w.scope.name_of, w.clock_offset_ns)
+    w.enricher = Enricher(w.scope.name_of, w.clock_offset_ns, cgroup_dest=w.scope.describe)
     w.pipeline = build_pipeline(opts, w.scope, w.enricher, w.meta_record, w.clock_offset_ns, lambda: w._probes,
                                 rule_engine(opts.rule_files, opts.default_rules, opts.on_loss), on_record=seen.append)
     w.summary = w.pipeline.summary
@@ -191,7 +191,8 @@ def test_a_move_record_names_where_the_process_went(agent_cgroup, outside_cgroup
     w.scope.rescan()
     ev = MoveEvent("cgroup_move", 5, ep.id, Process(77, 77, 1, 0, 0, "mover"), moved_pid=88,
                    src_cgroup_id=ep.id, dst_cgroup_id=outside_cgroup.id)
-    r = w._move_record(ev)
+    r = w.enricher.record(ev)
     assert r["type"] == "cgroup_move" and r["proc"]["pid"] == 88 and r["cgroup"]["id"] == ep.id
+    assert r.event is ev
     assert r["to"] == {"id": outside_cgroup.id, "path": outside_cgroup.rel, "watched": False}
     assert r["mover"]["pid"] == 77 and r["mover"]["comm"] == "mover"
