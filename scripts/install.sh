@@ -33,7 +33,10 @@ if [ "$WANT_TEST" = 1 ]; then
            httptunnel proxytunnel corkscrew stunnel4 tinyproxy-bin dnsmasq-base  # tests/test_tunnel_tools.py
            nmap  # a real port scanner (connection-sweep test)
            openssl  # the test Kubernetes API server's certificate (tests/test_kubeapi.py)
-           qemu-system-x86 mmdebstrap e2fsprogs)  # scripts/vm-run, scripts/vm-test
+           qemu-system-x86 mmdebstrap e2fsprogs  # scripts/vm-run, scripts/vm-test
+           # the benign corpus (scripts/precision.py): CPython's own tests, the NL2Bash tasks' tools,
+           # a C extension built from source
+           libpython3.11-testsuite bind9-dnsutils python3-dev python3-setuptools)
 fi
 
 # package lists are needed to ask for kernel-specific packages on a fresh machine
@@ -110,4 +113,14 @@ if [ "$WANT_TEST" = 1 ]; then
     [ -x "$TVENV/bin/python" ] || /usr/bin/python3 -m venv --system-site-packages "$TVENV"
     "$TVENV/bin/python" -m pip install -q --disable-pip-version-check "$REPO[test]"
     echo "install.sh: test environment ready: $TVENV"
+    # the benign corpus' third-party work, fetched now and never at bench or test time (which run
+    # without a route out): the NL2Bash tasks of InterCode and a project built from its source
+    PCACHE=/var/cache/agentprobe/precision
+    mkdir -p "$PCACHE"
+    for want in icalfa==0.3.6 simplejson==4.3.0; do
+        ls "$PCACHE/${want%%==*}-${want##*==}"* >/dev/null 2>&1 || \
+            "$TVENV/bin/python" -m pip download -q --disable-pip-version-check --no-deps \
+                $([ "${want%%==*}" = simplejson ] && echo --no-binary :all:) -d "$PCACHE" "$want"
+    done
+    echo "install.sh: benign corpus in $PCACHE"
 fi
