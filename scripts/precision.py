@@ -86,7 +86,8 @@ mount --bind "$R/run/resolv.conf" "$R/etc/resolv.conf"
 cp -a "$T/stage" "$R/stage"
 ip link set lo up
 dnsmasq --keep-in-foreground --conf-file=/dev/null --no-resolv --no-hosts --listen-address=127.0.0.1 \
-    --bind-interfaces --address=/#/127.0.0.1 --user=root --pid-file="$T/dnsmasq.pid" --log-facility="$T/dnsmasq.log" &
+    --bind-interfaces --address=/#/127.0.0.1 --address=/#/::1 --user=root --pid-file="$T/dnsmasq.pid" \
+    --log-facility="$T/dnsmasq.log" &
 echo ready
 exec sleep infinity
 """
@@ -407,6 +408,8 @@ def run_day(eps: Episodes, sandbox: Sandbox, repo_path: str, ci: bool) -> dict:
     Path("/run/sshd").mkdir(exist_ok=True)
     sshd = sandbox.server([shutil.which("sshd") or "/usr/sbin/sshd", "-D", "-e", "-f", str(srv / "sshd_config")],
                           stdout=subprocess.DEVNULL, stderr=open(srv / "sshd.log", "wb"))
+    # the node's metrics collector (statsd's port), so sends are answered as on a real node
+    sandbox.server(["socat", "-u", "UDP4-RECV:8125,bind=127.0.0.1", "/dev/null"])
     steps = day_steps(repo_path)
     groups = [g for g in steps if g in CI_DAY_STEPS] if ci else list(steps)
     if "build" in groups or "loopback" in groups:  # the development server needs a tree to serve

@@ -16,7 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 import precision  # noqa: E402
 
-pytestmark = pytest.mark.kernel
+# tools: dnsmasq and the corpus come from scripts/install.sh --test, which VM roots lack (scripts/vm-test)
+pytestmark = [pytest.mark.kernel, pytest.mark.tools]
 
 CORPORA = ("nl2bash", "cpython", "day")
 
