@@ -406,3 +406,44 @@ def test_vm_test_run_without_features_fails(tmp_path, fake_vm):
     assert r.returncode == 1
     assert "| 6.1 | 6.1.0-fake | TCG | yes | FAIL: 1 skipped in 1.00s |" in r.stdout
     assert "| exec | ? (no features line) |" in r.stdout.splitlines()
+
+
+def test_vm_test_default_run_takes_userland_not_tools_and_a_timeout(monkeypatch, capsys):
+    """With no pytest arguments a VM runs the kernel tests but the `tools` ones (their packages are not in
+    the image) and the `userland` ones, under vm-run's --timeout (a hung VM fails inside CI's limit)."""
+    vm_test = _vm_test_module()
+    calls = []
+
+    class Proc:
+        def __init__(self, cmd, **_kw):
+            calls.append(cmd)
+            self.stdout = iter([GUEST_UP + "\n", "===== 1 passed in 1.00s =====\n"])
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(vm_test.subprocess, "Popen", Proc)
+    r = vm_test.run("6.12", [])
+    assert r["good"] and r["summary"] == "1 passed in 1.00s"
+    (cmd,) = calls
+    assert cmd[1:5] == ["--kernel", "6.12", "--timeout", str(vm_test.VM_TIMEOUT)]
+    assert cmd[-3:] == ["-m", "kernel and not tools and not userland", "tests"]
+    vm_test.run("6.1", ["-k", "exec"], timeout=90)
+    assert calls[1][1:5] == ["--kernel", "6.1", "--timeout", "90"] and calls[1][-2:] == ["-k", "exec"]
+    capsys.readouterr()
+
+
+def test_vm_selection_leaves_only_tools_and_userland_tests_to_the_host():
+    """The VMs' marker expression against the real suite: every kernel test but the `tools` and `userland`
+    ones is selected (and the host run, unfiltered, runs those)."""
+    vm_test = _vm_test_module()
+
+    def collect(*marks: str) -> set[str]:
+        r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                            *marks, "tests"], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        return {line for line in r.stdout.splitlines() if "::" in line}
+
+    in_vm = collect("-m", vm_test.VM_TESTS)
+    kernel, tools, userland = collect("-m", "kernel"), collect("-m", "tools"), collect("-m", "kernel and userland")
+    assert in_vm and userland and tools and in_vm == kernel - tools - userland
