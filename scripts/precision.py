@@ -5,8 +5,9 @@ the default rules, to count what the rules say about work that is not an attack 
     sudo .venv/bin/python scripts/precision.py --ci  # the CI slice, alone
 
 Corpora, each in a throw-away root (a tmpfs in a mount namespace of its own, the system bound read-only)
-and a network namespace with only loopback and a stand-in resolver (dnsmasq on 127.0.0.1, every name
-127.0.0.1), so commands that reach for outside hosts fail harmlessly and never leave the machine:
+and a network namespace with only loopback and a stand-in resolver (dnsmasq on 127.0.0.1: the registries
+the day looks up resolve to loopback, every other name is NXDOMAIN), so commands that reach for outside
+hosts fail harmlessly and never leave the machine:
   - nl2bash: InterCode's NL2Bash tasks (icalfa's assets/datasets/nl2bash_fs_*.json, two reference
     commands each), each task's file tree built by icalfa's own setup script first;
   - cpython: CPython's own tests for sockets, TLS, asyncio, subprocesses, servers, ptys (Debian's
@@ -69,7 +70,7 @@ CI_DAY_STEPS = ("text", "loopback")
 
 SANDBOX_SH = r"""
 set -eu
-R="$1"; T="$2"
+R="$1"; T="$2"; NAMES="$3"
 mount --make-rprivate /
 mount -t tmpfs -o mode=755,size=2g agentprobe-precision "$R"
 for d in usr etc var opt; do [ -d "/$d" ] || continue; mkdir "$R/$d"; mount --bind -o ro "/$d" "$R/$d"; done
@@ -86,12 +87,15 @@ mount --bind "$R/run/resolv.conf" "$R/etc/resolv.conf"
 cp -a "$T/stage" "$R/stage"
 ip link set lo up
 dnsmasq --keep-in-foreground --conf-file=/dev/null --no-resolv --no-hosts --listen-address=127.0.0.1 \
-    --bind-interfaces --address=/#/127.0.0.1 --address=/#/::1 --user=root --pid-file="$T/dnsmasq.pid" \
-    --log-facility="$T/dnsmasq.log" &
+    --bind-interfaces --address="/$NAMES/127.0.0.1" --address="/$NAMES/::1" --local=/#/ --user=root \
+    --pid-file="$T/dnsmasq.pid" --log-facility="$T/dnsmasq.log" &
 echo ready
 exec sleep infinity
 """
 
+# names the stand-in resolver answers with loopback (and their subdomains); any other is NXDOMAIN, as an
+# unknown name is (test_urllib2 wants example.com not to be this host)
+LOOPBACK_NAMES = ("pypi.org", "github.com", "pythonhosted.org", "npmjs.org")
 CLONE_NEWNS, CLONE_NEWNET = 0x00020000, 0x40000000
 SAFE_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root",
             "LANG": "C.UTF-8", "TERM": "dumb", "USER": "root", "LOGNAME": "root"}
@@ -114,7 +118,7 @@ class Sandbox:
         if shutil.which("dnsmasq") is None:
             raise RuntimeError("dnsmasq missing: run scripts/install.sh --test")
         self.holder = subprocess.Popen(["unshare", "--mount", "--net", "--propagation", "private", "sh", "-c",
-                                        SANDBOX_SH, "sh", str(self.root), str(self.tmp)],
+                                        SANDBOX_SH, "sh", str(self.root), str(self.tmp), "/".join(LOOPBACK_NAMES)],
                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                        start_new_session=True)
         line = self.holder.stdout.readline()
@@ -341,7 +345,8 @@ def day_steps(repo_path: str) -> dict[str, list[str]]:
             "getent hosts pypi.org",
             "dig +short github.com",
             "nslookup files.pythonhosted.org",
-            "host -t A example.com",
+            "host -t A registry.npmjs.org",
+            "host -t A nonexistent.example.com || true",  # NXDOMAIN, as a mistyped name
             "python3 -c \"import socket; print(socket.getaddrinfo('pypi.org', 443)[0])\"",
             "ping -c 2 -W 1 127.0.0.1",
             "python3 -c \"import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
@@ -513,7 +518,7 @@ def summarize(records: list[dict], top: str) -> dict:
     alerts_by_seq = {}
     for r in records:
         t = r.get("type")
-        if t not in ("exec", "connect", "connect_counts", "alert", "response"):
+        if t not in ("exec", "connect", "connect_counts", "connect_sweep", "alert", "response"):
             continue
         ep = episode_name(r, top)
         for p in (part(corpus_of(ep)), part("all")):
@@ -522,7 +527,7 @@ def summarize(records: list[dict], top: str) -> dict:
                 p["exec_failed"] += bool(r.get("failed"))
             elif t == "connect":
                 p["connects"] += 1
-            elif t == "connect_counts":
+            elif t in ("connect_counts", "connect_sweep"):  # repeats and sweeps counted in the kernel
                 p["connects_counted"] += int(r.get("count") or 0)
             elif t == "alert":
                 k = kind_of(r)
@@ -589,6 +594,13 @@ def run(ci: bool = False, only: tuple[str, ...] = ("nl2bash", "cpython", "day"),
         stop = next((r for r in records if r.get("type") == "stop"), {})
         result["lost_total"] = stop.get("lost_total")
         result.update(summarize(records, top.name))
+        ran: dict[str, list[str]] = {}
+        for r in eps.runs:
+            if r["what"] not in ran.setdefault(r["episode"], []):
+                ran[r["episode"]].append(r["what"])
+        for f in result["findings"]:  # the corpus item behind each (the day's steps are their own argv)
+            if f["episode"] != "day":
+                f["ran"] = ran.get(f["episode"], [])[:4]
         a = result["parts"].get("all", {})
         per_10k = round(10 * a.get("per_1000_execs", {}).get("attack_alerts", 0), 3)
         result["goal"] = {"freezes": a.get("freezes_total", 0), "freezes_goal": 0,
@@ -608,28 +620,32 @@ def markdown(r: dict) -> str:
              f"{r.get('seconds', 0):.0f} s, records lost: {r.get('lost_total')}.", "",
              "| part | execs | connects (records + counted) | alerts | attack | exposure | other | freezes | "
              "attack / 1,000 execs | freezes / 1,000 execs |", "|---|" + "---|" * 9]
-    for name, p in r.get("parts", {}).items():
+    order = ("nl2bash_setup", "nl2bash", "cpython", "day", "all")
+    parts = sorted(r.get("parts", {}).items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 4)
+    for name, p in parts:
         per = p["per_1000_execs"]
         alerts = sum(a["count"] for a in p["alerts"].values())
         lines.append(f"| {name} | {p['execs']} | {p['connects']} + {p['connects_counted']} | {alerts} | "
                      f"{p['attack_alerts']} | {p['exposure_alerts']} | {p['other_alerts']} | {p['freezes_total']} | "
                      f"{per['attack_alerts']} | {per['freezes']} |")
     lines += ["", "Alerts per rule (count, per 1,000 execs of the part):", ""]
-    for name, p in r.get("parts", {}).items():
+    for name, p in parts:
         if name == "all":
             continue
         for rule, a in sorted(p["alerts"].items()):
             lines.append(f"- {name}: `{rule}` ({a['kind']}, {a['priority']}, action {a['action']}): {a['count']}, "
                          f"{p['per_1000_execs'][rule]} per 1,000 execs; frozen {p['freezes'].get(rule, 0)}")
     g = r.get("goal", {})
-    lines += ["", f"Goal (reported, not asserted): 0 freezes, got {g.get('freezes')}; at most 1 attack alert per "
+    lines += ["", "(nl2bash_setup: icalfa's scripts that build each task's file tree, run before its commands.)",
+              "", f"Goal (reported, not asserted): 0 freezes, got {g.get('freezes')}; at most 1 attack alert per "
               f"10,000 execs, got {g.get('attack_alerts_per_10000_execs')}. Episodes thawed by the harness: "
               f"{sum(r.get('thawed', {}).values())}.", ""]
     if r.get("findings"):
         lines.append("Every freeze and attack alert, with the argv of the exec that led to it:")
         lines.append("")
         for f in r["findings"]:
-            lines.append(f"- {f['why']} `{f['rule']}` in {f['episode']}: argv `{json.dumps(f['argv'])}`")
+            lines.append(f"- {f['why']} `{f['rule']}` in {f['episode']}: argv `{json.dumps(f['argv'])}`"
+                         + (f" (the corpus ran: `{'`; `'.join(f['ran'])}`)" if f.get("ran") else ""))
     for name, c in r.get("corpora", {}).items():
         lines.append(f"- {name}: {json.dumps({k: v for k, v in c.items() if k != 'modules'})}")
         if "modules" in c:
