@@ -446,18 +446,20 @@ def run_day(eps: Episodes, sandbox: Sandbox, repo_path: str, ci: bool) -> dict:
 class Watcher:
     """`agentprobe watch` with the default rules on the corpus' cgroup, started and stopped here."""
 
-    def __init__(self, top: Path, tmp: Path) -> None:
+    def __init__(self, top: Path, tmp: Path, ready_timeout: float = 180.0) -> None:
         self.out = tmp / "stream.msgpack"
+        self.err = tmp / "watch.err"  # a file, not a pipe: a long run's warnings never block the watcher
         cmd = [sys.executable, "-m", "agentprobe", "watch", "--no-view", "--cgroup", str(top),
                "-o", str(self.out), "--status-dir", str(tmp / "status")]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
-        self.err: list[str] = []
-        for line in self.proc.stderr:
-            self.err.append(line)
-            if "agentprobe: watching" in line:
-                return
-        self.proc.wait()
-        raise RuntimeError("agentprobe watch did not start: " + "".join(self.err[-20:]))
+        with open(self.err, "wb") as err:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, cwd=REPO)
+        deadline = time.monotonic() + ready_timeout  # BCC compiles first: slow on a busy 2-core machine
+        while "agentprobe: watching" not in self.err.read_text(errors="replace"):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("agentprobe watch did not start: "
+                                   + self.err.read_text(errors="replace")[-2000:])
+            time.sleep(0.1)
 
     def stop(self) -> list[dict]:
         if self.proc.poll() is None:
