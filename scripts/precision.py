@@ -664,6 +664,9 @@ def main() -> int:
     ap.add_argument("--only", default="nl2bash,cpython,day")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
+    # a stop (timeout's SIGTERM, or ^C where a background shell ignored it) unwinds: everything is cleaned up
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     r = run(ci=a.ci, only=tuple(a.only.split(",")), log=lambda s: print(s, file=sys.stderr))
     if a.json:
         Path(a.json).write_text(json.dumps(r, indent=2))
