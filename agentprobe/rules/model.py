@@ -36,7 +36,8 @@ def one_line(text: object) -> str:
 
 
 def error_at(origin: Origin, kind: str | None, name: str | None, reason: str) -> RuleError:
-    what = f"{kind} '{name}': " if kind else ""
+    shown = name if name is None or name.isprintable() else name.encode("unicode_escape").decode("ascii")
+    what = f"{kind} '{shown}': " if kind else ""  # a name with a newline or a control byte stays on one line
     return RuleError(f"{origin}: {what}{one_line(reason)}")
 
 
