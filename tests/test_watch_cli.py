@@ -14,6 +14,16 @@ import pytest
 
 from agentprobe.stream import read_records
 
+
+@pytest.fixture(scope="module")
+def outside():
+    """An address outside the node, inside a network namespace of the test's own: an ssh -R there is a
+    tunnel out (one to loopback is not). Port 1 answers with a reset."""
+    from agentprobe.lab import Internet
+
+    with Internet() as net:
+        yield net.addr
+
 pytestmark = pytest.mark.kernel
 
 
@@ -506,7 +516,7 @@ print(" ".join(out))
 
 
 @pytest.mark.userland
-def test_an_agent_cannot_kill_trace_or_thaw_past_the_monitor(agent_cgroup, tmp_path):
+def test_an_agent_cannot_kill_trace_or_thaw_past_the_monitor(agent_cgroup, tmp_path, outside):
     """An unprivileged agent process tries to kill the watcher, ptrace it, and thaw a frozen episode;
     CPU hogs in its cgroup do not keep the watcher from freezing."""
     from watcher import WatcherProcess
@@ -524,7 +534,7 @@ def test_an_agent_cannot_kill_trace_or_thaw_past_the_monitor(agent_cgroup, tmp_p
         busy = agent_cgroup.child("ep-busy")
         hogs = [busy.popen([sys.executable, "-c", "while True: pass"]) for _ in range(4)]
         time.sleep(0.5)
-        busy.popen(["ssh", "-o", "BatchMode=yes", "-p", "1", "-N", "-R", "9000:localhost:22", "x@127.0.0.1"])
+        busy.popen(["ssh", "-o", "BatchMode=yes", "-p", "1", "-N", "-R", "9000:localhost:22", f"x@{outside}"])
         assert busy.wait_frozen(10)
     finally:
         rc, _, err = w.stop()
@@ -626,7 +636,7 @@ def test_a_full_disk_does_not_stop_the_watcher_and_what_it_could_not_write_is_co
 
 
 @pytest.mark.userland
-def test_a_restarted_watcher_knows_the_running_agents_and_their_ancestry(agent_cgroup, tmp_path):
+def test_a_restarted_watcher_knows_the_running_agents_and_their_ancestry(agent_cgroup, tmp_path, outside):
     """Kill the watcher, start another: the agent shell already running is found in /proc and the
     cgroup, and its later tunnel is alerted with the shell as parent."""
     from watcher import WatcherProcess
@@ -635,7 +645,7 @@ def test_a_restarted_watcher_knows_the_running_agents_and_their_ancestry(agent_c
     fifo = tmp_path / "go"
     os.mkfifo(fifo)
     shell = ep.popen(["/bin/bash", "-c", f"read x < {fifo}; ssh -o BatchMode=yes -p 1 -N -R 9000:localhost:22 "
-                                         "x@127.0.0.1; sleep 30"])
+                                         f"x@{outside}; sleep 30"])
     first = WatcherProcess(["--cgroup", str(agent_cgroup.path), "-o", str(tmp_path / "a.msgpack"), "--no-view"])
     first.stop(signal.SIGKILL)
     out = tmp_path / "b.msgpack"
@@ -723,7 +733,7 @@ def test_rule_and_config_files_other_users_could_change_are_refused(agentprobe_c
 
 
 @pytest.mark.userland
-def test_a_stdout_reader_that_stops_reading_does_not_stop_the_freeze(agent_cgroup):
+def test_a_stdout_reader_that_stops_reading_does_not_stop_the_freeze(agent_cgroup, outside):
     """`watch -o - | consumer` with a consumer that stalls: the pipe fills, the watcher keeps
     reading the kernel and still freezes; what it queued reaches the reader when it reads again."""
     from watcher import WatcherProcess
@@ -732,7 +742,7 @@ def test_a_stdout_reader_that_stops_reading_does_not_stop_the_freeze(agent_cgrou
     try:
         agent_cgroup.run(["/bin/sh", "-c", "for i in $(seq 300); do /bin/true " + "a" * 400 + "; done"])
         ep = agent_cgroup.child("ep-stalled")
-        ep.popen(["ssh", "-o", "BatchMode=yes", "-p", "1", "-N", "-R", "9000:localhost:22", "x@127.0.0.1"])
+        ep.popen(["ssh", "-o", "BatchMode=yes", "-p", "1", "-N", "-R", "9000:localhost:22", f"x@{outside}"])
         assert ep.wait_frozen(10)
     finally:
         rc, out, err = w.stop()
@@ -971,7 +981,8 @@ def _remove_v1(path) -> None:
             time.sleep(0.05)
 
 
-def test_a_fork_exec_storm_under_pids_max_does_not_keep_a_sibling_attack_from_being_frozen(agent_cgroup, tmp_path):
+def test_a_fork_exec_storm_under_pids_max_does_not_keep_a_sibling_attack_from_being_frozen(agent_cgroup, tmp_path,
+                                                                                             outside):
     """Four shells fork /bin/true as fast as they can in one episode (bounded by pids.max), at the
     default ring size; an ssh -R in a sibling episode is still frozen. Whatever the kernel loses is
     counted and raised as an events_lost alert (--on-loss alert: the storm is not frozen for it)."""
@@ -995,7 +1006,7 @@ def test_a_fork_exec_storm_under_pids_max_does_not_keep_a_sibling_attack_from_be
                   for _ in range(4)]
         time.sleep(1.5)
         t0 = time.monotonic()
-        attack.popen(["ssh", "-o", "BatchMode=yes", "-p", "1", "-N", "-R", "9000:localhost:22", "x@127.0.0.1"])
+        attack.popen(["ssh", "-o", "BatchMode=yes", "-p", "1", "-N", "-R", "9000:localhost:22", f"x@{outside}"])
         assert attack.wait_frozen(10)
         frozen_after = time.monotonic() - t0
         time.sleep(0.5)

@@ -129,7 +129,7 @@ def local_binary_hashes(names: Iterable[str]) -> list[str]:
 
 # names list -> hash list: the node's own copies of these programs are hashed at start
 LOCAL_HASHED = {SSH_CLIENT_NAMES: SSH_CLIENT_HASHES, "tunnel_binaries": "tunnel_sha256",
-                "shell_exe_names": "shell_sha256"}
+                "shell_exe_names": "shell_sha256", "text_search_binaries": "text_tool_sha256"}
 
 
 def _add_local_ssh_hashes(sources: Sources) -> None:

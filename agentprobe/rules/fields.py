@@ -20,6 +20,7 @@ from typing import Any
 
 from .. import nvidia
 from .argspec import OptionSpec, ParsedArgs, parse_args
+from .inline import split_inline_code
 
 STR, INT, BOOL, IP, STRS = "str", "int", "bool", "ip", "strs"
 EVENT_TYPES = ("exec", "connect", "gpu", "fork", "exit", "payload", "cgroup_move", "socket", "bind", "packet",
@@ -160,6 +161,19 @@ def _argc(ev: EventView) -> int:
 @_memo
 def _cmdline(ev: EventView) -> str:
     return " ".join(_argv(ev))
+
+
+@_memo
+def _inline(ev: EventView) -> tuple[list[str], list[str]]:
+    """(code handed to a shell or interpreter on its command line, the program's own arguments)"""
+    names = tuple(n for n in (_proc(ev).get("comm"), _exe_name(ev)) if n)
+    return split_inline_code(_argv(ev), names)
+
+
+@_memo
+def _program_cmdline(ev: EventView) -> str:
+    argv = _argv(ev)
+    return " ".join(argv[:1] + tuple(_inline(ev)[1]))
 
 
 def _ancestors(ev: EventView) -> list[dict]:
@@ -437,6 +451,11 @@ _field("proc.argv", STRS, "command line, argv[0] included", _argv)
 _field("proc.args", STRS, "command line arguments, argv[0] excluded", lambda ev: _argv(ev)[1:])
 _field("proc.argc", INT, "number of arguments (exec: counted by the kernel, even beyond those copied)", _argc)
 _field("proc.cmdline", STR, "argv joined with spaces", _cmdline)
+_field("proc.code", STRS, "code handed to a shell or interpreter on its command line: the string after sh -c, "
+       "python -c, perl -e, node -e, ruby -e, php -r, an awk program", lambda ev: _inline(ev)[0])
+_field("proc.program_args", STRS, "proc.args less proc.code: the arguments the program itself takes (a script's "
+       "path and its own arguments included)", lambda ev: _inline(ev)[1])
+_field("proc.program_cmdline", STR, "argv[0] and proc.program_args joined with spaces", _program_cmdline)
 _field("proc.cmdline_quoted", STR, "argv shell-quoted, for output", lambda ev: shlex.join(_argv(ev)))
 _field("proc.opts", STRS, "options given, parsed with the option spec in list LIST: proc.opts[LIST]",
        make=_make_getopt("opts"))
