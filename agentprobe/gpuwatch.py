@@ -13,7 +13,7 @@ from .events import ExitEvent, ForkEvent, GpuEvent
 from .forwarders import fd_paths
 from .kernelcounts import KernelCounts
 from .nvml import NvmlSampler
-from .stage import Stage
+from .stage import Every, Stage
 
 
 class GpuWatch(Stage):
@@ -37,7 +37,7 @@ class GpuWatch(Stage):
         self.idle_detach_s = idle_detach_s
         self.holders: set[int] = set()  # agent processes that opened a GPU device (or inherited it)
         self._idle_since: float | None = None
-        self._due = time.monotonic() + interval_s
+        self.schedule = Every(interval_s)
         self.nvml = NvmlSampler()
 
     # ---- the records going by ----
@@ -54,9 +54,8 @@ class GpuWatch(Stage):
         return []
 
     def tick(self, now: float) -> list[dict]:
-        if now < self._due:
+        if not self.schedule.due(now):
             return []
-        self._due = now + self.interval_s
         return self.report() + self.switch()
 
     def finish(self) -> list[dict]:

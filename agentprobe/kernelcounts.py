@@ -17,7 +17,7 @@ from .countevents import (
     decode_gpu_counts,
 )
 from .events import ConnectEvent, ExitEvent, GpuEvent, PacketEvent, Record, SocketEvent
-from .stage import Stage
+from .stage import Every, Stage
 
 MAX_CONN_PIDS = 65536
 KEEP_NS = 10 * 10**9  # counts this old are reported even if the kernel may still add to them
@@ -36,7 +36,7 @@ class KernelCounts(Stage):
         self.interval_s = interval_s
         self.conn_pids: dict[int, int] = {}  # pid -> cgroup id, processes with connects (kept after exit)
         self.gpu_pids: dict[int, int] = {}  # pid -> cgroup id, processes with in-kernel GPU state
-        self._due = time.monotonic() + interval_s
+        self.schedule = Every(interval_s)
 
     def process(self, record: dict) -> list[dict]:
         """Which cgroup a process's counted records belong to, from its recorded ones; a process
@@ -56,9 +56,8 @@ class KernelCounts(Stage):
         return []
 
     def tick(self, now: float) -> list[dict]:
-        if now < self._due:
+        if not self.schedule.due(now):
             return []
-        self._due = now + self.interval_s
         return self.connects() + self.flows()
 
     def finish(self) -> list[dict]:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from .enrich import read_comm
 from .hardening import traced_by
 from .scope import v2_cgroup_of
-from .stage import Stage
+from .stage import Every, Stage
 
 ACTIVE_WINDOW_S = 2.0  # an episode that produced records this recently is a suspect of a loss
 MAX_SUSPECTS = 16
@@ -41,7 +41,7 @@ class LossMonitor(Stage):
         self.output_dropped = output_dropped
         self.interval_s = interval_s
         self.summary = summary  # pipeline.Summary: lost_kernel and lost_output kept up to date
-        self._due = time.monotonic() + interval_s
+        self.schedule = Every(interval_s)
         self.kernel = Counter()  # lost in the kernel, by record type name
         self.output = 0  # records the outputs could not take
         self._kernel_seen: Counter = Counter()  # by record type number, as last read (counters only grow)
@@ -58,9 +58,8 @@ class LossMonitor(Stage):
         return []
 
     def tick(self, now: float) -> list[dict]:
-        if now < self._due:
+        if not self.schedule.due(now):
             return []
-        self._due = now + self.interval_s
         return self.check()
 
     def finish(self) -> list[dict]:
@@ -109,12 +108,11 @@ class TracerWatch(Stage):
         self.episode_of = episode_of
         self.meta = meta
         self._tracer = 0  # the pid ptracing the watcher, as last seen
-        self._due = time.monotonic() + self.TICK_S
+        self.schedule = Every(self.TICK_S)
 
     def tick(self, now: float) -> list[dict]:
-        if now < self._due:
+        if not self.schedule.due(now):
             return []
-        self._due = now + self.TICK_S
         return self.check()
 
     def check(self) -> list[dict]:

@@ -12,6 +12,8 @@ judges without it once the deadline has passed.
 
 from __future__ import annotations
 
+import time
+
 
 class Stage:
     """Defaults: sees everything, makes nothing, keeps nothing."""
@@ -38,3 +40,20 @@ class Stage:
         """A reload replaces `old` by this stage: carry over what still holds; returns how many
         entries were kept."""
         return 0
+
+
+class Every:
+    """A stage's own schedule: `due(now)` is true once `interval_s` has passed since the last time
+    it was (or since the schedule was made), and then starts the next interval."""
+
+    __slots__ = ("interval_s", "_next")
+
+    def __init__(self, interval_s: float, first: float | None = None) -> None:
+        self.interval_s = interval_s
+        self._next = time.monotonic() + interval_s if first is None else first
+
+    def due(self, now: float) -> bool:
+        if now < self._next:
+            return False
+        self._next = now + self.interval_s
+        return True

@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .stage import Stage
+from .stage import Every, Stage
 
 META_TYPES = frozenset({"start", "stop", "lost", "verdict", "probe", "cgroup"})
 MAX_RULES = 64
@@ -51,7 +51,7 @@ class VerdictStage(Stage):
         self.episodes: dict[str, EpisodeState] = {}
         self._to_check: list[str] = []  # episodes poll_ended() has yet to look at this round
         self.overflow = 0
-        self._next_tick = 0.0
+        self.schedule = Every(self.TICK_S, first=0.0)
 
     def process(self, rec: dict) -> list[dict]:
         if rec.get("type") in META_TYPES:
@@ -96,9 +96,8 @@ class VerdictStage(Stage):
                 st.frozen = st.frozen or rec.get("outcome") != "killed"
 
     def tick(self, now: float) -> list[dict]:
-        if now < self._next_tick:
+        if not self.schedule.due(now):
             return []
-        self._next_tick = now + self.TICK_S
         return self.poll_ended()
 
     def finish(self) -> list[dict]:

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from agentprobe import selfwatch
+from agentprobe import selfwatch, stage
 from agentprobe.cgroups import episode_of
 from agentprobe.pipeline import Summary
 from agentprobe.scope import WatchedScope
@@ -29,7 +29,7 @@ def meta(type_: str, fields: dict) -> dict:
 
 
 class Clock:
-    """selfwatch's `time`, at a time the test chooses."""
+    """selfwatch's and its schedules' (stage.Every) `time`, at a time the test chooses."""
 
     def __init__(self) -> None:
         self.now = 1000.0
@@ -42,6 +42,7 @@ class Clock:
 def clock(monkeypatch) -> Clock:
     c = Clock()
     monkeypatch.setattr(selfwatch, "time", c)
+    monkeypatch.setattr(stage, "time", c)
     return c
 
 

@@ -139,70 +139,47 @@ def _perl(args: list[str]) -> tuple[list[str], list[str]]:
     return code, rest + args[i:]
 
 
-def _dash_e(args: list[str]) -> tuple[list[str], list[str]]:
-    """ruby, lua: every -e CODE (attached or next) is code, options end at the first operand."""
+def _code_options(args: list[str], code_flags: tuple[str, ...],
+                  value_flags: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
+    """Options until the first operand: each flag of `code_flags` takes code (attached, `-eCODE` or
+    `--eval=CODE`, or the next argument); each of `value_flags` takes the next argument."""
     code, rest, i = [], [], 0
     while i < len(args):
         a = args[i]
         if a == "--" or not a.startswith("-") or a == "-":
             break
-        if a.startswith("-e"):
-            if len(a) > 2:
-                code.append(a[2:])
+        head, eq, value = a.partition("=") if a.startswith("--") else (a, "", "")
+        flag = next((f for f in code_flags if head == f or (not f.startswith("--") and head.startswith(f))), None)
+        if flag is not None:
+            attached = value if eq else head[len(flag):]
+            if attached:
+                code.append(attached)
             elif i + 1 < len(args):
                 code.append(args[i + 1])
                 i += 1
         else:
             rest.append(a)
+            if not eq and a in value_flags and i + 1 < len(args):
+                rest.append(args[i + 1])
+                i += 1
         i += 1
     return code, rest + args[i:]
+
+
+def _dash_e(args: list[str]) -> tuple[list[str], list[str]]:
+    """ruby, lua: every -e CODE is code."""
+    return _code_options(args, ("-e",))
 
 
 def _node(args: list[str]) -> tuple[list[str], list[str]]:
-    """node: -e/--eval and -p/--print CODE (also --eval=CODE) are code; -r/--require, --import
-    and --loader take a value; options end at the script."""
-    code, rest, i = [], [], 0
-    while i < len(args):
-        a = args[i]
-        if a == "--" or not a.startswith("-") or a == "-":
-            break
-        head, eq, value = a.partition("=")
-        if head in ("-e", "--eval", "-p", "--print"):
-            if eq:
-                code.append(value)
-            elif i + 1 < len(args):
-                code.append(args[i + 1])
-                i += 1
-        else:
-            rest.append(a)
-            if not eq and a in ("-r", "--require", "--import", "--loader", "--experimental-loader") \
-                    and i + 1 < len(args):
-                rest.append(args[i + 1])
-                i += 1
-        i += 1
-    return code, rest + args[i:]
+    """node: -e/--eval and -p/--print CODE are code; -r/--require, --import and --loader take a value."""
+    return _code_options(args, ("--eval", "--print", "-e", "-p"),
+                         ("-r", "--require", "--import", "--loader", "--experimental-loader"))
 
 
 def _php(args: list[str]) -> tuple[list[str], list[str]]:
-    """php: -r CODE (and -B/-R/-F/-E, per-line code) are code; -d/-c/-z take a value."""
-    code, rest, i = [], [], 0
-    while i < len(args):
-        a = args[i]
-        if a == "--" or not a.startswith("-") or a == "-":
-            break
-        if a[:2] in ("-r", "-B", "-R", "-E"):
-            if len(a) > 2:
-                code.append(a[2:])
-            elif i + 1 < len(args):
-                code.append(args[i + 1])
-                i += 1
-        else:
-            rest.append(a)
-            if a in ("-d", "-c", "-z", "-F") and i + 1 < len(args):
-                rest.append(args[i + 1])
-                i += 1
-        i += 1
-    return code, rest + args[i:]
+    """php: -r CODE (and -B/-R/-E, per-line code) are code; -d/-c/-z/-F take a value."""
+    return _code_options(args, ("-r", "-B", "-R", "-E"), ("-d", "-c", "-z", "-F"))
 
 
 def _awk(args: list[str]) -> tuple[list[str], list[str]]:
