@@ -1,7 +1,7 @@
 """watch.py without the kernel: a Watcher's records, its reload hooks, the move record, the rescan
 that keeps the probes, the pipeline (its GPU watch) and the status file in step, the loop's ticks
 and what close() reads before the stop record (a small fake ProbeSet; the whole watcher on the
-kernel is tests/test_watch_cli.py)."""
+kernel is tests/test_cli_watch.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""agentprobe rules list / check, and watch refusing bad rule files."""
+"""The command line (agentprobe/cli.py): rules list and check, and watch refusing bad rules before it loads anything."""
 
 from __future__ import annotations
 
