@@ -560,13 +560,26 @@ def summarize(records: list[dict], top: str) -> dict:
     return {"parts": parts, "findings": findings}
 
 
+def rules_provenance() -> dict:
+    """Which rules were judged: the commit, whether the rules were edited since, the default rules' hash."""
+    import hashlib
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True).stdout.strip()
+
+    rules = REPO / "agentprobe" / "rules"
+    return {"commit": git("rev-parse", "HEAD"),
+            "edited_since": bool(git("status", "--porcelain", "--", str(rules), str(REPO / "agentprobe"))),
+            "default_yaml_sha256": hashlib.sha256((rules / "default.yaml").read_bytes()).hexdigest()}
+
+
 def run(ci: bool = False, only: tuple[str, ...] = ("nl2bash", "cpython", "day"), log=print) -> dict:
     """Run the corpus (or its CI slice) under a real watcher; everything started is cleaned up on any exit."""
     tmp = Path(tempfile.mkdtemp(prefix="agentprobe-precision-"))
     top = find_v2_mount() / f"agentprobe-precision-{uuid.uuid4().hex[:6]}"
     top.mkdir()
     watcher = None
-    result: dict = {"ci": ci, "corpora": {}}
+    result: dict = {"ci": ci, "corpora": {}, "rules": rules_provenance()}
     try:
         tasks = stage_nl2bash(tmp / "stage") if "nl2bash" in only else []
         repo = stage_day(tmp / "stage", tmp) if "day" in only else ""
@@ -618,7 +631,10 @@ def run(ci: bool = False, only: tuple[str, ...] = ("nl2bash", "cpython", "day"),
 def markdown(r: dict) -> str:
     if not r:
         return ""
-    lines = [f"Precision on the benign corpus{' (CI slice)' if r.get('ci') else ''}: default rules, "
+    rules = r.get("rules", {})
+    lines = [f"Precision on the benign corpus{' (CI slice)' if r.get('ci') else ''}: default rules at "
+             f"{rules.get('commit', '?')[:10]}{' with uncommitted rule edits' if rules.get('edited_since') else ''} "
+             f"(default.yaml sha256 {rules.get('default_yaml_sha256', '?')[:12]}), "
              f"{r.get('seconds', 0):.0f} s, records lost: {r.get('lost_total')}.", "",
              "| part | execs | connects (records + counted) | alerts | attack | exposure | other | freezes | "
              "attack / 1,000 execs | freezes / 1,000 execs |", "|---|" + "---|" * 9]
