@@ -204,8 +204,8 @@ def watch(config_path, cgroups, globs, outputs, metrics_addr, buffer, no_view, d
         if not no_view:
             print(view.HEADER, file=term, flush=True)
         watcher.start()
+        signal.signal(signal.SIGHUP, reloader.request)  # before "watching": a SIGHUP after that line is never lost
         _say_started(watcher, metrics_server, outputs)
-        signal.signal(signal.SIGHUP, reloader.request)
         watcher.run(until=reloader.poll)
     except AgentprobeError as e:
         error = e
