@@ -784,3 +784,24 @@ def test_a_shell_connecting_out_freezes_where_its_text_only_alerted(engine):
     assert alerts(engine, exec_record(shell, shell.cmdline)) == ["shell_network_redirection"]
     assert alerts(engine, connect_record(shell, "127.0.0.1", 8443)) == []
     assert alerts(engine, connect_record(shell, "203.0.113.5", 8443)) == ["shell_outbound_connection"]
+
+
+def test_an_init_script_named_after_a_tunnel_tool_is_the_shell_that_runs_it(engine):
+    """`service --status-all` runs /etc/init.d/stunnel4 with sh: comm is the script's name, the program is sh."""
+    p = AGENT.child(410, "/usr/bin/dash", comm="stunnel4")
+    assert alerts(engine, exec_record(p, ["/bin/sh", "-e", "/etc/init.d/stunnel4", "status"])) == []
+    tool = AGENT.child(411, "/usr/bin/stunnel4")  # the tool itself, started by such a script
+    assert alerts(engine, exec_record(tool, ["/usr/bin/stunnel4", "/etc/stunnel/x.conf"])) == ["tunnel_tool_started"]
+
+
+def test_a_socketpair_and_a_wakeup_fd_are_no_reverse_shell(engine):
+    """CPython's test_signal: socket, fileno(), no connect, no shell."""
+    code = ("import signal, socket\nread, write = socket.socketpair()\nwrite.setblocking(False)\n"
+            "signal.set_wakeup_fd(write.fileno())\nsignal.raise_signal(signal.SIGINT)\n")
+    p = AGENT.child(412, "/usr/bin/python3.11")
+    assert alerts(engine, exec_record(p, ["/usr/bin/python3.11", "-X", "faulthandler", "-I", "-c", code])) == []
+
+
+def test_exposure_rules_are_medium_or_lower(ruleset):
+    infos = {i.id: i for i in list_rules(ruleset)}
+    assert {infos[r].priority for r in ("agent_listens_outside_loopback", "raw_socket_opened")} <= {"medium", "low"}
