@@ -7,7 +7,7 @@ REPO="$(cd "$(dirname "$0")/.." && pwd)"
 "$REPO/scripts/install.sh" --test
 cd "$REPO"
 export AGENTPROBE_REQUIRE_KERNEL=1
-.venv/bin/ruff check agentprobe tests examples scripts/vm-run scripts/vm-test scripts/rome-world scripts/bench scripts/soak
+.venv/bin/ruff check agentprobe tests examples scripts/vm-run scripts/vm-test scripts/rome-world scripts/bench scripts/soak scripts/precision.py
 .venv/bin/python -m pytest -rs -q "$@" tests
 # the benchmark harness works and writes well-formed results (a smoke run: not the targets)
 bench_out="$(mktemp -d)"
