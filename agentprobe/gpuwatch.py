@@ -33,7 +33,6 @@ class GpuWatch(Stage):
         self.synthetic = synthetic
         self.is_agent = is_agent
         self.known = known
-        self.interval_s = interval_s
         self.idle_detach_s = idle_detach_s
         self.holders: set[int] = set()  # agent processes that opened a GPU device (or inherited it)
         self._idle_since: float | None = None

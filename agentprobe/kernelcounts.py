@@ -33,7 +33,6 @@ class KernelCounts(Stage):
     def __init__(self, probes: Callable[[], object], synthetic: Callable[..., dict], interval_s: float) -> None:
         self.probes = probes
         self.synthetic = synthetic
-        self.interval_s = interval_s
         self.conn_pids: dict[int, int] = {}  # pid -> cgroup id, processes with connects (kept after exit)
         self.gpu_pids: dict[int, int] = {}  # pid -> cgroup id, processes with in-kernel GPU state
         self.schedule = Every(interval_s)

@@ -39,7 +39,6 @@ class LossMonitor(Stage):
         self.record_names = record_names
         self.kernel_counts = kernel_counts
         self.output_dropped = output_dropped
-        self.interval_s = interval_s
         self.summary = summary  # pipeline.Summary: lost_kernel and lost_output kept up to date
         self.schedule = Every(interval_s)
         self.kernel = Counter()  # lost in the kernel, by record type name

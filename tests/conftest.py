@@ -121,6 +121,21 @@ def _throwaway(root: Path, prefix: str):
 
 
 @pytest.fixture
+def scope(agent_cgroup):
+    """A WatchedScope of the agent cgroup, its lock taken (and released after the test)."""
+    import io
+
+    from agentprobe.scope import WatchedScope
+
+    s = WatchedScope([str(agent_cgroup.path)], [], err=io.StringIO())
+    s.take()
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture
 def agent_cgroup(cgroup_root):
     yield from _throwaway(cgroup_root, "agentprobe-test")
 

@@ -370,17 +370,6 @@ class Options:
         self.__dict__.update(kw)
 
 
-@pytest.fixture
-def scope(agent_cgroup):
-    from agentprobe.scope import WatchedScope
-
-    s = WatchedScope([str(agent_cgroup.path)], [], err=io.StringIO())
-    s.take()
-    try:
-        yield s
-    finally:
-        s.close()
-
 
 class FakeProbes:
     gpu_majors: dict = {}
@@ -404,8 +393,8 @@ def test_build_pipeline_stage_order(tmp_path, scope, verdicts):
     assert isinstance(p.stages[4], LossMonitor) and p.stages[4].summary is p.summary
     assert p.status is p.stages[-1]
     assert p.gpu.probes() is probes and p.stages[2].probes() is probes
-    assert p.stages[2].interval_s == 1.0 and p.gpu.interval_s == 2.0 and p.gpu.idle_detach_s == 5.0
-    assert p.stages[4].interval_s == 1.0 and p.stages[4].record_names == RECORD_NAMES
+    assert p.stages[2].schedule.interval_s == 1.0 and p.gpu.schedule.interval_s == 2.0 and p.gpu.idle_detach_s == 5.0
+    assert p.stages[4].schedule.interval_s == 1.0 and p.stages[4].record_names == RECORD_NAMES
 
 
 def test_build_pipeline_without_an_engine_keeps_a_plain_stage_in_its_place(tmp_path, scope):

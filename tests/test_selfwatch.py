@@ -6,7 +6,6 @@ as `traced`, every TICK_S."""
 
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 import sys
@@ -17,7 +16,6 @@ import pytest
 from agentprobe import selfwatch, stage
 from agentprobe.cgroups import episode_of
 from agentprobe.pipeline import Summary
-from agentprobe.scope import WatchedScope
 from agentprobe.selfwatch import ACTIVE_WINDOW_S, MAX_SUSPECTS, LossMonitor, TracerWatch
 
 TOP = "/agents"
@@ -253,15 +251,6 @@ def wait_untraced(timeout: float = 10.0) -> None:
         time.sleep(0.02)
     assert traced_by(os.getpid()) == 0
 
-
-@pytest.fixture
-def scope(agent_cgroup):
-    s = WatchedScope([str(agent_cgroup.path)], [], err=io.StringIO())
-    s.take()
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def test_an_agent_tracer_is_one_traced_record(agent_cgroup, scope):

@@ -5,7 +5,6 @@ Real loopback listeners and clients; the relay is a real process in a real agent
 
 from __future__ import annotations
 
-import io
 import os
 import socket
 import subprocess
@@ -16,7 +15,6 @@ import pytest
 
 from agentprobe.enrich import Enricher
 from agentprobe.forwarders import is_loopback
-from agentprobe.scope import WatchedScope
 from agentprobe.tunnels import RETRIES, RETRY_S, LoopbackTunnels
 
 
@@ -49,15 +47,6 @@ if out_host:
 sys.stdin.read()
 """
 
-
-@pytest.fixture
-def scope(agent_cgroup):
-    s = WatchedScope([str(agent_cgroup.path)], [], err=io.StringIO())
-    s.take()
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 class Relay:
