@@ -185,3 +185,12 @@ def test_listening_on_a_port_the_kernel_chose(engine):
     unbound = bind_record(replace(AGENT, pid=301), "::", 0)
     unbound["type"] = "listen"
     assert fired(engine, unbound) == ["agent_listens_outside_loopback"]
+
+
+def test_the_banner_of_a_forwarding_ssh_frozen_at_its_connect_is_no_second_alert(engine):
+    """ssh_port_forwarding freezes at ssh's connect; the banner may leave while the freeze lands: one alert."""
+    fwd = replace(SSH, pid=420, cmdline=["ssh", "-N", "-R", "9000:localhost:22", "root@198.51.100.2"])
+    assert fired(engine, payload_record(fwd, "198.51.100.2", 22, b"SSH-2.0-OpenSSH_9.2p1\r\n")) == []
+    plain = replace(SSH, pid=421, cmdline=["ssh", "root@198.51.100.2"])
+    assert fired(engine, payload_record(plain, "198.51.100.2", 22, b"SSH-2.0-OpenSSH_9.2p1\r\n")) == [
+        "ssh_protocol_outside_allowlist"]
